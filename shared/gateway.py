@@ -1,0 +1,187 @@
+"""The gateway: the one application context (settings, store, upstream client, log writer)
+and the handler that runs a request through the pipeline.
+
+function_app.py creates one Gateway at import; everything that holds connections is created on
+the first request, inside the event loop that serves it, and closed by `aclose()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from . import errors
+from .context import RequestContext, UpstreamResult
+from .errors import GatewayError
+from .pipeline import Stage
+from .request_log import LogWriter, build_record
+from .routes import ModelRoute
+from .settings import Settings, SettingsError
+from .store import Store, open_store
+from .upstream import UpstreamClient
+from .validation import RequestStreamUsage, ValidateRequest
+
+logger = logging.getLogger("sekisho.gateway")
+
+REQUEST_ID_HEADER = "x-sekisho-request-id"
+_PROPERTY_PREFIX = "x-sekisho-property-"
+_MAX_PROPERTIES = 20
+
+
+class LogRequest(Stage):
+    """Last stage: every request that reached the gateway leaves exactly one record."""
+
+    name = "request_log"
+
+    def __init__(self, writer: LogWriter, settings: Settings) -> None:
+        self._writer = writer
+        self._settings = settings
+
+    async def finish(self, ctx: RequestContext) -> None:
+        self._writer.submit(build_record(ctx, self._settings.log_content, self._settings.log_retention_days))
+
+
+class Gateway:
+    def __init__(self, env=None) -> None:
+        self._env = env
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self.settings: Settings | None = None
+        self.store: Store | None = None
+        self.upstream: UpstreamClient | None = None
+        self.log_writer: LogWriter | None = None
+        self.stages: list[Stage] = []
+
+    # Lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            settings = Settings.from_env(self._env)
+            store = await open_store(settings)
+            self.settings, self.store = settings, store
+            self.upstream = UpstreamClient(settings)
+            self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size)
+            self.log_writer.start()
+            self.stages = [
+                ValidateRequest(settings.max_body_bytes),
+                RequestStreamUsage(),
+                LogRequest(self.log_writer, settings),
+            ]
+            self._started = True
+
+    async def aclose(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.log_writer.close()
+        await self.upstream.close()
+        await self.store.close()
+
+    # Requests --------------------------------------------------------------------
+    async def handle(self, request: Request, route: ModelRoute | None) -> Response:
+        """Run one model request through the pipeline. `route=None` is a request for no known
+        route: it is refused with 404 and logged like any other."""
+        request_id = uuid.uuid4().hex
+        try:
+            await self.start()
+        except (SettingsError, Exception) as exc:  # misconfiguration: say so, do not crash the worker
+            logger.exception("gateway failed to start")
+            error = GatewayError(500, "server_error", f"The gateway is misconfigured: {exc}")
+            return _error_response(error, {REQUEST_ID_HEADER: request_id})
+        ctx = RequestContext(request_id=request_id, http=request, route=route)
+        ctx.response_headers[REQUEST_ID_HEADER] = request_id
+        ctx.properties = _custom_properties(request)
+        entered: list[Stage] = []
+        try:
+            if route is None:
+                raise errors.not_found(f"No route for {request.method} /{request.url.path.lstrip('/')}.")
+            for stage in self.stages:
+                entered.append(stage)
+                await stage.before(ctx)
+                if ctx.result is not None:
+                    break
+            if ctx.result is None:
+                ctx.result = await self.upstream.send(ctx)
+            for stage in reversed(entered):
+                ctx.result = stage.after(ctx, ctx.result)
+        except GatewayError as exc:
+            ctx.error, ctx.status = exc, exc.status
+            ctx.finished_at = time.perf_counter()
+            await self._finish(ctx)
+            return _error_response(exc, {**ctx.response_headers, **exc.headers})
+        except Exception as exc:
+            logger.exception("request %s failed", request_id)
+            error = GatewayError(500, "server_error", "The gateway failed to handle the request.")
+            ctx.error, ctx.status = exc, 500
+            ctx.finished_at = time.perf_counter()
+            await self._finish(ctx)
+            return _error_response(error, ctx.response_headers)
+
+        result = ctx.result
+        headers = {**result.headers, **ctx.response_headers}
+        if result.is_stream:
+            ctx.status = 200
+            media_type = headers.pop("content-type", "text/event-stream")
+            return StreamingResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
+        ctx.status = result.status
+        ctx.finished_at = ctx.first_byte_at = time.perf_counter()
+        await self._finish(ctx)
+        media_type = headers.pop("content-type", None)
+        return Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
+
+    async def _stream(self, ctx: RequestContext, result: UpstreamResult) -> AsyncIterator[bytes]:
+        try:
+            async for event in result.events:
+                if ctx.first_byte_at is None:
+                    ctx.first_byte_at = time.perf_counter()
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            ctx.extra["client_disconnected"] = True
+            ctx.status = 499  # the client went away mid-stream (nginx's convention)
+            raise
+        finally:
+            ctx.finished_at = time.perf_counter()
+            if ctx.stream_summary is not None and ctx.stream_summary.error and ctx.status == 200:
+                ctx.status = 502
+            # Closing the upstream iterator releases its connection at once.
+            aclose = getattr(result.events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await asyncio.shield(self._finish(ctx))
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        for stage in reversed(self.stages):
+            try:
+                await stage.finish(ctx)
+            except Exception:
+                logger.exception("stage %s failed to finish request %s", stage.name, ctx.request_id)
+
+    async def health(self) -> Response:
+        try:
+            await self.start()
+        except Exception as exc:
+            return Response(content=errors.error_body(f"unhealthy: {exc}", "server_error", "server_error"), status_code=503, media_type="application/json")
+        return Response(content=b'{"status":"ok"}', media_type="application/json")
+
+
+def _custom_properties(request: Request) -> dict[str, str]:
+    properties = {}
+    for name, value in request.headers.items():
+        if name.startswith(_PROPERTY_PREFIX) and len(properties) < _MAX_PROPERTIES:
+            properties[name[len(_PROPERTY_PREFIX) :][:64]] = value[:256]
+    return properties
+
+
+def _error_response(error: GatewayError, headers: dict[str, str]) -> Response:
+    return Response(content=error.body(), status_code=error.status, headers=headers, media_type="application/json")
+

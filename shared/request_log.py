@@ -1,0 +1,243 @@
+"""The request log: one record per request that reached the gateway, written off the hot path.
+
+`build_record` turns a finished RequestContext into the GUIDE §4 record. `LogWriter` queues
+records in memory and writes them in batches from a background task, so that logging never
+delays a response or the first streamed byte. Records the store refuses are retried; if the
+store stays down and the queue passes its bound, the oldest records go to the fallback sink
+(the Python logger, which reaches Application Insights in Azure) and are counted, never dropped
+silently.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+
+from . import sse
+from .context import RequestContext
+from .routes import Operation
+from .store import Store, StoreError
+
+logger = logging.getLogger("sekisho.request_log")
+
+# Body fields that carry content (prompt) rather than parameters.
+_CONTENT_FIELDS = {
+    Operation.CHAT: ("messages",),
+    Operation.COMPLETIONS: ("prompt",),
+    Operation.EMBEDDINGS: ("input",),
+    Operation.RESPONSES: ("input", "instructions"),
+}
+_MAX_QUEUED_RECORDS = 50_000
+
+
+def _redact(value: Any) -> Any:
+    """Keep the shape of content, drop the text: strings become their length."""
+    if isinstance(value, str):
+        return f"[redacted {len(value)} chars]"
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k in ("role", "type", "name", "index") else _redact(v)) for k, v in value.items()}
+    return value
+
+
+def _apply_content_level(level: str, value: Any) -> Any:
+    if value is None or level == "full":
+        return value
+    if level == "redacted":
+        return _redact(value)
+    return None
+
+
+def _usage(ctx: RequestContext) -> dict[str, int]:
+    usage = None
+    if ctx.stream_summary is not None:
+        usage = ctx.stream_summary.usage
+    elif ctx.result is not None and isinstance(ctx.result.json, dict):
+        usage = ctx.result.json.get("usage")
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    return {
+        "prompt_tokens": int(prompt),
+        "completion_tokens": int(completion),
+        "total_tokens": int(usage.get("total_tokens", prompt + completion) or 0),
+        "cached_tokens": int(details.get("cached_tokens", 0) or 0),
+    }
+
+
+def _response_content(ctx: RequestContext) -> Any:
+    if ctx.stream_summary is not None:
+        return sse.assembled_response(ctx.stream_summary)
+    if ctx.result is None:
+        return None
+    if ctx.result.json is not None:
+        body = ctx.result.json
+        if isinstance(body, dict) and ctx.route is not None and ctx.route.operation is Operation.EMBEDDINGS:
+            # Vectors are large and are not what an admin reads: keep their count and size.
+            data = body.get("data") or []
+            return {**{k: v for k, v in body.items() if k != "data"}, "data": f"[{len(data)} embedding(s)]"}
+        return body
+    return ctx.result.body[:4096].decode("utf-8", "replace") if ctx.result.body else None
+
+
+def _model(ctx: RequestContext) -> str | None:
+    if ctx.stream_summary is not None and ctx.stream_summary.model:
+        return ctx.stream_summary.model
+    if ctx.result is not None and isinstance(ctx.result.json, dict) and ctx.result.json.get("model"):
+        return ctx.result.json["model"]
+    return (ctx.body or {}).get("model") if isinstance(ctx.body, dict) else None
+
+
+def build_record(ctx: RequestContext, content_level: str, retention_days: int) -> dict[str, Any]:
+    body = ctx.body if isinstance(ctx.body, dict) else {}
+    content_fields = _CONTENT_FIELDS.get(ctx.route.operation, ()) if ctx.route else ()
+    prompt = {k: body[k] for k in content_fields if k in body} or None
+    parameters = {k: v for k, v in body.items() if k not in content_fields}
+    error = None
+    if ctx.error is not None:
+        error = {"code": getattr(ctx.error, "code", "internal_error"), "message": str(ctx.error)}
+    elif ctx.stream_summary is not None and ctx.stream_summary.error:
+        error = {k: ctx.stream_summary.error.get(k) for k in ("code", "message")}
+    elif ctx.result is not None and ctx.result.status >= 400 and isinstance(ctx.result.json, dict):
+        upstream_error = ctx.result.json.get("error") or {}
+        if isinstance(upstream_error, dict):
+            error = {"code": upstream_error.get("code"), "message": upstream_error.get("message"), "source": "upstream"}
+    record: dict[str, Any] = {
+        "id": ctx.request_id,
+        "timestamp": ctx.received_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "app_id": ctx.app_id or "anonymous",
+        "app_name": ctx.app_name,
+        "user_id": ctx.user_id,
+        "tenant_id": ctx.tenant_id,
+        "method": ctx.http.method,
+        "path": ctx.http.url.path,
+        "operation": ctx.route.operation.value if ctx.route else None,
+        "api_style": ctx.route.style.value if ctx.route else None,
+        "api_version": ctx.api_version,
+        "deployment": ctx.deployment,
+        "model": _model(ctx),
+        "stream": ctx.stream,
+        "status": ctx.status,
+        "error": error,
+        "prompt": _apply_content_level(content_level, prompt),
+        "parameters": parameters,
+        "response": _apply_content_level(content_level, _response_content(ctx)),
+        "content_logging": content_level,
+        "usage": _usage(ctx),
+        "latency_ms": ctx.elapsed_ms(ctx.started, ctx.finished_at),
+        "upstream_latency_ms": ctx.elapsed_ms(ctx.upstream_started, ctx.upstream_headers_at),
+        "time_to_first_byte_ms": ctx.elapsed_ms(ctx.started, ctx.first_byte_at),
+        "upstream_request_id": ctx.upstream_request_id,
+        "backend": ctx.backend,
+        "retries": ctx.retries,
+        "request_bytes": len(ctx.raw_body),
+        "client": {"ip": ctx.http.client.host if ctx.http.client else None, "user_agent": ctx.http.headers.get("user-agent")},
+        "properties": ctx.properties,
+        "ttl": retention_days * 86400,
+        **ctx.extra,
+    }
+    return record
+
+
+class LogWriter:
+    """Batches log records in memory and writes them from one background task."""
+
+    def __init__(self, store: Store, flush_interval: float, batch_size: int) -> None:
+        self._store = store
+        self._interval = flush_interval
+        self._batch_size = batch_size
+        self._queue: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._hurry = False  # a flush asked to write now instead of gathering a batch
+        self.written = 0
+        self.failed_attempts = 0
+        self.spilled = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sekisho-log-writer")
+
+    def submit(self, record: dict[str, Any]) -> None:
+        """Queue one record; never blocks, never raises."""
+        self._queue.append(record)
+        self._idle.clear()
+        if len(self._queue) > _MAX_QUEUED_RECORDS:
+            self._spill(self._queue[: len(self._queue) - _MAX_QUEUED_RECORDS])
+            del self._queue[: len(self._queue) - _MAX_QUEUED_RECORDS]
+        if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
+            self._wake.set()
+
+    def _spill(self, records: list[dict[str, Any]]) -> None:
+        self.spilled += len(records)
+        for record in records:
+            logger.error("request log record not stored: %s", orjson.dumps(record).decode())
+
+    async def _run(self) -> None:
+        backoff = self._interval
+        while True:
+            if not self._queue:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._queue) < self._batch_size and not (self._closing or self._hurry):
+                # Let a batch gather for up to one interval; a full batch or a flush ends the wait.
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                except asyncio.TimeoutError:
+                    pass
+            self._hurry = False
+            while self._queue:
+                batch = self._queue[: self._batch_size]
+                try:
+                    await self._store.write_logs(batch)
+                except StoreError as exc:
+                    self.failed_attempts += 1
+                    logger.warning("request log write failed (%s records queued): %s", len(self._queue), exc)
+                    if self._closing:
+                        self._spill(self._queue)
+                        self._queue.clear()
+                        break
+                    await asyncio.sleep(min(backoff, 5.0))
+                    backoff *= 2
+                    continue
+                except Exception:  # a bug in an adapter must not kill the writer
+                    logger.exception("request log write crashed")
+                    self._spill(batch)
+                    del self._queue[: len(batch)]
+                    continue
+                backoff = self._interval
+                del self._queue[: len(batch)]
+                self.written += len(batch)
+
+    async def flush(self) -> None:
+        """Wait until every queued record has been written (or spilled)."""
+        if self._task is None:
+            return
+        self._hurry = True
+        self._wake.set()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._task, timeout=30)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+            self._spill(self._queue)
+            self._queue.clear()
+        self._task = None

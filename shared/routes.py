@@ -1,0 +1,77 @@
+"""The gateway's HTTP routes: one table used by function_app.py, the gateway and the local host.
+
+Route templates use the Azure Functions syntax (`{name}` segments); `host.json` sets the route
+prefix to "" so these paths are the public URLs, as the openai SDK expects them.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+class Operation(str, enum.Enum):
+    """What the client asked the model to do; decides validation, usage parsing and logging."""
+
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+
+
+class Style(str, enum.Enum):
+    AZURE = "azure"  # /openai/deployments/{deployment}/... ?api-version=...
+    V1 = "v1"  # /openai/v1/... with the deployment in the body's `model`
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    function_name: str
+    template: str
+    operation: Operation
+    style: Style
+
+    @property
+    def deployment_in_path(self) -> bool:
+        return "{deployment}" in self.template
+
+
+MODEL_ROUTES: tuple[ModelRoute, ...] = (
+    ModelRoute("azure_chat_completions", "openai/deployments/{deployment}/chat/completions", Operation.CHAT, Style.AZURE),
+    ModelRoute("azure_completions", "openai/deployments/{deployment}/completions", Operation.COMPLETIONS, Style.AZURE),
+    ModelRoute("azure_embeddings", "openai/deployments/{deployment}/embeddings", Operation.EMBEDDINGS, Style.AZURE),
+    ModelRoute("azure_responses", "openai/responses", Operation.RESPONSES, Style.AZURE),
+    ModelRoute("v1_chat_completions", "openai/v1/chat/completions", Operation.CHAT, Style.V1),
+    ModelRoute("v1_embeddings", "openai/v1/embeddings", Operation.EMBEDDINGS, Style.V1),
+    ModelRoute("v1_responses", "openai/v1/responses", Operation.RESPONSES, Style.V1),
+)
+
+ROUTES_BY_FUNCTION = {r.function_name: r for r in MODEL_ROUTES}
+HEALTH_ROUTE = "health"
+
+
+@lru_cache(maxsize=256)
+def compile_template(template: str) -> re.Pattern[str]:
+    """Azure Functions route template → regex. `{name}` matches one path segment,
+    `{*name}` the rest of the path; constraints like `{id:int}` are matched as a plain segment."""
+    parts = []
+    for segment in template.strip("/").split("/"):
+        match = re.fullmatch(r"\{(\*?)([A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\??\}", segment)
+        if match is None:
+            parts.append(re.escape(segment))
+        elif match.group(1):
+            parts.append(f"(?P<{match.group(2)}>.*)")
+        else:
+            parts.append(f"(?P<{match.group(2)}>[^/]+)")
+    return re.compile("/".join(parts), re.IGNORECASE)
+
+
+def match_template(template: str, path: str) -> dict[str, str] | None:
+    """Route parameters of `path` under `template`, or None when the path does not match."""
+    from urllib.parse import unquote
+
+    match = compile_template(template).fullmatch(path.strip("/"))
+    if match is None:
+        return None
+    return {k: unquote(v) for k, v in match.groupdict().items()}

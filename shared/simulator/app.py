@@ -1,0 +1,352 @@
+"""The simulator's HTTP app (aiohttp).
+
+Controls, all optional:
+- Start-up config (`SimulatorConfig`): deployments served, added latency, stream chunk
+  interval, the api-key it demands.
+- Per request, an `x_sim` object in the JSON body (unknown fields reach the upstream unchanged,
+  so a client can steer the simulator through the gateway): `latency_ms`, `chunk_interval_ms`,
+  `chunks`, `reply` (exact reply text), `fail` (429/500/503 …), `retry_after_ms`,
+  `break_after_chunks` (drop the connection mid-stream), `annotations` (Azure's delta-less
+  content-filter chunks).
+- Control routes: `POST /_sim/faults` `{"status": 429, "count": 2, "retry_after_ms": 1000,
+  "deployment": "…"}` makes the next matching requests fail; `POST /_sim/reset`; `GET /_sim/stats`
+  lists the requests received (time, path, deployment, status) for tests that measure retries.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import generator as gen
+
+CHAT_MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-11-20", "gpt-4.1": "gpt-4.1-2025-04-14"}
+EMBEDDING_MODELS = {"text-embedding-3-small": ("text-embedding-3-small", 1536), "text-embedding-3-large": ("text-embedding-3-large", 3072)}
+_FILTER_OK = {
+    "hate": {"filtered": False, "severity": "safe"},
+    "self_harm": {"filtered": False, "severity": "safe"},
+    "sexual": {"filtered": False, "severity": "safe"},
+    "violence": {"filtered": False, "severity": "safe"},
+}
+
+
+@dataclass
+class Fault:
+    status: int
+    remaining: int
+    retry_after_ms: int = 1000
+    deployment: str | None = None
+
+
+@dataclass
+class SimulatorConfig:
+    chat_deployments: dict[str, str] = field(default_factory=lambda: dict(CHAT_MODELS))
+    embedding_deployments: dict[str, tuple[str, int]] = field(default_factory=lambda: dict(EMBEDDING_MODELS))
+    latency_ms: float = 0.0
+    chunk_interval_ms: float = 0.0
+    api_key: str | None = None
+
+
+class Simulator:
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.faults: list[Fault] = []
+        self.received: list[dict[str, Any]] = []
+
+    # Helpers -----------------------------------------------------------------------
+    def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
+        self.received.append({"t": time.time(), "path": request.path, "deployment": deployment, "status": status})
+        if len(self.received) > 10_000:
+            del self.received[:5_000]
+
+    def _take_fault(self, deployment: str | None) -> Fault | None:
+        for fault in self.faults:
+            if fault.remaining > 0 and (fault.deployment is None or fault.deployment == deployment):
+                fault.remaining -= 1
+                return fault
+        return None
+
+    @staticmethod
+    def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        body = orjson.dumps({"error": {"code": code, "message": message}})
+        return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+    def _failure(self, status: int, retry_after_ms: int) -> web.Response:
+        if status == 429:
+            seconds = max(1, -(-retry_after_ms // 1000))
+            headers = {"Retry-After": str(seconds), "retry-after-ms": str(retry_after_ms), "x-ratelimit-remaining-requests": "0"}
+            return self._error(429, "429", f"Requests to the ChatCompletions_Create Operation have exceeded call rate limit. Please retry after {seconds} seconds.", headers)
+        return self._error(status, "InternalServerError" if status == 500 else str(status), "The server had an error while processing your request (simulated).")
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self.config.api_key:
+            return True
+        if request.headers.get("api-key") == self.config.api_key:
+            return True
+        return request.headers.get("Authorization", "").startswith("Bearer ")
+
+    def _headers(self, request_id: str) -> dict[str, str]:
+        return {
+            "apim-request-id": request_id,
+            "x-request-id": request_id,
+            "x-ms-region": "Simulated Region",
+            "x-ratelimit-remaining-requests": "999",
+            "x-ratelimit-remaining-tokens": "999000",
+        }
+
+    # Entry point ----------------------------------------------------------------------
+    async def handle(self, request: web.Request, operation: str) -> web.StreamResponse:
+        deployment = request.match_info.get("deployment")
+        if not self._authorized(request):
+            self._record(request, deployment, 401)
+            return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        if "deployment" in request.match_info and "api-version" not in request.query:
+            self._record(request, deployment, 404)
+            return self._error(404, "404", "Resource not found (api-version is missing).")
+        try:
+            body = orjson.loads(await request.read())
+            assert isinstance(body, dict)
+        except Exception:
+            self._record(request, deployment, 400)
+            return self._error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        deployment = deployment or body.get("model")
+        controls = body.get("x_sim") if isinstance(body.get("x_sim"), dict) else {}
+        latency = float(controls.get("latency_ms", self.config.latency_ms)) / 1000.0
+        if latency > 0:
+            await asyncio.sleep(latency)
+        fault = self._take_fault(deployment)
+        if fault is not None or controls.get("fail"):
+            status = fault.status if fault else int(controls["fail"])
+            retry_ms = fault.retry_after_ms if fault else int(controls.get("retry_after_ms", 1000))
+            self._record(request, deployment, status)
+            return self._failure(status, retry_ms)
+        kind = "embeddings" if deployment in self.config.embedding_deployments else "chat" if deployment in self.config.chat_deployments else None
+        if kind is None:
+            self._record(request, deployment, 404)
+            return self._error(404, "DeploymentNotFound", f"The API deployment {deployment} for this resource does not exist.")
+        if (operation == "embeddings") != (kind == "embeddings"):
+            self._record(request, deployment, 400)
+            return self._error(400, "OperationNotSupported", f"The {operation} operation does not work with the specified model, {deployment}.")
+        self._record(request, deployment, 200)
+        request_id = str(uuid.uuid4())
+        handler = {"chat/completions": self._chat, "completions": self._completions, "embeddings": self._embeddings, "responses": self._responses}[operation]
+        return await handler(request, deployment, body, controls, request_id)
+
+    # Operations -------------------------------------------------------------------------
+    def _reply(self, body: dict[str, Any], controls: dict[str, Any], prompt: Any, limit: int | None, index: int = 0) -> list[str]:
+        if isinstance(controls.get("reply"), str):
+            return gen.split_reply(controls["reply"], controls.get("chunks"))
+        seed = gen.seed_of(prompt, body.get("temperature"), index)
+        tokens = gen.reply_tokens(seed, limit)
+        chunks = controls.get("chunks")
+        return gen.split_reply("".join(tokens), chunks) if chunks else tokens
+
+    async def _stream(self, request: web.Request, events: list[bytes], controls: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        interval = float(controls.get("chunk_interval_ms", self.config.chunk_interval_ms)) / 1000.0
+        break_after = controls.get("break_after_chunks")
+        try:
+            for number, event in enumerate(events):
+                if break_after is not None and number >= int(break_after):
+                    request.transport.close()  # the upstream dies mid-stream
+                    return response
+                if interval > 0 and number > 0:
+                    await asyncio.sleep(interval)
+                await response.write(event)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the caller went away mid-stream: nothing left to do
+        return response
+
+    async def _chat(self, request, deployment, body, controls, request_id):
+        messages = body.get("messages") or []
+        model = self.config.chat_deployments[deployment]
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        n = int(body.get("n") or 1)
+        replies = [self._reply(body, controls, messages, limit, i) for i in range(n)]
+        prompt_tokens = gen.prompt_tokens_for_messages(messages)
+        completion_tokens = sum(gen.count_tokens("".join(r)) for r in replies)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+        finish = "length" if limit is not None and len(replies[0]) >= int(limit) else "stop"
+        created = int(time.time())
+        completion_id = "chatcmpl-" + request_id.replace("-", "")[:29]
+        fingerprint = "fp_b705f0c291"
+        headers = self._headers(request_id)
+        if not body.get("stream"):
+            payload = {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": fingerprint,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": "".join(r), "refusal": None, "annotations": []},
+                     "finish_reason": finish, "logprobs": None, "content_filter_results": _FILTER_OK}
+                    for i, r in enumerate(replies)
+                ],
+                "usage": usage,
+                "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTER_OK}],
+            }
+            return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": fingerprint}
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(choices):
+            return b"data: " + orjson.dumps({**base, "choices": choices}) + b"\n\n"
+
+        events = [b"data: " + orjson.dumps({"choices": [], "created": 0, "id": "", "model": "", "object": "", "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTER_OK}]}) + b"\n\n"]
+        for i in range(n):
+            events.append(chunk([{"index": i, "delta": {"role": "assistant", "content": "", "refusal": None}, "finish_reason": None, "logprobs": None, "content_filter_results": {}}]))
+        for position in range(max(len(r) for r in replies)):
+            for i, reply in enumerate(replies):
+                if position < len(reply):
+                    events.append(chunk([{"index": i, "delta": {"content": reply[position]}, "finish_reason": None, "logprobs": None, "content_filter_results": _FILTER_OK}]))
+        if controls.get("annotations"):
+            for i in range(n):
+                events.append(chunk([{"index": i, "finish_reason": None, "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 10}, "content_filter_results": _FILTER_OK}]))
+        for i in range(n):
+            events.append(chunk([{"index": i, "delta": {}, "finish_reason": finish, "logprobs": None, "content_filter_results": {}}]))
+        if include_usage:
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return await self._stream(request, events, controls, headers)
+
+    async def _completions(self, request, deployment, body, controls, request_id):
+        prompt = body.get("prompt")
+        model = self.config.chat_deployments[deployment]
+        limit = body.get("max_tokens") or 16  # the completions API's own default
+        reply = self._reply(body, controls, prompt, int(limit))
+        prompt_tokens = gen.count_tokens(gen.text_of(prompt))
+        completion_tokens = gen.count_tokens("".join(reply))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        finish = "length" if len(reply) >= int(limit) else "stop"
+        base = {"id": "cmpl-" + request_id.replace("-", "")[:29], "object": "text_completion", "created": int(time.time()), "model": model}
+        headers = self._headers(request_id)
+        if not body.get("stream"):
+            payload = {**base, "choices": [{"text": "".join(reply), "index": 0, "finish_reason": finish, "logprobs": None}], "usage": usage}
+            return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+        events = [b"data: " + orjson.dumps({**base, "choices": [{"text": piece, "index": 0, "finish_reason": None, "logprobs": None}]}) + b"\n\n" for piece in reply]
+        events.append(b"data: " + orjson.dumps({**base, "choices": [{"text": "", "index": 0, "finish_reason": finish, "logprobs": None}]}) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return await self._stream(request, events, controls, headers)
+
+    async def _embeddings(self, request, deployment, body, controls, request_id):
+        model, native = self.config.embedding_deployments[deployment]
+        dimensions = body.get("dimensions") or native
+        if not isinstance(dimensions, int) or not 1 <= dimensions <= native:
+            return self._error(400, "invalid_request_error", f"dimensions must be between 1 and {native}.")
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        data, tokens = [], 0
+        for index, item in enumerate(inputs or []):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += len(item) if isinstance(item, list) else gen.count_tokens(text)
+            vector = gen.embedding(text, dimensions)
+            value: Any = gen.encode_base64(vector) if body.get("encoding_format") == "base64" else vector
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        payload = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=self._headers(request_id))
+
+    async def _responses(self, request, deployment, body, controls, request_id):
+        model = self.config.chat_deployments[deployment]
+        prompt = [body.get("instructions"), body.get("input")]
+        limit = body.get("max_output_tokens")
+        reply = self._reply(body, controls, prompt, limit)
+        text = "".join(reply)
+        input_tokens = gen.count_tokens(gen.text_of(body.get("input"))) + gen.count_tokens(body.get("instructions") or "")
+        output_tokens = gen.count_tokens(text)
+        response_id = "resp_" + request_id.replace("-", "")
+        message_id = "msg_" + request_id.replace("-", "")[:24]
+        usage = {
+            "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
+        message = {"type": "message", "id": message_id, "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {
+            "id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
+            "model": model, "output": [message], "usage": usage, "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"), "max_output_tokens": limit, "parallel_tool_calls": True,
+            "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0), "tool_choice": "auto", "tools": [],
+            "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": body.get("metadata") or {},
+        }
+        headers = self._headers(request_id)
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(response), content_type="application/json", headers=headers)
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+        sequence = iter(range(10_000))
+
+        def event(kind: str, **fields) -> bytes:
+            return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, "sequence_number": next(sequence), **fields}) + b"\n\n"
+
+        item_pending = {**message, "status": "in_progress", "content": []}
+        events = [
+            event("response.created", response=pending),
+            event("response.in_progress", response=pending),
+            event("response.output_item.added", output_index=0, item=item_pending),
+            event("response.content_part.added", item_id=message_id, output_index=0, content_index=0, part={"type": "output_text", "text": "", "annotations": []}),
+        ]
+        events += [event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0, delta=piece) for piece in reply]
+        events += [
+            event("response.output_text.done", item_id=message_id, output_index=0, content_index=0, text=text),
+            event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part={"type": "output_text", "text": text, "annotations": []}),
+            event("response.output_item.done", output_index=0, item=message),
+            event("response.completed", response=response),
+        ]
+        return await self._stream(request, events, controls, headers)
+
+    # Control routes -------------------------------------------------------------------
+    async def set_faults(self, request: web.Request) -> web.Response:
+        spec = await request.json()
+        self.faults.append(Fault(int(spec["status"]), int(spec.get("count", 1)), int(spec.get("retry_after_ms", 1000)), spec.get("deployment")))
+        return web.json_response({"faults": len(self.faults)})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.faults.clear()
+        self.received.clear()
+        return web.json_response({"ok": True})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.received})
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": d, "object": "model", "created": 0, "owned_by": "simulator"} for d in [*self.config.chat_deployments, *self.config.embedding_deployments]]
+        return web.json_response({"object": "list", "data": data})
+
+
+def build_app(config: SimulatorConfig | None = None) -> web.Application:
+    simulator = Simulator(config or SimulatorConfig())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["simulator"] = simulator
+
+    def serve(operation: str):
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await simulator.handle(request, operation)
+
+        return handler
+
+    for operation in ("chat/completions", "completions", "embeddings"):
+        app.router.add_post(f"/openai/deployments/{{deployment}}/{operation}", serve(operation))
+        app.router.add_post(f"/openai/v1/{operation}", serve(operation))
+    app.router.add_post("/openai/responses", serve("responses"))
+    app.router.add_post("/openai/v1/responses", serve("responses"))
+    app.router.add_get("/openai/v1/models", simulator.models)
+    app.router.add_post("/_sim/faults", simulator.set_faults)
+    app.router.add_post("/_sim/reset", simulator.reset)
+    app.router.add_get("/_sim/stats", simulator.stats)
+    return app

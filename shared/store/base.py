@@ -1,0 +1,68 @@
+"""The storage interface every adapter implements, and the data layout both share.
+
+Records are plain JSON-able dicts. Each kind of record lives in one named container (a Cosmos
+container, an SQLite table) with one partition key; `CONTAINERS` is the single list of them,
+read by the adapters and checked against the Bicep by the tests. Policies, counters and the
+response cache join this list in their own issues.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    partition_key: str  # a top-level field of every record, as a Cosmos path
+    default_ttl: bool  # records expire (per-record `ttl` seconds)
+
+
+REQUEST_LOGS = Container("request_logs", "/app_id", default_ttl=True)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS,)
+
+
+class StoreError(Exception):
+    """The store refused an operation (bad data, conflict)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached; the caller may retry later."""
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """Filters for the request log; every field is optional. Newest first."""
+
+    app_id: str | None = None
+    user_id: str | None = None
+    deployment: str | None = None
+    status: int | None = None
+    since: str | None = None  # ISO-8601 UTC timestamp, inclusive
+    until: str | None = None  # exclusive
+    limit: int = 100
+
+
+class Store(abc.ABC):
+    """Async storage used by the gateway. Adapters must be safe for concurrent use in one event loop."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create what is missing (tables, database, containers)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # Request log ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def write_logs(self, records: list[dict[str, Any]]) -> None:
+        """Write log records (each has `id`, `app_id`, `timestamp`, `ttl`). Idempotent per `id`."""
+
+    @abc.abstractmethod
+    async def get_log(self, request_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]: ...

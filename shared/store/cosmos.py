@@ -1,0 +1,124 @@
+"""Cosmos DB (NoSQL API) adapter: production.
+
+Uses the async azure-cosmos client. Authentication is Entra ID (the Function App's managed
+identity, with the "Cosmos DB Built-in Data Contributor" data-plane role) unless a key is set,
+which only the local emulator and tests do. The database and containers are created at start
+when missing; records expire through Cosmos TTL (`ttl` on each record, default TTL -1 on the
+container so that TTL is on and records without one never expire).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.cosmos import PartitionKey, exceptions
+from azure.cosmos.aio import CosmosClient
+
+from .base import CONTAINERS, REQUEST_LOGS, LogQuery, Store, StoreError, StoreUnavailable
+
+_WRITE_CONCURRENCY = 16
+_COSMOS_FIELDS = ("_rid", "_self", "_etag", "_attachments", "_ts", "_lsn")
+
+
+def _clean(doc: dict[str, Any]) -> dict[str, Any]:
+    for key in _COSMOS_FIELDS:
+        doc.pop(key, None)
+    return doc
+
+
+class CosmosStore(Store):
+    name = "cosmos"
+
+    def __init__(self, endpoint: str, key: str | None, database: str, verify_tls: bool = True) -> None:
+        self._endpoint = endpoint
+        self._key = key
+        self._database_name = database
+        self._verify_tls = verify_tls
+        self._client: CosmosClient | None = None
+        self._credential = None
+        self._containers: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        if self._key:
+            credential: Any = self._key
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = self._credential = DefaultAzureCredential()
+        kwargs: dict[str, Any] = {}
+        if not self._verify_tls:
+            kwargs["connection_verify"] = False
+        self._client = CosmosClient(self._endpoint, credential=credential, **kwargs)
+        try:
+            database = await self._client.create_database_if_not_exists(self._database_name)
+            for container in CONTAINERS:
+                self._containers[container.name] = await database.create_container_if_not_exists(
+                    container.name,
+                    partition_key=PartitionKey(path=container.partition_key),
+                    default_ttl=-1 if container.default_ttl else None,
+                )
+        except (ServiceRequestError, ServiceResponseError) as exc:
+            await self.close()
+            raise StoreUnavailable(f"Cosmos DB at {self._endpoint} is unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._credential is not None:
+            await self._credential.close()
+            self._credential = None
+
+    def _container(self, name: str):
+        if name not in self._containers:
+            raise StoreUnavailable("the Cosmos store is not open")
+        return self._containers[name]
+
+    # Request log ---------------------------------------------------------------
+    async def write_logs(self, records: list[dict[str, Any]]) -> None:
+        container = self._container(REQUEST_LOGS.name)
+        limit = asyncio.Semaphore(_WRITE_CONCURRENCY)
+
+        async def write(record: dict[str, Any]) -> None:
+            async with limit:
+                await container.upsert_item(record)
+
+        results = await asyncio.gather(*(write(r) for r in records), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            first = failures[0]
+            if isinstance(first, exceptions.CosmosHttpResponseError) and first.status_code == 400:
+                raise StoreError(f"Cosmos refused {len(failures)} log record(s): {first.message}")
+            raise StoreUnavailable(f"{len(failures)} of {len(records)} log writes failed: {first}") from first
+
+    async def get_log(self, request_id: str) -> dict[str, Any] | None:
+        container = self._container(REQUEST_LOGS.name)
+        query = "SELECT * FROM c WHERE c.id = @id"
+        async for item in container.query_items(query, parameters=[{"name": "@id", "value": request_id}]):
+            return _clean(item)
+        return None
+
+    async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]:
+        container = self._container(REQUEST_LOGS.name)
+        clauses, params = [], []
+        for field in ("app_id", "user_id", "deployment", "status"):
+            value = getattr(query, field)
+            if value is not None:
+                clauses.append(f"c.{field} = @{field}")
+                params.append({"name": f"@{field}", "value": value})
+        if query.since:
+            clauses.append("c.timestamp >= @since")
+            params.append({"name": "@since", "value": query.since})
+        if query.until:
+            clauses.append("c.timestamp < @until")
+            params.append({"name": "@until", "value": query.until})
+        limit = max(1, min(query.limit, 1000))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT TOP {limit} * FROM c{where} ORDER BY c.timestamp DESC"
+        kwargs: dict[str, Any] = {"parameters": params}
+        if query.app_id is not None:
+            kwargs["partition_key"] = query.app_id
+        return [_clean(item) async for item in container.query_items(sql, **kwargs)]

@@ -1,0 +1,166 @@
+"""SQLite adapter: the embedded default.
+
+All database work runs on one dedicated thread that owns the connection, so the event loop
+never blocks on disk and writes are serialised without locks in Python. WAL mode lets other
+processes (more local workers, the CLI, tests) read while this one writes; `busy_timeout`
+makes concurrent writers from several processes wait instead of failing.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import orjson
+
+from .base import REQUEST_LOGS, LogQuery, Store, StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {REQUEST_LOGS.name} (
+    id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    user_id TEXT,
+    deployment TEXT,
+    status INTEGER,
+    timestamp TEXT NOT NULL,
+    expires_at REAL,
+    doc BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_logs_time ON {REQUEST_LOGS.name}(timestamp);
+CREATE INDEX IF NOT EXISTS ix_logs_app_time ON {REQUEST_LOGS.name}(app_id, timestamp);
+CREATE INDEX IF NOT EXISTS ix_logs_user_time ON {REQUEST_LOGS.name}(user_id, timestamp);
+CREATE INDEX IF NOT EXISTS ix_logs_expiry ON {REQUEST_LOGS.name}(expires_at);
+"""
+
+_PURGE_EVERY_SECONDS = 300
+
+
+class SqliteStore(Store):
+    name = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._last_purge = 0.0
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._executor is None:
+            raise StoreUnavailable("the SQLite store is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, fn)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._conn is not None
+        return fn(self._conn)
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sekisho-sqlite")
+
+        def connect(_unused) -> None:
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, connect, None)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+
+        def close(conn: sqlite3.Connection) -> None:
+            conn.close()
+
+        await self._run(close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+        self._conn = None
+
+    # Request log ---------------------------------------------------------------
+    async def write_logs(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        now = time.time()
+        rows = [
+            (
+                r["id"],
+                r["app_id"],
+                r.get("user_id"),
+                r.get("deployment"),
+                r.get("status"),
+                r["timestamp"],
+                now + r["ttl"] if r.get("ttl") else None,
+                orjson.dumps(r),
+            )
+            for r in records
+        ]
+        purge = now - self._last_purge > _PURGE_EVERY_SECONDS
+        if purge:
+            self._last_purge = now
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction for the batch
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO {REQUEST_LOGS.name}"
+                    " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                if purge:
+                    conn.execute(f"DELETE FROM {REQUEST_LOGS.name} WHERE expires_at < ?", (now,))
+
+        await self._run(write)
+
+    async def get_log(self, request_id: str) -> dict[str, Any] | None:
+        now = time.time()
+
+        def read(conn: sqlite3.Connection):
+            return conn.execute(
+                f"SELECT doc FROM {REQUEST_LOGS.name} WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (request_id, now),
+            ).fetchone()
+
+        row = await self._run(read)
+        return orjson.loads(row[0]) if row else None
+
+    async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]:
+        clauses = ["(expires_at IS NULL OR expires_at > ?)"]
+        params: list[Any] = [time.time()]
+        for column in ("app_id", "user_id", "deployment", "status"):
+            value = getattr(query, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.since:
+            clauses.append("timestamp >= ?")
+            params.append(query.since)
+        if query.until:
+            clauses.append("timestamp < ?")
+            params.append(query.until)
+        params.append(max(1, min(query.limit, 1000)))
+        sql = (
+            f"SELECT doc FROM {REQUEST_LOGS.name} WHERE {' AND '.join(clauses)}"
+            " ORDER BY timestamp DESC, id DESC LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection):
+            return conn.execute(sql, params).fetchall()
+
+        return [orjson.loads(row[0]) for row in await self._run(read)]

@@ -1,0 +1,125 @@
+"""Processes the tests run against: the simulator, the local host, the Cosmos test server."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COSMOS_KEY = "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Simulator:
+    process: subprocess.Popen
+    port: int
+    api_key: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, method: str, path: str, payload=None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def inject(self, status: int, count: int = 1, retry_after_ms: int = 1000, deployment: str | None = None) -> None:
+        self._call("POST", "/_sim/faults", {"status": status, "count": count, "retry_after_ms": retry_after_ms, "deployment": deployment})
+
+    def reset(self) -> None:
+        self._call("POST", "/_sim/reset", {})
+
+    def received(self) -> list[dict]:
+        return self._call("GET", "/_sim/stats")["requests"]
+
+
+def start_simulator(chunk_interval_ms: float = 0, latency_ms: float = 0) -> Simulator:
+    port = free_port()
+    key = "sim-test-key"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.simulator", "--port", str(port), "--api-key", key,
+         "--chunk-interval-ms", str(chunk_interval_ms), "--latency-ms", str(latency_ms)],
+        cwd=ROOT,
+    )
+    wait_for_port(port, process)
+    return Simulator(process, port, key)
+
+
+@dataclass
+class LocalHost:
+    process: subprocess.Popen
+    port: int
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_local_host(env: dict[str, str]) -> LocalHost:
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
+    full_env.update(env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.localhost", "--port", str(port), "--quiet"], cwd=ROOT, env=full_env
+    )
+    wait_for_port(port, process)
+    return LocalHost(process, port, env)
+
+
+@dataclass
+class CosmosServer:
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+def start_cosmos_server() -> CosmosServer:
+    binary = ROOT / "node_modules" / ".bin" / "cosmosdb-server"
+    if not binary.exists():
+        raise RuntimeError("node_modules is missing: run `make test` (it runs `npm ci`)")
+    port = free_port()
+    process = subprocess.Popen([str(binary), "-p", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_for_port(port, process)
+    return CosmosServer(process, port)

@@ -1,0 +1,112 @@
+"""function_app.py registers the intended functions, and the local host serves exactly those."""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import aiohttp
+import azure.functions as func
+import pytest
+from azurefunctions.extensions.http.fastapi import Request
+
+import function_app
+from shared.localhost.functions_host import FunctionsAsgiApp, registered_functions
+from shared.routes import MODEL_ROUTES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED = {
+    "azure_chat_completions": ("openai/deployments/{deployment}/chat/completions", {"POST"}),
+    "azure_completions": ("openai/deployments/{deployment}/completions", {"POST"}),
+    "azure_embeddings": ("openai/deployments/{deployment}/embeddings", {"POST"}),
+    "azure_responses": ("openai/responses", {"POST"}),
+    "v1_chat_completions": ("openai/v1/chat/completions", {"POST"}),
+    "v1_embeddings": ("openai/v1/embeddings", {"POST"}),
+    "v1_responses": ("openai/v1/responses", {"POST"}),
+    "health": ("health", {"GET"}),
+    "not_found": ("{*path}", {"GET", "POST", "PUT", "PATCH", "DELETE"}),
+}
+
+
+def _registered():
+    out = {}
+    for function in registered_functions(function_app.app):
+        spec = json.loads(function.get_function_json())
+        trigger = next(b for b in spec["bindings"] if b["direction"] == "IN")
+        out[function.get_function_name()] = (trigger, spec["bindings"], function.get_user_function())
+    return out
+
+
+def test_registered_functions_routes_and_methods():
+    registered = _registered()
+    assert set(registered) == set(EXPECTED)
+    for name, (route, methods) in EXPECTED.items():
+        trigger, bindings, handler = registered[name]
+        assert trigger["type"] == "httpTrigger" and trigger["route"] == route
+        assert set(trigger["methods"]) == methods
+        assert trigger["authLevel"] == "ANONYMOUS"  # the gateway authenticates callers itself
+        assert {"direction": "OUT", "type": "http", "name": "$return"} in bindings
+        assert inspect.iscoroutinefunction(handler)
+        # HTTP streaming is app-wide: every handler takes the extension's (FastAPI) Request.
+        (parameter,) = inspect.signature(handler).parameters.values()
+        assert parameter.name == trigger["name"] == "req"
+        assert parameter.annotation is Request
+
+
+def test_every_model_route_is_registered():
+    assert {r.function_name for r in MODEL_ROUTES} <= set(_registered())
+
+
+def test_local_host_serves_exactly_the_registered_functions():
+    local = FunctionsAsgiApp(function_app.app)
+    served = {f.name: (f.route, set(f.methods)) for f in local.functions}
+    assert served == EXPECTED
+    assert local.functions[-1].name == "not_found"  # the catch-all is matched last
+
+
+@pytest.mark.parametrize(
+    "method, path, expected",
+    [
+        ("POST", "/openai/deployments/d/chat/completions", "azure_chat_completions"),
+        ("POST", "/openai/deployments/d/completions", "azure_completions"),
+        ("POST", "/openai/v1/chat/completions", "v1_chat_completions"),
+        ("GET", "/openai/v1/chat/completions", "not_found"),
+        ("GET", "/health", "health"),
+        ("DELETE", "/anything/else", "not_found"),
+    ],
+)
+def test_local_host_matching_precedence(method, path, expected):
+    function, _ = FunctionsAsgiApp(function_app.app).match(method, path)
+    assert function.name == expected
+
+
+async def test_each_model_route_reaches_its_function_over_http(gateway):
+    # An empty JSON object is refused by validation (400), which proves the route was matched
+    # by its own function rather than by the catch-all (404).
+    async with aiohttp.ClientSession() as session:
+        for route in MODEL_ROUTES:
+            path = "/" + route.template.replace("{deployment}", "gpt-4o-mini")
+            async with session.post(gateway.url + path, json={}) as response:
+                assert response.status == 400, path
+                assert (await response.json())["error"]["code"] == "invalid_request"
+        async with session.get(gateway.url + "/health") as response:
+            assert response.status == 200 and (await response.json())["status"] == "ok"
+
+
+def test_host_json():
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["version"] == "2.0"
+    assert host["extensions"]["http"]["routePrefix"] == ""
+    assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
+    assert host["functionTimeout"] >= "00:10:00"
+
+
+def test_requirements_are_pinned():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            assert "==" in line, f"unpinned requirement: {line}"
+    names = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert {"azure-functions", "azure-functions-durable", "azure-cosmos", "azure-identity", "azure-keyvault-secrets",
+            "openai", "tenacity", "azurefunctions-extensions-http-fastapi"} <= names

@@ -1,0 +1,97 @@
+"""Every request that reaches the gateway leaves exactly one record, on both stores."""
+from __future__ import annotations
+
+import aiohttp
+from openai import AsyncAzureOpenAI
+
+from shared.store import LogQuery
+
+
+def _client(url: str) -> AsyncAzureOpenAI:
+    return AsyncAzureOpenAI(azure_endpoint=url, api_key="x", api_version="2024-10-21", max_retries=0)
+
+
+async def test_chat_record_has_the_guide_fields(logged_gateway):
+    client = _client(logged_gateway.url)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "東京の天気は?"}],
+        temperature=0.2,
+        max_tokens=50,
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        extra_headers={"x-sekisho-property-feature": "weather-bot"},
+    )
+    completion = raw.parse()
+    record = await logged_gateway.log(raw.headers["x-sekisho-request-id"])
+    assert record["timestamp"].endswith("Z")
+    assert record["deployment"] == "gpt-4o-mini"
+    assert record["model"] == completion.model
+    assert record["operation"] == "chat.completions" and record["api_style"] == "azure"
+    assert record["api_version"] == "2024-10-21"
+    assert record["prompt"] == {"messages": [{"role": "user", "content": "東京の天気は?"}]}
+    assert record["parameters"]["temperature"] == 0.2 and record["parameters"]["max_tokens"] == 50
+    assert record["parameters"]["tools"][0]["function"]["name"] == "weather"
+    assert record["response"]["choices"][0]["message"]["content"] == completion.choices[0].message.content
+    assert record["usage"]["prompt_tokens"] == completion.usage.prompt_tokens
+    assert record["usage"]["completion_tokens"] == completion.usage.completion_tokens
+    assert record["usage"]["total_tokens"] == completion.usage.total_tokens
+    assert record["status"] == 200 and record["stream"] is False
+    assert record["latency_ms"] >= record["upstream_latency_ms"] > 0
+    assert record["upstream_request_id"] == raw.headers["apim-request-id"]
+    assert record["properties"] == {"feature": "weather-bot"}
+    assert record["ttl"] == 30 * 86400
+    assert record["error"] is None
+
+
+async def test_stream_record_has_assembled_text_and_exact_usage(logged_gateway):
+    client = _client(logged_gateway.url)
+    messages = [{"role": "user", "content": "stream please"}]
+    whole = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    response = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages, stream=True)
+    stream = response.parse()
+    async for _ in stream:
+        pass
+    record = await logged_gateway.log(response.headers["x-sekisho-request-id"])
+    assert record["stream"] is True and record["status"] == 200
+    assert record["response"]["choices"][0]["text"] == whole.choices[0].message.content
+    assert record["response"]["choices"][0]["finish_reason"] == "stop"
+    # usage comes from the usage chunk the gateway asked for, though the client did not
+    assert record["usage"]["total_tokens"] == whole.usage.total_tokens
+    assert record["time_to_first_byte_ms"] > 0
+    # the log shows the request as sent upstream, include_usage added by the gateway
+    assert record["parameters"]["stream_options"] == {"include_usage": True}
+
+
+async def test_embeddings_record_keeps_counts_not_vectors(logged_gateway):
+    client = _client(logged_gateway.url)
+    raw = await client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["a", "b"])
+    record = await logged_gateway.log(raw.headers["x-sekisho-request-id"])
+    assert record["prompt"] == {"input": ["a", "b"]}
+    assert record["response"]["data"] == "[2 embedding(s)]"
+    assert record["usage"]["prompt_tokens"] == raw.parse().usage.prompt_tokens
+
+
+async def test_exactly_one_record_per_request(logged_gateway):
+    client = _client(logged_gateway.url)
+    ids = []
+    for i in range(5):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"n{i}"}],
+            extra_headers={"x-sekisho-property-batch": logged_gateway.kind + "-once"},
+        )
+        ids.append(raw.headers["x-sekisho-request-id"])
+    for request_id in ids:
+        await logged_gateway.log(request_id)
+    records = await logged_gateway.store.query_logs(LogQuery(app_id="anonymous", limit=1000))
+    mine = [r for r in records if r["properties"].get("batch") == logged_gateway.kind + "-once"]
+    assert sorted(r["id"] for r in mine) == sorted(ids)
+
+
+async def test_client_disconnect_mid_stream_is_logged(logged_gateway):
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True, "x_sim": {"reply": "a b c d e f g h", "chunk_interval_ms": 200}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(logged_gateway.url + "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21", json=body) as response:
+            request_id = response.headers["x-sekisho-request-id"]
+            await response.content.readuntil(b"\n\n")  # first event, then hang up
+    record = await logged_gateway.log(request_id)
+    assert record["status"] == 499 and record["client_disconnected"] is True
