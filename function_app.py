@@ -4,6 +4,11 @@ Every HTTP function is thin: it hands the request to the gateway package (`share
 streaming is on (azurefunctions-extensions-http-fastapi), so all HTTP functions take and return
 the FastAPI (Starlette) types. The local host (`python -m shared.localhost`) serves exactly the
 functions registered here, read off `app`.
+
+Two rules of the Functions host shape the routes: a route may not start with `admin` or
+`runtime` (reserved for the host's own APIs; such a function is refused at indexing), and the
+host takes the first registered route that matches, not the most specific one — so no two
+routes here may match the same path, and there is no catch-all route.
 """
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
@@ -34,10 +39,3 @@ for _name in ROUTES_BY_FUNCTION:
 @app.route(route=HEALTH_ROUTE, methods=["GET"])
 async def health(req: Request) -> Response:
     return await gateway.health()
-
-
-@app.function_name("not_found")
-@app.route(route="{*path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def not_found(req: Request) -> Response:
-    """Catch-all, matched last: unknown routes get an OpenAI-shaped 404 and a log record."""
-    return await gateway.handle(req, None)

@@ -88,9 +88,8 @@ class Gateway:
         await self.store.close()
 
     # Requests --------------------------------------------------------------------
-    async def handle(self, request: Request, route: ModelRoute | None) -> Response:
-        """Run one model request through the pipeline. `route=None` is a request for no known
-        route: it is refused with 404 and logged like any other."""
+    async def handle(self, request: Request, route: ModelRoute) -> Response:
+        """Run one model request through the pipeline; always answers, always logs."""
         request_id = uuid.uuid4().hex
         try:
             await self.start()
@@ -103,8 +102,6 @@ class Gateway:
         ctx.properties = _custom_properties(request)
         entered: list[Stage] = []
         try:
-            if route is None:
-                raise errors.not_found(f"No route for {request.method} /{request.url.path.lstrip('/')}.")
             for stage in self.stages:
                 entered.append(stage)
                 await stage.before(ctx)

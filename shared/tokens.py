@@ -1,0 +1,203 @@
+"""Entra ID access-token validation, in code, on the hot path.
+
+A bearer token is accepted only if every check passes, in this order (cheap checks first, and
+nothing is fetched for a token that names a tenant outside the allow-list):
+header parses → alg is RS256 → claims parse → `tid` is an allowed tenant → issuer is that
+tenant's v1 (`https://sts.windows.net/{tid}/`) or v2 (`https://login.microsoftonline.com/{tid}/v2.0`)
+issuer → the signing key `kid` is in the tenant's JWKS → signature → `exp`/`nbf` with leeway →
+audience is one of ours (client id or App ID URI).
+
+Keys come from OpenID discovery (`{authority}/{tid}/v2.0/.well-known/openid-configuration` →
+`jwks_uri`), fetched with aiohttp (never blocking the loop), cached, and refreshed when a token
+names an unknown `kid` — at most once per `min_refresh_seconds` per tenant, with one fetch in
+flight, so a flood of forged `kid`s cannot hammer the key endpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import jwt
+import orjson
+from jwt.algorithms import RSAAlgorithm
+
+from .errors import GatewayError
+
+ALGORITHM = "RS256"
+
+
+def invalid_token(message: str) -> GatewayError:
+    return GatewayError(401, "invalid_token", message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def v1_issuer(tenant_id: str) -> str:
+    return f"https://sts.windows.net/{tenant_id}/"
+
+
+def v2_issuer(tenant_id: str) -> str:
+    return f"https://login.microsoftonline.com/{tenant_id}/v2.0"
+
+
+@dataclass
+class _TenantKeys:
+    keys: dict[str, Any] = field(default_factory=dict)  # kid -> public key object
+    fetched_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fetches: int = 0
+
+
+class KeyFetchError(Exception):
+    pass
+
+
+class JwksCache:
+    """Signing keys per tenant, from OpenID discovery, cached and refreshed on unknown `kid`."""
+
+    def __init__(self, authority: str, min_refresh_seconds: float = 60.0, max_age_seconds: float = 86400.0) -> None:
+        self._authority = authority.rstrip("/")
+        self._min_refresh = min_refresh_seconds
+        self._max_age = max_age_seconds
+        self._tenants: dict[str, _TenantKeys] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def fetch_count(self, tenant_id: str) -> int:
+        tenant = self._tenants.get(tenant_id)
+        return tenant.fetches if tenant else 0
+
+    async def key_for(self, tenant_id: str, kid: str):
+        tenant = self._tenants.setdefault(tenant_id, _TenantKeys())
+        stale = time.monotonic() - tenant.fetched_at > self._max_age
+        if kid in tenant.keys and not stale:
+            return tenant.keys[kid]
+        if tenant.fetched_at and not stale and time.monotonic() - tenant.fetched_at < self._min_refresh:
+            return None  # fetched moments ago and the kid was not there: do not ask again yet
+        async with tenant.lock:  # one fetch in flight; waiters reuse its result
+            if kid not in tenant.keys and (not tenant.fetched_at or stale or time.monotonic() - tenant.fetched_at >= self._min_refresh):
+                await self._refresh(tenant_id, tenant)
+        return tenant.keys.get(kid)
+
+    async def _refresh(self, tenant_id: str, tenant: _TenantKeys) -> None:
+        tenant.fetches += 1
+        tenant.fetched_at = time.monotonic()  # also on failure: failures are rate-limited too
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            discovery_url = f"{self._authority}/{tenant_id}/v2.0/.well-known/openid-configuration"
+            async with self._session.get(discovery_url) as response:
+                response.raise_for_status()
+                jwks_uri = (await response.json(content_type=None))["jwks_uri"]
+            async with self._session.get(jwks_uri) as response:
+                response.raise_for_status()
+                jwks = await response.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+            raise KeyFetchError(f"could not fetch signing keys for tenant {tenant_id}: {exc}") from exc
+        keys = {}
+        for jwk in jwks.get("keys", []):
+            if jwk.get("kty") == "RSA" and jwk.get("kid") and jwk.get("use", "sig") == "sig":
+                keys[jwk["kid"]] = RSAAlgorithm.from_jwk(jwk)
+        tenant.keys = keys
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@dataclass(frozen=True)
+class ValidatedToken:
+    claims: dict[str, Any]
+    version: str  # "1.0" or "2.0"
+
+    @property
+    def tenant_id(self) -> str:
+        return self.claims["tid"]
+
+    @property
+    def app_id(self) -> str | None:
+        return self.claims.get("azp") if self.version == "2.0" else self.claims.get("appid")
+
+    @property
+    def delegated(self) -> bool:
+        """A user signed in (scopes), rather than an app acting as itself (app roles only)."""
+        return bool(self.claims.get("scp"))
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        roles = self.claims.get("roles") or ()
+        return tuple(r for r in roles if isinstance(r, str))
+
+
+def _b64json(segment: str) -> dict[str, Any]:
+    padded = segment + "=" * (-len(segment) % 4)
+    value = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
+
+
+class TokenValidator:
+    def __init__(self, keys: JwksCache, tenant_ids: tuple[str, ...], audiences: tuple[str, ...], leeway_seconds: float = 60.0) -> None:
+        self._keys = keys
+        self._tenants = frozenset(t.lower() for t in tenant_ids)
+        self._audiences = tuple(audiences)
+        self._leeway = leeway_seconds
+
+    async def validate(self, token: str) -> ValidatedToken:
+        parts = token.split(".")
+        if len(parts) != 3 or not all(parts):
+            raise invalid_token("The bearer token is not a JWT (expected three dot-separated parts).")
+        try:
+            header = _b64json(parts[0])
+            unverified = _b64json(parts[1])
+        except (ValueError, UnicodeError, orjson.JSONDecodeError):
+            raise invalid_token("The bearer token's header or payload is not base64url-encoded JSON.") from None
+        if header.get("alg") != ALGORITHM:
+            raise invalid_token(f"Token algorithm {header.get('alg')!r} is not accepted; tokens must be signed with RS256.")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise invalid_token("The token header has no key id (kid).")
+        tenant_id = unverified.get("tid")
+        if not isinstance(tenant_id, str) or tenant_id.lower() not in self._tenants:
+            raise invalid_token("The token was issued by a tenant that this gateway does not accept.")
+        issuer = unverified.get("iss")
+        if issuer == v2_issuer(tenant_id):
+            version = "2.0"
+        elif issuer == v1_issuer(tenant_id):
+            version = "1.0"
+        else:
+            raise invalid_token("The token issuer is not the Entra ID issuer of its tenant.")
+        try:
+            key = await self._keys.key_for(tenant_id, kid)
+        except KeyFetchError as exc:
+            raise GatewayError(503, "auth_unavailable", f"Token signing keys are unavailable: {exc}", error_type="server_error") from None
+        if key is None:
+            raise invalid_token("The token was signed with a key (kid) that the tenant does not publish.")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[ALGORITHM],
+                audience=list(self._audiences),
+                issuer=issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "aud", "iss", "tid"], "verify_nbf": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise invalid_token("The token has expired.") from None
+        except jwt.ImmatureSignatureError:
+            raise invalid_token("The token is not valid yet (nbf/iat in the future).") from None
+        except jwt.InvalidAudienceError:
+            raise invalid_token("The token's audience is not this gateway.") from None
+        except jwt.InvalidSignatureError:
+            raise invalid_token("The token signature does not verify.") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise invalid_token(f"The token lacks the required claim {exc.claim!r}.") from None
+        except jwt.InvalidTokenError as exc:
+            raise invalid_token(f"The token is invalid: {exc}.") from None
+        token_info = ValidatedToken(claims=claims, version=version)
+        if not token_info.app_id:
+            raise invalid_token("The token names no client application (azp/appid).")
+        return token_info
