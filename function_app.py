@@ -14,21 +14,21 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from shared.gateway import Gateway
-from shared.routes import HEALTH_ROUTE, ROUTES_BY_FUNCTION
+from shared.routes import ADMIN_PREFIX, HEALTH_ROUTE, ROUTES_BY_FUNCTION
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 gateway = Gateway()  # the one application context; opens its connections on first use
 
 
 def _register(name: str):
-    """Register a POST model route whose handler hands the request to the gateway."""
+    """Register a model route whose handler hands the request to the gateway."""
     route = ROUTES_BY_FUNCTION[name]
 
     async def handler(req: Request) -> Response:
         return await gateway.handle(req, route)
 
     handler.__name__ = handler.__qualname__ = name
-    app.function_name(name)(app.route(route=route.template, methods=["POST"])(handler))
+    app.function_name(name)(app.route(route=route.template, methods=list(route.methods))(handler))
 
 
 for _name in ROUTES_BY_FUNCTION:
@@ -39,3 +39,40 @@ for _name in ROUTES_BY_FUNCTION:
 @app.route(route=HEALTH_ROUTE, methods=["GET"])
 async def health(req: Request) -> Response:
     return await gateway.health()
+
+
+# Admin API (admin app role required; see shared/admin_api.py) ----------------------------
+@app.function_name("admin_policies")
+@app.route(route=f"{ADMIN_PREFIX}/policies", methods=["GET"])
+async def admin_policies(req: Request) -> Response:
+    return await gateway.admin_policies(req, None)
+
+
+@app.function_name("admin_policy_defaults")
+@app.route(route=f"{ADMIN_PREFIX}/policies/defaults", methods=["GET", "PUT", "DELETE"])
+async def admin_policy_defaults(req: Request) -> Response:
+    return await gateway.admin_policies(req, "defaults")
+
+
+@app.function_name("admin_policy_app")
+@app.route(route=f"{ADMIN_PREFIX}/policies/apps/{{app_id}}", methods=["GET", "PUT", "DELETE"])
+async def admin_policy_app(req: Request) -> Response:
+    return await gateway.admin_policies(req, "app", app_id=req.path_params["app_id"])
+
+
+@app.function_name("admin_policy_user")
+@app.route(route=f"{ADMIN_PREFIX}/policies/apps/{{app_id}}/users/{{user_id}}", methods=["GET", "PUT", "DELETE"])
+async def admin_policy_user(req: Request) -> Response:
+    return await gateway.admin_policies(req, "user", app_id=req.path_params["app_id"], user_id=req.path_params["user_id"])
+
+
+@app.function_name("admin_logs")
+@app.route(route=f"{ADMIN_PREFIX}/logs", methods=["GET"])
+async def admin_logs(req: Request) -> Response:
+    return await gateway.admin_logs(req)
+
+
+@app.function_name("admin_log")
+@app.route(route=f"{ADMIN_PREFIX}/logs/{{request_id}}", methods=["GET"])
+async def admin_log(req: Request) -> Response:
+    return await gateway.admin_logs(req, req.path_params["request_id"])

@@ -58,7 +58,9 @@ class RequestContext:
     stream: bool = False
     client_wants_usage: bool = False  # the client itself asked for stream_options.include_usage
 
-    # Seams filled by later stages (identity, policy, cache, quota, guards).
+    # Filled by the identity and access stages; cache, quota and guards add theirs.
+    identity: Any = None  # identity.Identity
+    policy: Any = None  # policy.EffectivePolicy
     app_id: str | None = None
     app_name: str | None = None
     user_id: str | None = None

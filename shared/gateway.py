@@ -16,13 +16,19 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import errors
+from .access import ApplyPolicy, PolicyCache, PolicyResolver
+from .admin_api import AdminApi, PolicyService
 from .context import RequestContext, UpstreamResult
 from .errors import GatewayError
+from .identity import Authenticate, Authenticator
+from .model_list import ListModels
 from .pipeline import Stage
+from .policy import builtin_defaults
 from .request_log import LogWriter, build_record
 from .routes import ModelRoute
-from .settings import Settings, SettingsError
+from .settings import Settings
 from .store import Store, open_store
+from .tokens import JwksCache, TokenValidator
 from .upstream import UpstreamClient
 from .validation import RequestStreamUsage, ValidateRequest
 
@@ -43,7 +49,10 @@ class LogRequest(Stage):
         self._settings = settings
 
     async def finish(self, ctx: RequestContext) -> None:
-        self._writer.submit(build_record(ctx, self._settings.log_content, self._settings.log_retention_days))
+        policy = ctx.policy
+        content = policy.content_logging if policy else self._settings.log_content
+        retention = policy.retention_days if policy else self._settings.log_retention_days
+        self._writer.submit(build_record(ctx, content, retention))
 
 
 class Gateway:
@@ -55,6 +64,9 @@ class Gateway:
         self.store: Store | None = None
         self.upstream: UpstreamClient | None = None
         self.log_writer: LogWriter | None = None
+        self.jwks: JwksCache | None = None
+        self.policy_cache: PolicyCache | None = None
+        self.admin: AdminApi | None = None
         self.stages: list[Stage] = []
 
     # Lifecycle -------------------------------------------------------------------
@@ -72,8 +84,23 @@ class Gateway:
             self.upstream = UpstreamClient(settings)
             self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size)
             self.log_writer.start()
+            validator = None
+            if settings.auth_tenant_ids:
+                self.jwks = JwksCache(settings.auth_authority, settings.jwks_min_refresh_seconds)
+                validator = TokenValidator(self.jwks, settings.auth_tenant_ids, settings.auth_audiences, settings.auth_leeway_seconds)
+            authenticator = Authenticator(validator, settings.easy_auth_enabled)
+            self.policy_cache = PolicyCache(store, settings.policy_cache_seconds)
+            resolver = PolicyResolver(
+                self.policy_cache,
+                builtin_defaults(settings.log_content, settings.log_retention_days),
+                settings.allow_unregistered_apps,
+            )
+            self.admin = AdminApi(authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store)
             self.stages = [
+                Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes),
+                ApplyPolicy(resolver),
+                ListModels(settings.deployments),
                 RequestStreamUsage(),
                 LogRequest(self.log_writer, settings),
             ]
@@ -85,18 +112,18 @@ class Gateway:
         self._started = False
         await self.log_writer.close()
         await self.upstream.close()
+        if self.jwks is not None:
+            await self.jwks.close()
         await self.store.close()
 
     # Requests --------------------------------------------------------------------
     async def handle(self, request: Request, route: ModelRoute) -> Response:
         """Run one model request through the pipeline; always answers, always logs."""
         request_id = uuid.uuid4().hex
-        try:
-            await self.start()
-        except (SettingsError, Exception) as exc:  # misconfiguration: say so, do not crash the worker
-            logger.exception("gateway failed to start")
-            error = GatewayError(500, "server_error", f"The gateway is misconfigured: {exc}")
-            return _error_response(error, {REQUEST_ID_HEADER: request_id})
+        not_started = await self._start_or_error()  # misconfiguration: say so, do not crash the worker
+        if not_started is not None:
+            not_started.headers[REQUEST_ID_HEADER] = request_id
+            return not_started
         ctx = RequestContext(request_id=request_id, http=request, route=route)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
         ctx.properties = _custom_properties(request)
@@ -162,6 +189,22 @@ class Gateway:
                 await stage.finish(ctx)
             except Exception:
                 logger.exception("stage %s failed to finish request %s", stage.name, ctx.request_id)
+
+    async def admin_policies(self, request: Request, kind: str | None, **ids: str) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.policies(request, kind, **ids)
+
+    async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.logs(request, request_id)
+
+    async def _start_or_error(self) -> Response | None:
+        try:
+            await self.start()
+        except Exception as exc:
+            logger.exception("gateway failed to start")
+            return _error_response(GatewayError(500, "server_error", f"The gateway is misconfigured: {exc}"), {})
+        return None
 
     async def health(self) -> Response:
         try:

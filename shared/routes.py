@@ -18,6 +18,7 @@ class Operation(str, enum.Enum):
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"
+    MODELS = "models.list"  # answered by the gateway itself, from the app's policy
 
 
 class Style(str, enum.Enum):
@@ -31,6 +32,7 @@ class ModelRoute:
     template: str
     operation: Operation
     style: Style
+    methods: tuple[str, ...] = ("POST",)
 
     @property
     def deployment_in_path(self) -> bool:
@@ -45,10 +47,16 @@ MODEL_ROUTES: tuple[ModelRoute, ...] = (
     ModelRoute("v1_chat_completions", "openai/v1/chat/completions", Operation.CHAT, Style.V1),
     ModelRoute("v1_embeddings", "openai/v1/embeddings", Operation.EMBEDDINGS, Style.V1),
     ModelRoute("v1_responses", "openai/v1/responses", Operation.RESPONSES, Style.V1),
+    ModelRoute("azure_models", "openai/models", Operation.MODELS, Style.AZURE, ("GET",)),
+    ModelRoute("v1_models", "openai/v1/models", Operation.MODELS, Style.V1, ("GET",)),
 )
 
 ROUTES_BY_FUNCTION = {r.function_name: r for r in MODEL_ROUTES}
 HEALTH_ROUTE = "health"
+
+# Admin routes. The Functions host reserves routes starting with "admin" (and "runtime") for
+# its own APIs and refuses to index functions that use them, hence the product prefix.
+ADMIN_PREFIX = "sekisho/admin"
 
 
 @lru_cache(maxsize=256)

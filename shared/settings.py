@@ -32,6 +32,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_COSMOS_KEY", "", "Cosmos DB key. Empty = Entra ID (managed identity), the production choice."),
     Setting("SEKISHO_COSMOS_DATABASE", "sekisho", "Cosmos DB database name."),
     Setting("SEKISHO_COSMOS_VERIFY_TLS", "true", "Verify the Cosmos endpoint's TLS certificate (false only for a local emulator)."),
+    Setting("SEKISHO_AUTH_TENANT_IDS", "", "Entra tenant ids whose tokens are accepted (comma-separated). Required; the local host sets its own."),
+    Setting("SEKISHO_AUTH_AUDIENCES", "", "Accepted token audiences: the gateway app registration's client id and App ID URI (comma-separated). Required."),
+    Setting("SEKISHO_AUTH_AUTHORITY", "https://login.microsoftonline.com", "Where OpenID discovery documents and signing keys are fetched from."),
+    Setting("SEKISHO_AUTH_LEEWAY_SECONDS", "60", "Clock skew allowed on token exp/nbf."),
+    Setting("SEKISHO_JWKS_MIN_REFRESH_SECONDS", "60", "Least time between two signing-key fetches for one tenant (unknown kid floods)."),
+    Setting("SEKISHO_EASY_AUTH_ENABLED", "false", "Trust X-MS-CLIENT-PRINCIPAL from App Service Authentication. Only when Easy Auth is on for the app; otherwise the header could be forged."),
+    Setting("SEKISHO_ADMIN_ROLE", "Sekisho.Admin", "App role that unlocks the admin API."),
+    Setting("SEKISHO_ALLOW_UNREGISTERED_APPS", "false", "Serve apps that have no policy with the default policy (otherwise 403)."),
+    Setting("SEKISHO_POLICY_CACHE_SECONDS", "10", "How long a policy read from the store is reused in memory."),
+    Setting("SEKISHO_DEPLOYMENTS", "", "Deployments the upstream serves (comma-separated), listed by GET /openai/v1/models for apps allowed '*'."),
     Setting("SEKISHO_LOG_CONTENT", "full", "Content kept in request logs: full, redacted or metadata."),
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
@@ -60,6 +70,16 @@ class Settings:
     cosmos_key: str
     cosmos_database: str
     cosmos_verify_tls: bool
+    auth_tenant_ids: tuple[str, ...]
+    auth_audiences: tuple[str, ...]
+    auth_authority: str
+    auth_leeway_seconds: float
+    jwks_min_refresh_seconds: float
+    easy_auth_enabled: bool
+    admin_role: str
+    allow_unregistered_apps: bool
+    policy_cache_seconds: float
+    deployments: tuple[str, ...]
     log_content: str
     log_retention_days: int
     log_flush_interval: float
@@ -67,7 +87,9 @@ class Settings:
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, serving: bool = True) -> "Settings":
+        """Read and check the settings. `serving=False` (the CLI) skips the checks that only
+        matter when answering requests (upstream endpoint, token validation)."""
         env = os.environ if env is None else env
 
         def get(name: str) -> str:
@@ -97,6 +119,9 @@ class Settings:
                 raise SettingsError(f"{name}={text!r} must be one of {', '.join(options)}")
             return text
 
+        def items(name: str) -> tuple[str, ...]:
+            return tuple(part.strip() for part in get(name).split(",") if part.strip())
+
         store = choice("SEKISHO_STORE", ("sqlite", "cosmos"))
         settings = cls(
             azure_openai_endpoint=get("AZURE_OPENAI_ENDPOINT").rstrip("/"),
@@ -112,6 +137,16 @@ class Settings:
             cosmos_key=get("SEKISHO_COSMOS_KEY"),
             cosmos_database=get("SEKISHO_COSMOS_DATABASE"),
             cosmos_verify_tls=boolean("SEKISHO_COSMOS_VERIFY_TLS"),
+            auth_tenant_ids=items("SEKISHO_AUTH_TENANT_IDS"),
+            auth_audiences=items("SEKISHO_AUTH_AUDIENCES"),
+            auth_authority=get("SEKISHO_AUTH_AUTHORITY").rstrip("/"),
+            auth_leeway_seconds=number("SEKISHO_AUTH_LEEWAY_SECONDS"),
+            jwks_min_refresh_seconds=number("SEKISHO_JWKS_MIN_REFRESH_SECONDS"),
+            easy_auth_enabled=boolean("SEKISHO_EASY_AUTH_ENABLED"),
+            admin_role=get("SEKISHO_ADMIN_ROLE"),
+            allow_unregistered_apps=boolean("SEKISHO_ALLOW_UNREGISTERED_APPS"),
+            policy_cache_seconds=number("SEKISHO_POLICY_CACHE_SECONDS"),
+            deployments=items("SEKISHO_DEPLOYMENTS"),
             log_content=choice("SEKISHO_LOG_CONTENT", ("full", "redacted", "metadata")),
             log_retention_days=number("SEKISHO_LOG_RETENTION_DAYS", int, 1),
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
@@ -120,6 +155,39 @@ class Settings:
         )
         if store == "cosmos" and not settings.cosmos_endpoint:
             raise SettingsError("SEKISHO_STORE=cosmos needs SEKISHO_COSMOS_ENDPOINT")
+        if not serving:
+            return settings
+        if not settings.auth_tenant_ids and not settings.easy_auth_enabled:
+            raise SettingsError("SEKISHO_AUTH_TENANT_IDS is not set: no caller could be authenticated")
+        if settings.auth_tenant_ids and not settings.auth_audiences:
+            raise SettingsError("SEKISHO_AUTH_AUDIENCES is not set: tokens for any audience would be accepted")
         if not settings.azure_openai_endpoint:
             raise SettingsError("AZURE_OPENAI_ENDPOINT is not set (the local host sets it to its simulator)")
         return settings
+
+
+# Functions platform settings that the sample carries beside Sekisho's own.
+PLATFORM_SAMPLE = {
+    "FUNCTIONS_WORKER_RUNTIME": "python",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+    "PYTHON_ENABLE_INIT_INDEXING": "1",  # needed by the HTTP streaming extension on Python <= 3.12
+}
+_SAMPLE_VALUES = {
+    "AZURE_OPENAI_ENDPOINT": "https://<your-resource>.openai.azure.com",
+    "SEKISHO_AUTH_TENANT_IDS": "<your-tenant-id>",
+    "SEKISHO_AUTH_AUDIENCES": "<gateway-client-id>,api://<gateway-client-id>",
+}
+
+
+def sample_settings() -> dict:
+    """The content of local.settings.sample.json (regenerate: python -m shared.settings)."""
+    values = dict(PLATFORM_SAMPLE)
+    for setting in SETTINGS:
+        values[setting.name] = _SAMPLE_VALUES.get(setting.name, setting.default)
+    return {"IsEncrypted": False, "Values": values}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(sample_settings(), indent=2))

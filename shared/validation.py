@@ -48,10 +48,13 @@ class ValidateRequest(Stage):
 
     def __init__(self, max_body_bytes: int) -> None:
         self._limit = max_body_bytes
+    # Runs after authentication, so an unauthenticated caller cannot make the gateway read a body.
 
     async def before(self, ctx: RequestContext) -> None:
         route = ctx.route
         ctx.api_version = ctx.http.query_params.get("api-version")
+        if route.operation is Operation.MODELS:
+            return  # a GET without a body
         if route.deployment_in_path:
             params = match_template(route.template, ctx.http.url.path) or {}
             ctx.deployment = params.get("deployment") or None

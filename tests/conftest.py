@@ -1,12 +1,15 @@
-"""Shared fixtures: one simulator, one Cosmos test server, and local hosts on both stores."""
+"""Shared fixtures: one simulator, one Cosmos test server, local hosts on both stores, tokens."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import uuid
 
 import pytest
 
+from shared.admin_api import PolicyService
+from shared.local_issuer import LocalIssuer
 from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
 
@@ -15,6 +18,33 @@ from .servers import COSMOS_KEY, start_cosmos_server, start_local_host, start_si
 # Short timeouts so that the timeout tests are quick; streams in the tests pause less than this.
 UPSTREAM_READ_TIMEOUT = "1.5"
 MAX_BODY_BYTES = 65536
+TEST_APP_ID = "0f5c4a1e-7d2b-4c61-9a57-3b1e2f4d5a60"  # registered, any deployment, trusted to name users
+ADMIN_APP_ID = "a0a0a0a0-1111-4222-8333-944445555666"  # not registered for models; holds the admin role
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def issuer(data_dir) -> LocalIssuer:
+    return LocalIssuer(data_dir)
+
+
+@pytest.fixture(scope="session")
+def token(issuer) -> str:
+    return issuer.mint(TEST_APP_ID, lifetime_seconds=4 * 3600)
+
+
+@pytest.fixture(scope="session")
+def admin_token(issuer) -> str:
+    return issuer.mint(ADMIN_APP_ID, roles=["Sekisho.Admin"], lifetime_seconds=4 * 3600)
+
+
+@pytest.fixture(scope="session")
+def auth(token) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +68,25 @@ def _gateway_env(simulator, **extra) -> dict[str, str]:
         "SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS": UPSTREAM_READ_TIMEOUT,
         "SEKISHO_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         "SEKISHO_LOG_FLUSH_INTERVAL_MS": "20",
+        "SEKISHO_DEPLOYMENTS": "gpt-4o-mini,text-embedding-3-small",
         **extra,
     }
+
+
+def run_async(coroutine):
+    """Run a coroutine to completion from sync code, even when an event loop is running here
+    (session fixtures are often first requested from inside an async test)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+async def _seed(store) -> None:
+    await store.open()
+    try:
+        data = {"name": "Test app", "settings": {"allowed_deployments": ["*"], "trust_user_header": True}}
+        await PolicyService(store).put("app", TEST_APP_ID, None, data, actor="tests")
+    finally:
+        await store.close()
 
 
 @pytest.fixture(scope="session")
@@ -53,14 +100,16 @@ def cosmos_database():
 
 
 @pytest.fixture(scope="session")
-def gateway(simulator, sqlite_path):
-    host = start_local_host(_gateway_env(simulator, SEKISHO_STORE="sqlite", SEKISHO_SQLITE_PATH=sqlite_path))
+def gateway(simulator, sqlite_path, data_dir, issuer):
+    run_async(_seed(SqliteStore(sqlite_path)))
+    host = start_local_host(_gateway_env(simulator, SEKISHO_STORE="sqlite", SEKISHO_SQLITE_PATH=sqlite_path), data_dir)
     yield host
     stop(host.process)
 
 
 @pytest.fixture(scope="session")
-def cosmos_gateway(simulator, cosmos_server, cosmos_database):
+def cosmos_gateway(simulator, cosmos_server, cosmos_database, data_dir, issuer):
+    run_async(_seed(CosmosStore(cosmos_server.endpoint, COSMOS_KEY, cosmos_database, verify_tls=False)))
     env = _gateway_env(
         simulator,
         SEKISHO_STORE="cosmos",
@@ -69,15 +118,9 @@ def cosmos_gateway(simulator, cosmos_server, cosmos_database):
         SEKISHO_COSMOS_DATABASE=cosmos_database,
         SEKISHO_COSMOS_VERIFY_TLS="false",
     )
-    host = start_local_host(env)
+    host = start_local_host(env, data_dir)
     yield host
     stop(host.process)
-
-
-def open_store_for(kind: str, sqlite_path: str, cosmos_server=None, database: str | None = None):
-    if kind == "sqlite":
-        return SqliteStore(sqlite_path)
-    return CosmosStore(cosmos_server.endpoint, COSMOS_KEY, database, verify_tls=False)
 
 
 class LoggedGateway:

@@ -10,9 +10,17 @@ from .conftest import MAX_BODY_BYTES, _gateway_env
 from .servers import free_port, start_local_host, stop
 
 CHAT_PATH = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+_TOKEN: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _token(token):
+    _TOKEN[:] = [token]
 
 
 async def _post(url: str, data: bytes | None = None, json=None, headers=None):
+    """POST as the test app (its token is added unless `headers` carries an Authorization)."""
+    headers = {"Authorization": f"Bearer {_TOKEN[0]}", **(headers or {})}
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=data, json=json, headers=headers) as response:
             return response.status, dict(response.headers), await response.json(content_type=None)
@@ -84,8 +92,8 @@ async def test_unknown_route(gateway):
             _assert_error_shape(await response.json(), "not_found")
 
 
-def test_sdk_raises_its_usual_exceptions(gateway):
-    client = AzureOpenAI(azure_endpoint=gateway.url, api_key="x", api_version="2024-10-21", max_retries=0)
+def test_sdk_raises_its_usual_exceptions(gateway, token):
+    client = AzureOpenAI(azure_endpoint=gateway.url, azure_ad_token=token, api_version="2024-10-21", max_retries=0)
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="gpt-4o-mini", messages=[])
     assert caught.value.code == "invalid_request"
@@ -118,10 +126,11 @@ async def test_upstream_too_slow_is_504(logged_gateway):
     assert record["status"] == 504 and record["error"]["code"] == "upstream_timeout"
 
 
-async def test_upstream_unreachable_is_502(simulator, tmp_path):
+async def test_upstream_unreachable_is_502(simulator, tmp_path, data_dir):
     dead = free_port()  # nothing listens here
-    env = _gateway_env(simulator, AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{dead}", SEKISHO_SQLITE_PATH=str(tmp_path / "d.db"))
-    host = start_local_host(env)
+    env = _gateway_env(simulator, AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{dead}", SEKISHO_SQLITE_PATH=str(tmp_path / "d.db"),
+                       SEKISHO_ALLOW_UNREGISTERED_APPS="true")
+    host = start_local_host(env, data_dir)
     try:
         status, _, answer = await _post(host.url + CHAT_PATH, json={"messages": [{"role": "user", "content": "x"}]})
     finally:

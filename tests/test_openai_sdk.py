@@ -12,13 +12,14 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 @pytest.fixture
-def azure(gateway):
-    return AzureOpenAI(azure_endpoint=gateway.url, api_key="unused-until-identity", api_version=API_VERSION, max_retries=0)
+def azure(gateway, token):
+    return AzureOpenAI(azure_endpoint=gateway.url, azure_ad_token=token, api_version=API_VERSION, max_retries=0)
 
 
 @pytest.fixture
-def v1(gateway):
-    return OpenAI(base_url=f"{gateway.url}/openai/v1", api_key="unused-until-identity", max_retries=0)
+def v1(gateway, token):
+    # The OpenAI client sends its api_key as the bearer token: that is where the Entra token goes.
+    return OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=token, max_retries=0)
 
 
 def test_azure_chat(azure):

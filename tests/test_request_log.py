@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from openai import AsyncAzureOpenAI
 
 from shared.store import LogQuery
 
 
+from .conftest import TEST_APP_ID
+
+_TOKEN: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _token(token):
+    _TOKEN[:] = [token]
+
+
 def _client(url: str) -> AsyncAzureOpenAI:
-    return AsyncAzureOpenAI(azure_endpoint=url, api_key="x", api_version="2024-10-21", max_retries=0)
+    return AsyncAzureOpenAI(azure_endpoint=url, azure_ad_token=_TOKEN[0], api_version="2024-10-21", max_retries=0)
 
 
 async def test_chat_record_has_the_guide_fields(logged_gateway):
@@ -41,6 +52,9 @@ async def test_chat_record_has_the_guide_fields(logged_gateway):
     assert record["properties"] == {"feature": "weather-bot"}
     assert record["ttl"] == 30 * 86400
     assert record["error"] is None
+    assert record["app_id"] == TEST_APP_ID and record["app_name"] == "Test app"
+    assert record["user_id"] == TEST_APP_ID  # app-only token, no end user named
+    assert record["tenant_id"]
 
 
 async def test_stream_record_has_assembled_text_and_exact_usage(logged_gateway):
@@ -82,14 +96,14 @@ async def test_exactly_one_record_per_request(logged_gateway):
         ids.append(raw.headers["x-sekisho-request-id"])
     for request_id in ids:
         await logged_gateway.log(request_id)
-    records = await logged_gateway.store.query_logs(LogQuery(app_id="anonymous", limit=1000))
+    records = await logged_gateway.store.query_logs(LogQuery(app_id=TEST_APP_ID, limit=1000))
     mine = [r for r in records if r["properties"].get("batch") == logged_gateway.kind + "-once"]
     assert sorted(r["id"] for r in mine) == sorted(ids)
 
 
 async def test_client_disconnect_mid_stream_is_logged(logged_gateway):
     body = {"messages": [{"role": "user", "content": "x"}], "stream": True, "x_sim": {"reply": "a b c d e f g h", "chunk_interval_ms": 200}}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_TOKEN[0]}"}) as session:
         async with session.post(logged_gateway.url + "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21", json=body) as response:
             request_id = response.headers["x-sekisho-request-id"]
             await response.content.readuntil(b"\n\n")  # first event, then hang up

@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import SETTINGS, Settings, SettingsError
+from shared.settings import PLATFORM_SAMPLE, SETTINGS, Settings, SettingsError, sample_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-# Read by the Functions host and worker themselves, not by Sekisho's code.
-PLATFORM_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage", "PYTHON_ENABLE_INIT_INDEXING"}
 
 
 def test_sample_lists_every_setting_and_nothing_else():
-    sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
-    assert set(sample) - PLATFORM_SETTINGS == {s.name for s in SETTINGS}
-    assert sample["PYTHON_ENABLE_INIT_INDEXING"] == "1"  # needed by the HTTP streaming extension
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())
+    assert sample == sample_settings(), "regenerate it: python -m shared.settings > local.settings.sample.json"
+    assert set(sample["Values"]) - set(PLATFORM_SAMPLE) == {s.name for s in SETTINGS}
+    assert sample["Values"]["PYTHON_ENABLE_INIT_INDEXING"] == "1"  # needed by the HTTP streaming extension
 
 
 def test_code_reads_only_declared_settings():
@@ -30,8 +29,12 @@ def test_code_reads_only_declared_settings():
             assert name in declared, f"{path.relative_to(ROOT)} reads {name}, which SETTINGS does not declare"
 
 
+AUTH = {"SEKISHO_AUTH_TENANT_IDS": "t1, t2", "SEKISHO_AUTH_AUDIENCES": "api://gw"}
+
+
 def test_defaults():
-    settings = Settings.from_env({"AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com/"})
+    settings = Settings.from_env({"AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com/", **AUTH})
+    assert settings.auth_tenant_ids == ("t1", "t2") and settings.auth_audiences == ("api://gw",)
     assert settings.azure_openai_endpoint == "https://x.openai.azure.com"
     assert settings.store == "sqlite" and settings.log_content == "full"
     assert settings.upstream_read_timeout == 220
@@ -47,9 +50,11 @@ def test_defaults():
         ({"SEKISHO_STORE": "cosmos"}, "SEKISHO_COSMOS_ENDPOINT"),
         ({"SEKISHO_COSMOS_VERIFY_TLS": "maybe"}, "true or false"),
         ({"SEKISHO_LOG_CONTENT": "everything"}, "full, redacted, metadata"),
+        ({"SEKISHO_AUTH_TENANT_IDS": ""}, "SEKISHO_AUTH_TENANT_IDS"),
+        ({"SEKISHO_AUTH_AUDIENCES": ""}, "SEKISHO_AUTH_AUDIENCES"),
     ],
 )
 def test_bad_values_are_refused_clearly(env, message):
-    base = {"AZURE_OPENAI_ENDPOINT": "https://x"} if "AZURE_OPENAI_ENDPOINT" != message else {}
+    base = {"AZURE_OPENAI_ENDPOINT": "https://x", **AUTH} if "AZURE_OPENAI_ENDPOINT" != message else dict(AUTH)
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({**base, **env})

@@ -87,3 +87,41 @@ async def test_records_carry_their_expiry(store):
         # Cosmos deletes expired items itself (per-item `ttl`, container default TTL on);
         # the test server does not implement expiry, so check the field the service acts on.
         assert (await store.get_log(record["id"]))["ttl"] == 1
+
+
+# Policies ------------------------------------------------------------------------------
+from shared.store import AlreadyExists, PreconditionFailed  # noqa: E402
+
+
+def _policy(app: str = "app-a", doc_id: str = "app", **settings) -> dict:
+    return {"id": doc_id, "app_id": app, "kind": "app", "name": "A", "settings": settings}
+
+
+async def test_policy_create_read_list_delete(store):
+    created = await store.put_policy(_policy(enabled=True), create_only=True)
+    assert created["etag"]
+    read = await store.get_policy("app-a", "app")
+    assert read == created
+    await store.put_policy(_policy("app-a", "user:u1", enabled=False))
+    await store.put_policy(_policy("app-b"))
+    assert [(d["app_id"], d["id"]) for d in await store.list_policies()] == [("app-a", "app"), ("app-a", "user:u1"), ("app-b", "app")]
+    assert [d["id"] for d in await store.list_policies("app-a")] == ["app", "user:u1"]
+    assert await store.delete_policy("app-a", "user:u1") is True
+    assert await store.delete_policy("app-a", "user:u1") is False
+    assert await store.get_policy("app-a", "user:u1") is None
+
+
+async def test_policy_etags(store):
+    first = await store.put_policy(_policy(enabled=True), create_only=True)
+    with pytest.raises(AlreadyExists):
+        await store.put_policy(_policy(enabled=False), create_only=True)
+    second = await store.put_policy(_policy(enabled=False), if_match=first["etag"])
+    assert second["etag"] != first["etag"]
+    with pytest.raises(PreconditionFailed):  # a writer holding the old version loses
+        await store.put_policy(_policy(enabled=True), if_match=first["etag"])
+    with pytest.raises(PreconditionFailed):
+        await store.delete_policy("app-a", "app", if_match=first["etag"])
+    with pytest.raises(PreconditionFailed):
+        await store.put_policy(_policy("app-z"), if_match=first["etag"])
+    assert (await store.get_policy("app-a", "app"))["settings"] == {"enabled": False}
+    assert await store.delete_policy("app-a", "app", if_match=second["etag"]) is True

@@ -9,9 +9,9 @@ import orjson
 CHAT_URL = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
-async def _read_events(url: str, body: dict):
+async def _read_events(url: str, body: dict, headers: dict):
     """POST and yield (arrival time, event bytes) for each SSE event."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers) as session:
         async with session.post(url, json=body) as response:
             assert response.status == 200, await response.text()
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -23,13 +23,13 @@ async def _read_events(url: str, body: dict):
                     yield time.perf_counter(), event
 
 
-async def test_chunks_reach_the_client_before_the_upstream_finishes(gateway):
+async def test_chunks_reach_the_client_before_the_upstream_finishes(gateway, auth):
     body = {
         "messages": [{"role": "user", "content": "count"}],
         "stream": True,
         "x_sim": {"reply": "one two three four five six", "chunk_interval_ms": 150},
     }
-    arrivals = [(t, e) async for t, e in _read_events(gateway.url + CHAT_URL, body)]
+    arrivals = [(t, e) async for t, e in _read_events(gateway.url + CHAT_URL, body, auth)]
     content = [t for t, e in arrivals if b'"content":"' in e and b'"content":""' not in e]
     assert len(content) == 6
     # Six chunks 150 ms apart: had the gateway buffered, they would arrive together at the end.
@@ -38,9 +38,9 @@ async def test_chunks_reach_the_client_before_the_upstream_finishes(gateway):
     assert min(gaps) > 0.08
 
 
-async def test_azure_quirks_are_relayed_in_order(gateway):
+async def test_azure_quirks_are_relayed_in_order(gateway, auth):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "x_sim": {"annotations": True, "reply": "a b"}}
-    events = [e async for _, e in _read_events(gateway.url + CHAT_URL, body)]
+    events = [e async for _, e in _read_events(gateway.url + CHAT_URL, body, auth)]
     assert events[-1] == b"data: [DONE]"
     payloads = [orjson.loads(e[len(b"data: "):]) for e in events[:-1]]
     assert payloads[0]["choices"] == [] and "prompt_filter_results" in payloads[0]
@@ -50,11 +50,11 @@ async def test_azure_quirks_are_relayed_in_order(gateway):
     assert not any(p["choices"] == [] and p.get("usage") for p in payloads)
 
 
-async def test_upstream_breaking_mid_stream_ends_with_an_error_event(logged_gateway):
+async def test_upstream_breaking_mid_stream_ends_with_an_error_event(logged_gateway, auth):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "x_sim": {"reply": "a b c d e f", "break_after_chunks": 3}}
     request_id = None
     events = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=auth) as session:
         async with session.post(logged_gateway.url + CHAT_URL, json=body) as response:
             request_id = response.headers["x-sekisho-request-id"]
             events = (await response.read()).split(b"\n\n")

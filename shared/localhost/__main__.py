@@ -1,7 +1,11 @@
 """Serve the Functions app locally: `python -m shared.localhost` (what `make run` does).
 
-With no AZURE_OPENAI_ENDPOINT set, the built-in simulator is started as the upstream; set it
-(and AZURE_OPENAI_API_KEY, or sign in with `az login` for Entra ID) to use a real endpoint.
+- Upstream: with no AZURE_OPENAI_ENDPOINT set, the built-in simulator is started; set it (and
+  AZURE_OPENAI_API_KEY, or sign in with `az login` for Entra ID) to use a real endpoint.
+- Identity: with no SEKISHO_AUTH_TENANT_IDS set, a local issuer (key pair in the data folder)
+  stands in for Entra ID; a demo app is registered and a token for it is printed and written to
+  <data-dir>/demo-token.txt. Set the SEKISHO_AUTH_* settings to accept real Entra tokens.
+- Store: SQLite in the data folder unless SEKISHO_STORE / SEKISHO_SQLITE_PATH say otherwise.
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ from pathlib import Path
 
 import uvicorn
 
+from ..local_issuer import LocalIssuer
 from .functions_host import FunctionsAsgiApp
+from .issuer_routes import IssuerRoutes
+
+DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,17 +67,46 @@ def build_asgi_app(module_name: str = "function_app") -> FunctionsAsgiApp:
     return FunctionsAsgiApp(module.app, on_shutdown=hooks)
 
 
-def banner(port: int, upstream: str) -> str:
+def demo_app_id(issuer: LocalIssuer) -> str:
+    import uuid
+
+    return str(uuid.uuid5(uuid.UUID(issuer.tenant_id), "sekisho-demo-app"))
+
+
+async def seed_demo_app(app_id: str) -> None:
+    """Register the demo app if it is missing (never overwrites an admin's changes)."""
+    from ..admin_api import PolicyService
+    from ..settings import Settings
+    from ..store import AlreadyExists, open_store
+
+    store = await open_store(Settings.from_env(serving=False))
+    try:
+        data = {"name": "Demo app", "settings": {"allowed_deployments": list(DEMO_DEPLOYMENTS), "trust_user_header": True}}
+        await PolicyService(store).put("app", app_id, None, data, actor="localhost:seed", create_only=True)
+    except AlreadyExists:
+        pass
+    finally:
+        await store.close()
+
+
+def banner(port: int, upstream: str, token_file: Path | None) -> str:
     base = f"http://127.0.0.1:{port}"
+    if token_file is None:
+        auth = "Send an Entra ID access token for the gateway's app registration as SEKISHO_TOKEN."
+    else:
+        auth = f"A token for the demo app is in {token_file} (valid 12 h; `python -m shared.cli token mint --help` for more)."
     return f"""
 Sekisho is serving on {base}  (upstream: {upstream})
+{auth}
 
-  curl -s {base}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21 \\
-       -H 'Content-Type: application/json' \\
+  export SEKISHO_TOKEN=$(cat {token_file or '<token file>'})
+  curl -s '{base}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21' \\
+       -H "Authorization: Bearer $SEKISHO_TOKEN" -H 'Content-Type: application/json' \\
        -d '{{"messages": [{{"role": "user", "content": "Hello"}}]}}'
 
+  import os
   from openai import AzureOpenAI
-  client = AzureOpenAI(azure_endpoint="{base}", api_key="unused", api_version="2024-10-21")
+  client = AzureOpenAI(azure_endpoint="{base}", azure_ad_token=os.environ["SEKISHO_TOKEN"], api_version="2024-10-21")
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
@@ -84,22 +121,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulator-port", type=int, default=7072)
     parser.add_argument("--simulator-latency-ms", type=float, default=40.0)
     parser.add_argument("--simulator-chunk-interval-ms", type=float, default=15.0)
+    parser.add_argument("--data-dir", default=".data", help="SQLite database and local issuer keys")
+    parser.add_argument("--no-seed", action="store_true", help="do not register the demo app")
     parser.add_argument("--quiet", action="store_true", help="do not print the how-to banner")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP call at INFO
     os.chdir(PROJECT_ROOT)
 
+    data_dir = Path(args.data_dir).resolve()
+    os.environ.setdefault("SEKISHO_SQLITE_PATH", str(data_dir / "sekisho.db"))
     upstream = os.environ.get("AZURE_OPENAI_ENDPOINT", "")
     if not upstream:
         _, endpoint, key = start_simulator(args.simulator_port, args.simulator_latency_ms, args.simulator_chunk_interval_ms)
         os.environ["AZURE_OPENAI_ENDPOINT"] = endpoint
         os.environ["AZURE_OPENAI_API_KEY"] = key
+        os.environ.setdefault("SEKISHO_DEPLOYMENTS", ",".join(DEMO_DEPLOYMENTS))
         upstream = f"built-in simulator at {endpoint}"
 
     app = build_asgi_app()
+    token_file = None
+    if not os.environ.get("SEKISHO_AUTH_TENANT_IDS"):
+        issuer = LocalIssuer(data_dir)
+        os.environ.update(issuer.gateway_settings(f"http://127.0.0.1:{args.port}"))
+        app = IssuerRoutes(app, issuer)
+        if not args.no_seed:
+            import asyncio
+
+            app_id = demo_app_id(issuer)
+            asyncio.run(seed_demo_app(app_id))
+            token_file = data_dir / "demo-token.txt"
+            token_file.write_text(issuer.mint(app_id, lifetime_seconds=12 * 3600))
+            os.chmod(token_file, 0o600)
     if not args.quiet:
-        print(banner(args.port, upstream), flush=True)
+        print(banner(args.port, upstream, token_file), flush=True)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, loop="uvloop", http="httptools", lifespan="on",
         access_log=False, log_level="warning", timeout_graceful_shutdown=10,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -83,7 +84,7 @@ class FunctionsAsgiApp:
         for function in self.functions:
             found = function.pattern.fullmatch(path)
             if found is not None and method in function.methods:
-                return function, found.groupdict()
+                return function, {k: unquote(v) for k, v in found.groupdict().items()}
         return None, {}
 
     async def __call__(self, scope, receive, send) -> None:

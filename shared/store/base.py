@@ -20,7 +20,8 @@ class Container:
 
 
 REQUEST_LOGS = Container("request_logs", "/app_id", default_ttl=True)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS,)
+POLICIES = Container("policies", "/app_id", default_ttl=False)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES)
 
 
 class StoreError(Exception):
@@ -29,6 +30,14 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The store could not be reached; the caller may retry later."""
+
+
+class AlreadyExists(StoreError):
+    """Create-only write of a record that exists."""
+
+
+class PreconditionFailed(StoreError):
+    """The record changed since it was read (ETag mismatch), or is gone."""
 
 
 @dataclass(frozen=True)
@@ -66,3 +75,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]: ...
+
+    # Policies (optimistic concurrency with ETags) -------------------------------------
+    @abc.abstractmethod
+    async def get_policy(self, app_id: str, doc_id: str) -> dict[str, Any] | None:
+        """The document with its current `etag`, or None."""
+
+    @abc.abstractmethod
+    async def list_policies(self, app_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def put_policy(self, doc: dict[str, Any], if_match: str | None = None, create_only: bool = False) -> dict[str, Any]:
+        """Write a document; returns it with its new `etag`.
+
+        `if_match`: only replace the stored version with this ETag (PreconditionFailed otherwise,
+        also when it does not exist). `create_only`: fail with AlreadyExists if it exists."""
+
+    @abc.abstractmethod
+    async def delete_policy(self, app_id: str, doc_id: str, if_match: str | None = None) -> bool:
+        """Delete; False if it did not exist. PreconditionFailed on an ETag mismatch."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import orjson
 
-from .base import REQUEST_LOGS, LogQuery, Store, StoreUnavailable
+from .base import POLICIES, REQUEST_LOGS, AlreadyExists, LogQuery, PreconditionFailed, Store, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -35,6 +36,13 @@ CREATE INDEX IF NOT EXISTS ix_logs_time ON {REQUEST_LOGS.name}(timestamp);
 CREATE INDEX IF NOT EXISTS ix_logs_app_time ON {REQUEST_LOGS.name}(app_id, timestamp);
 CREATE INDEX IF NOT EXISTS ix_logs_user_time ON {REQUEST_LOGS.name}(user_id, timestamp);
 CREATE INDEX IF NOT EXISTS ix_logs_expiry ON {REQUEST_LOGS.name}(expires_at);
+CREATE TABLE IF NOT EXISTS {POLICIES.name} (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (app_id, id)
+);
 """
 
 _PURGE_EVERY_SECONDS = 300
@@ -164,3 +172,56 @@ class SqliteStore(Store):
             return conn.execute(sql, params).fetchall()
 
         return [orjson.loads(row[0]) for row in await self._run(read)]
+
+    # Policies --------------------------------------------------------------------------
+    async def get_policy(self, app_id: str, doc_id: str) -> dict[str, Any] | None:
+        def read(conn: sqlite3.Connection):
+            return conn.execute(f"SELECT doc, etag FROM {POLICIES.name} WHERE app_id = ? AND id = ?", (app_id, doc_id)).fetchone()
+
+        row = await self._run(read)
+        return {**orjson.loads(row[0]), "etag": row[1]} if row else None
+
+    async def list_policies(self, app_id: str | None = None) -> list[dict[str, Any]]:
+        def read(conn: sqlite3.Connection):
+            if app_id is None:
+                return conn.execute(f"SELECT doc, etag FROM {POLICIES.name} ORDER BY app_id, id").fetchall()
+            return conn.execute(f"SELECT doc, etag FROM {POLICIES.name} WHERE app_id = ? ORDER BY id", (app_id,)).fetchall()
+
+        return [{**orjson.loads(doc), "etag": etag} for doc, etag in await self._run(read)]
+
+    async def put_policy(self, doc: dict[str, Any], if_match: str | None = None, create_only: bool = False) -> dict[str, Any]:
+        stored = {k: v for k, v in doc.items() if k != "etag"}
+        etag = uuid.uuid4().hex
+        blob = orjson.dumps(stored)
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(f"SELECT etag FROM {POLICIES.name} WHERE app_id = ? AND id = ?", (stored["app_id"], stored["id"])).fetchone()
+                if create_only and row is not None:
+                    raise AlreadyExists(f"policy {stored['app_id']}/{stored['id']} exists")
+                if if_match is not None and (row is None or row[0] != if_match):
+                    raise PreconditionFailed(f"policy {stored['app_id']}/{stored['id']} has changed (ETag mismatch)")
+                conn.execute(
+                    f"INSERT OR REPLACE INTO {POLICIES.name} (app_id, id, etag, doc) VALUES (?, ?, ?, ?)",
+                    (stored["app_id"], stored["id"], etag, blob),
+                )
+
+        await self._run(write)
+        return {**stored, "etag": etag}
+
+    async def delete_policy(self, app_id: str, doc_id: str, if_match: str | None = None) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(f"SELECT etag FROM {POLICIES.name} WHERE app_id = ? AND id = ?", (app_id, doc_id)).fetchone()
+                if row is None:
+                    if if_match is not None:
+                        raise PreconditionFailed(f"policy {app_id}/{doc_id} does not exist")
+                    return False
+                if if_match is not None and row[0] != if_match:
+                    raise PreconditionFailed(f"policy {app_id}/{doc_id} has changed (ETag mismatch)")
+                conn.execute(f"DELETE FROM {POLICIES.name} WHERE app_id = ? AND id = ?", (app_id, doc_id))
+                return True
+
+        return await self._run(delete)

@@ -1,0 +1,151 @@
+"""The admin API: policies and the request log, for callers with the admin app role.
+
+`PolicyService` holds the rules for changing policies (validation, ETags, cache invalidation);
+the HTTP handlers here and the CLI both go through it, so both validate input the same way.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import errors
+from .access import PolicyCache, forbidden, require_admin
+from .errors import GatewayError
+from .identity import Authenticator
+from .policy import APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, user_doc_id
+from .store import AlreadyExists, LogQuery, PreconditionFailed, Store
+
+logger = logging.getLogger("sekisho.admin")
+
+
+def _locate(kind: str, app_id: str | None, user_id: str | None) -> tuple[str, str]:
+    if kind == "defaults":
+        return DEFAULTS_PARTITION, DEFAULTS_ID
+    check_id(app_id, "app id")
+    if kind == "app":
+        return app_id, APP_DOC_ID
+    return app_id, user_doc_id(check_id(user_id, "user id"))
+
+
+class PolicyService:
+    def __init__(self, store: Store, cache: PolicyCache | None = None) -> None:
+        self._store = store
+        self._cache = cache
+
+    async def get(self, kind: str, app_id: str | None = None, user_id: str | None = None) -> dict[str, Any] | None:
+        partition, doc_id = _locate(kind, app_id, user_id)
+        return await self._store.get_policy(partition, doc_id)
+
+    async def list(self, app_id: str | None = None) -> list[dict[str, Any]]:
+        return await self._store.list_policies(app_id)
+
+    async def put(
+        self, kind: str, app_id: str | None, user_id: str | None, data: Any, *,
+        actor: str | None, if_match: str | None = None, create_only: bool = False,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create or replace a layer; returns (document, created)."""
+        if not isinstance(data, dict):
+            raise PolicyError("Invalid policy: the body must be a JSON object")
+        if kind != "defaults":
+            check_id(app_id, "app id")
+        doc = build_document(kind, app_id, user_id, data, actor)
+        existed = await self._store.get_policy(doc.app_id, doc.id) is not None
+        stored = await self._store.put_policy(doc.to_store(), if_match=if_match, create_only=create_only)
+        if self._cache is not None:
+            self._cache.invalidate(doc.app_id)
+        logger.info("policy %s/%s written by %s", doc.app_id, doc.id, actor)
+        return stored, not existed
+
+    async def delete(self, kind: str, app_id: str | None, user_id: str | None, *, actor: str | None, if_match: str | None = None) -> bool:
+        partition, doc_id = _locate(kind, app_id, user_id)
+        deleted = await self._store.delete_policy(partition, doc_id, if_match=if_match)
+        if self._cache is not None:
+            self._cache.invalidate(partition)
+        logger.info("policy %s/%s deleted by %s", partition, doc_id, actor)
+        return deleted
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error(error: GatewayError) -> Response:
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+
+
+class AdminApi:
+    def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store) -> None:
+        self._authenticator = authenticator
+        self._role = admin_role
+        self._policies = policies
+        self._store = store
+
+    async def _admin(self, request: Request):
+        identity = await self._authenticator.authenticate(request)
+        require_admin(identity, self._role)
+        return identity
+
+    async def policies(self, request: Request, kind: str | None, app_id: str | None = None, user_id: str | None = None) -> Response:
+        """kind None: list; else GET/PUT/DELETE one layer (defaults, app, user)."""
+        try:
+            identity = await self._admin(request)
+            actor = identity.user_oid or identity.app_id
+            if kind is None:
+                app_filter = request.query_params.get("app_id")
+                return _json({"object": "list", "data": await self._policies.list(app_filter)})
+            if request.method == "GET":
+                doc = await self._policies.get(kind, app_id, user_id)
+                if doc is None:
+                    raise errors.not_found("No such policy.")
+                return _json(doc, headers={"ETag": doc["etag"]})
+            if_match = request.headers.get("if-match")
+            if request.method == "PUT":
+                try:
+                    data = orjson.loads(await request.body())
+                except orjson.JSONDecodeError as exc:
+                    raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+                create_only = request.headers.get("if-none-match") == "*"
+                doc, created = await self._policies.put(kind, app_id, user_id, data, actor=actor, if_match=if_match, create_only=create_only)
+                return _json(doc, 201 if created else 200, headers={"ETag": doc["etag"]})
+            if request.method == "DELETE":
+                if not await self._policies.delete(kind, app_id, user_id, actor=actor, if_match=if_match):
+                    raise errors.not_found("No such policy.")
+                return Response(status_code=204)
+            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+        except PreconditionFailed as exc:
+            return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
+        except AlreadyExists as exc:
+            return _error(GatewayError(409, "conflict", str(exc)))
+
+    async def logs(self, request: Request, request_id: str | None = None) -> Response:
+        try:
+            await self._admin(request)
+            if request_id is not None:
+                record = await self._store.get_log(request_id)
+                if record is None:
+                    raise errors.not_found("No log record with that request id.")
+                return _json(record)
+            params = request.query_params
+            status = params.get("status")
+            limit = params.get("limit", "100")
+            if (status is not None and not status.isdigit()) or not limit.isdigit():
+                raise errors.invalid_request("status and limit must be whole numbers.")
+            query = LogQuery(
+                app_id=params.get("app_id"), user_id=params.get("user_id"), deployment=params.get("deployment"),
+                status=int(status) if status else None, since=params.get("since"), until=params.get("until"),
+                limit=min(int(limit), 1000),
+            )
+            return _json({"object": "list", "data": await self._store.query_logs(query)})
+        except GatewayError as exc:
+            return _error(exc)
+
+
+__all__ = ["AdminApi", "PolicyService", "forbidden"]

@@ -1,0 +1,160 @@
+"""Sekisho's command line: apps, policies, request logs, and local tokens.
+
+    python -m shared.cli apps create <app-id> --name "HR bot" --deployments gpt-4o-mini
+    python -m shared.cli apps list
+    python -m shared.cli policies get app <app-id>
+    python -m shared.cli policies set user <app-id> <user-id> --json '{"settings": {"enabled": false}}'
+    python -m shared.cli policies delete defaults
+    python -m shared.cli logs list --app-id <app-id> --limit 20
+    python -m shared.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
+    python -m shared.cli issuer rotate
+
+It reads the same settings as the gateway (SEKISHO_STORE, SEKISHO_SQLITE_PATH, SEKISHO_COSMOS_*)
+and writes through the same PolicyService as the admin API, so input is validated the same way.
+Token commands use the local issuer in --data-dir (local mode only; in Azure, Entra issues tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from .admin_api import PolicyService
+from .local_issuer import LocalIssuer
+from .policy import PolicyError
+from .settings import Settings, SettingsError
+from .store import AlreadyExists, LogQuery, PreconditionFailed, open_store
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _layer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=("defaults", "app", "user"))
+    parser.add_argument("app_id", nargs="?")
+    parser.add_argument("user_id", nargs="?")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared.cli", description="Manage Sekisho apps, policies, logs and local tokens.")
+    parser.add_argument("--data-dir", default=".data", help="local data folder (SQLite default path, local issuer)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    apps = groups.add_parser("apps", help="register and list apps").add_subparsers(dest="command", required=True)
+    create = apps.add_parser("create", help="register an app (its Entra client id)")
+    create.add_argument("app_id")
+    create.add_argument("--name", required=True)
+    create.add_argument("--deployments", default="*", help="comma-separated deployment names, or * (default)")
+    create.add_argument("--trust-user-header", action="store_true", help="let the app name its end users (x-sekisho-user)")
+    create.add_argument("--content-logging", choices=("full", "redacted", "metadata"))
+    create.add_argument("--retention-days", type=int)
+    create.add_argument("--disabled", action="store_true")
+    apps.add_parser("list", help="list registered apps")
+
+    policies = groups.add_parser("policies", help="read and change policy layers").add_subparsers(dest="command", required=True)
+    _layer_args(policies.add_parser("get"))
+    put = policies.add_parser("set", help="create or replace a layer")
+    _layer_args(put)
+    put.add_argument("--json", required=True, help='the layer, e.g. {"name": "x", "settings": {"enabled": true}}')
+    put.add_argument("--if-match", help="only replace this version (ETag)")
+    delete = policies.add_parser("delete")
+    _layer_args(delete)
+    delete.add_argument("--if-match")
+    policies.add_parser("list").add_argument("--app-id")
+
+    logs = groups.add_parser("logs", help="read the request log").add_subparsers(dest="command", required=True)
+    listing = logs.add_parser("list")
+    for name in ("app-id", "user-id", "deployment", "since", "until"):
+        listing.add_argument(f"--{name}")
+    listing.add_argument("--status", type=int)
+    listing.add_argument("--limit", type=int, default=20)
+    logs.add_parser("get").add_argument("request_id")
+
+    token = groups.add_parser("token", help="local tokens").add_subparsers(dest="command", required=True)
+    mint = token.add_parser("mint", help="mint a token from the local issuer, shaped like Entra's")
+    mint.add_argument("--app-id", required=True)
+    mint.add_argument("--user", help="object id of a signed-in user (delegated token); omit for app-only")
+    mint.add_argument("--role", action="append", default=[], help="app role, e.g. Sekisho.Admin (repeatable)")
+    mint.add_argument("--v1", action="store_true", help="a v1.0 token (sts.windows.net issuer, appid claim)")
+    mint.add_argument("--minutes", type=int, default=60)
+    groups.add_parser("issuer", help="the local issuer").add_subparsers(dest="command", required=True).add_parser("rotate")
+    return parser
+
+
+async def _with_service(args, action):
+    env = dict(os.environ)
+    env.setdefault("SEKISHO_SQLITE_PATH", os.path.join(args.data_dir, "sekisho.db"))
+    store = await open_store(Settings.from_env(env, serving=False))
+    try:
+        return await action(PolicyService(store), store)
+    finally:
+        await store.close()
+
+
+async def run(args) -> int:
+    actor = "cli:" + os.environ.get("USER", "unknown")
+    if args.group == "token":
+        issuer = LocalIssuer(args.data_dir)
+        print(issuer.mint(args.app_id, user_oid=args.user, roles=args.role, version="1.0" if args.v1 else "2.0", lifetime_seconds=args.minutes * 60))
+        return 0
+    if args.group == "issuer":
+        print(LocalIssuer(args.data_dir).rotate())
+        return 0
+
+    async def action(service: PolicyService, store):
+        if args.group == "apps" and args.command == "create":
+            settings: dict[str, Any] = {
+                "enabled": not args.disabled,
+                "allowed_deployments": [d for d in args.deployments.split(",") if d],
+                "trust_user_header": args.trust_user_header,
+            }
+            if args.content_logging:
+                settings["content_logging"] = args.content_logging
+            if args.retention_days:
+                settings["retention_days"] = args.retention_days
+            doc, _ = await service.put("app", args.app_id, None, {"name": args.name, "settings": settings}, actor=actor, create_only=True)
+            _print(doc)
+        elif args.group == "apps":
+            _print([d for d in await service.list() if d["kind"] == "app"])
+        elif args.group == "policies" and args.command == "list":
+            _print(await service.list(args.app_id))
+        elif args.group == "policies" and args.command == "get":
+            doc = await service.get(args.kind, args.app_id, args.user_id)
+            if doc is None:
+                raise LookupError("no such policy")
+            _print(doc)
+        elif args.group == "policies" and args.command == "set":
+            doc, created = await service.put(args.kind, args.app_id, args.user_id, json.loads(args.json), actor=actor, if_match=args.if_match)
+            _print(doc)
+        elif args.group == "policies" and args.command == "delete":
+            if not await service.delete(args.kind, args.app_id, args.user_id, actor=actor, if_match=args.if_match):
+                raise LookupError("no such policy")
+        elif args.group == "logs" and args.command == "get":
+            record = await store.get_log(args.request_id)
+            if record is None:
+                raise LookupError("no such request")
+            _print(record)
+        elif args.group == "logs":
+            query = LogQuery(app_id=args.app_id, user_id=args.user_id, deployment=args.deployment, status=args.status,
+                             since=args.since, until=args.until, limit=args.limit)
+            _print(await store.query_logs(query))
+
+    await _with_service(args, action)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except (PolicyError, SettingsError, LookupError, AlreadyExists, PreconditionFailed, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

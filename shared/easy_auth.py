@@ -1,0 +1,47 @@
+"""App Service Authentication ("Easy Auth"): the caller as the platform validated it.
+
+When Easy Auth is on, the platform validates the token and passes the caller's claims in
+`X-MS-CLIENT-PRINCIPAL` (base64 JSON). The platform strips that header from incoming requests,
+so it can be trusted, but only when Easy Auth really is on: the gateway reads it only when
+SEKISHO_EASY_AUTH_ENABLED says so.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from .tokens import invalid_token
+
+HEADER = "x-ms-client-principal"
+
+# Easy Auth passes some claims under their long WS-Federation names.
+_CLAIM_NAMES = {
+    "http://schemas.microsoft.com/identity/claims/tenantid": "tid",
+    "http://schemas.microsoft.com/identity/claims/objectidentifier": "oid",
+    "http://schemas.microsoft.com/identity/claims/scope": "scp",
+    "http://schemas.microsoft.com/ws/2008/06/identity/claims/role": "roles",
+}
+
+
+def claims_from_principal(header_value: str) -> dict[str, Any]:
+    """The principal's claims as a token-like dict (`roles` a list, other claims single values)."""
+    try:
+        principal = orjson.loads(base64.b64decode(header_value, validate=False))
+        entries = principal["claims"]
+        role_type = principal.get("role_typ") or "roles"
+    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        raise invalid_token("X-MS-CLIENT-PRINCIPAL is not a valid client principal.") from None
+    claims: dict[str, Any] = {"roles": []}
+    for entry in entries:
+        if not isinstance(entry, dict) or "typ" not in entry:
+            continue
+        kind, value = entry["typ"], entry.get("val")
+        if kind == role_type or _CLAIM_NAMES.get(kind) == "roles" or kind == "roles":
+            claims["roles"].append(value)
+        else:
+            claims.setdefault(_CLAIM_NAMES.get(kind, kind), value)
+    if not claims.get("tid") or not (claims.get("azp") or claims.get("appid")):
+        raise invalid_token("The client principal names no tenant or client application.")
+    return claims

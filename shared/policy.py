@@ -1,0 +1,180 @@
+"""Policies: what an app, and each of its users, may do.
+
+Three layers, each a partial `PolicySettings`: built-in defaults ← the `defaults` document ←
+the app's document ← the user's document (within the app). A field left out (None) inherits.
+Later issues add fields (limits, guards, cache, retries) to `PolicySettings`; merging is generic.
+
+Documents live in the store's `policies` container, partitioned by app id; the defaults under
+the reserved partition `_defaults`. The admin API and the CLI both validate through these models.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULTS_PARTITION = "_defaults"
+DEFAULTS_ID = "defaults"
+APP_DOC_ID = "app"
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$"
+
+
+class PolicySettings(BaseModel):
+    """One layer of policy. Every field is optional: None means "inherit"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    allowed_deployments: list[str] | None = Field(default=None, description='Deployment names, or ["*"] for any.')
+    trust_user_header: bool | None = Field(default=None, description="Take the end user from x-sekisho-user / body `user` (app-only tokens).")
+    content_logging: Literal["full", "redacted", "metadata"] | None = None
+    retention_days: int | None = Field(default=None, ge=1, le=3650)
+
+    @field_validator("allowed_deployments")
+    @classmethod
+    def _deployments(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        cleaned = [v.strip() for v in value]
+        if any(not v or len(v) > 64 for v in cleaned):
+            raise ValueError("deployment names must be 1 to 64 characters")
+        return sorted(set(cleaned))
+
+
+class EffectivePolicy(BaseModel):
+    """The merged policy for one request: every field resolved."""
+
+    model_config = ConfigDict(frozen=True)
+
+    app_id: str
+    app_name: str | None
+    registered: bool
+    enabled: bool
+    allowed_deployments: tuple[str, ...]
+    trust_user_header: bool
+    content_logging: Literal["full", "redacted", "metadata"]
+    retention_days: int
+
+    def allows_deployment(self, deployment: str) -> bool:
+        return "*" in self.allowed_deployments or deployment in self.allowed_deployments
+
+
+def builtin_defaults(content_logging: str, retention_days: int) -> PolicySettings:
+    return PolicySettings(
+        enabled=True, allowed_deployments=["*"], trust_user_header=False,
+        content_logging=content_logging, retention_days=retention_days,
+    )
+
+
+def merge(*layers: PolicySettings | None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for name, value in layer.model_dump(exclude_none=True).items():
+            merged[name] = value
+    return merged
+
+
+# Documents -------------------------------------------------------------------------------
+class PolicyDocument(BaseModel):
+    """A stored policy layer. `kind` says which: defaults, app, or user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    app_id: str
+    kind: Literal["defaults", "app", "user"]
+    user_id: str | None = None
+    name: str | None = Field(default=None, max_length=128)
+    description: str | None = Field(default=None, max_length=1024)
+    settings: PolicySettings = Field(default_factory=PolicySettings)
+    updated_at: str | None = None
+    updated_by: str | None = None
+    etag: str | None = None
+
+    def to_store(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"etag"}, exclude_none=False)
+
+
+class PolicyInput(BaseModel):
+    """What an admin sends to create or change a policy layer (PUT body, CLI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=128)
+    description: str | None = Field(default=None, max_length=1024)
+    settings: PolicySettings = Field(default_factory=PolicySettings)
+
+
+def check_id(value: str, what: str) -> str:
+    import re
+
+    if not isinstance(value, str) or not re.match(_ID_PATTERN, value):
+        raise PolicyError(f"{what} {value!r} is not valid: 1-128 characters, letters, digits and ._:@- only")
+    return value
+
+
+class PolicyError(ValueError):
+    """Invalid policy input; the message says which field and why."""
+
+
+def user_doc_id(user_id: str) -> str:
+    return "user:" + quote(user_id, safe="@.-_:")
+
+
+def build_document(kind: str, app_id: str | None, user_id: str | None, data: dict[str, Any], actor: str | None) -> PolicyDocument:
+    """Validate admin input into a document; raises PolicyError with a readable message."""
+    try:
+        payload = PolicyInput.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(describe_validation_error(exc)) from None
+    if kind == "defaults":
+        doc_id, partition = DEFAULTS_ID, DEFAULTS_PARTITION
+    elif kind == "app":
+        doc_id, partition = APP_DOC_ID, check_id(app_id, "app id")
+    else:
+        partition = check_id(app_id, "app id")
+        doc_id = user_doc_id(check_id(user_id, "user id"))
+    return PolicyDocument(
+        id=doc_id, app_id=partition, kind=kind, user_id=user_id if kind == "user" else None,
+        name=payload.name, description=payload.description, settings=payload.settings,
+        updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        updated_by=actor,
+    )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    return "Invalid policy: " + "; ".join(problems)
+
+
+def document_from_store(raw: dict[str, Any] | None) -> PolicyDocument | None:
+    if raw is None:
+        return None
+    return PolicyDocument.model_validate({k: v for k, v in raw.items() if k in PolicyDocument.model_fields})
+
+
+def effective_policy(
+    app_id: str,
+    builtin: PolicySettings,
+    defaults: PolicyDocument | None,
+    app: PolicyDocument | None,
+    user: PolicyDocument | None,
+) -> EffectivePolicy:
+    merged = merge(builtin, defaults.settings if defaults else None, app.settings if app else None, user.settings if user else None)
+    return EffectivePolicy(
+        app_id=app_id,
+        app_name=app.name if app else None,
+        registered=app is not None,
+        enabled=merged["enabled"],
+        allowed_deployments=tuple(merged["allowed_deployments"]),
+        trust_user_header=merged["trust_user_header"],
+        content_logging=merged["content_logging"],
+        retention_days=merged["retention_days"],
+    )
