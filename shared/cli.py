@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -96,7 +97,7 @@ async def _with_service(args, action):
 
 
 async def run(args) -> int:
-    actor = "cli:" + os.environ.get("USER", "unknown")
+    actor = "cli:" + getpass.getuser()
     if args.group == "token":
         issuer = LocalIssuer(args.data_dir)
         print(issuer.mint(args.app_id, user_oid=args.user, roles=args.role, version="1.0" if args.v1 else "2.0", lifetime_seconds=args.minutes * 60))
