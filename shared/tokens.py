@@ -70,19 +70,22 @@ class JwksCache:
 
     async def key_for(self, tenant_id: str, kid: str):
         tenant = self._tenants.setdefault(tenant_id, _TenantKeys())
-        stale = time.monotonic() - tenant.fetched_at > self._max_age
-        if kid in tenant.keys and not stale:
+        if kid in tenant.keys and not self._stale(tenant):
             return tenant.keys[kid]
-        if tenant.fetched_at and not stale and time.monotonic() - tenant.fetched_at < self._min_refresh:
-            return None  # fetched moments ago and the kid was not there: do not ask again yet
-        async with tenant.lock:  # one fetch in flight; waiters reuse its result
-            if kid not in tenant.keys and (not tenant.fetched_at or stale or time.monotonic() - tenant.fetched_at >= self._min_refresh):
+        async with tenant.lock:  # one fetch in flight; the others wait for it and reuse its result
+            if self._stale(tenant) or (kid not in tenant.keys and self._may_refresh(tenant)):
                 await self._refresh(tenant_id, tenant)
         return tenant.keys.get(kid)
 
+    def _stale(self, tenant: _TenantKeys) -> bool:
+        return time.monotonic() - tenant.fetched_at > self._max_age
+
+    def _may_refresh(self, tenant: _TenantKeys) -> bool:
+        # Fetched moments ago and the kid was not there: do not ask again yet.
+        return not tenant.fetched_at or time.monotonic() - tenant.fetched_at >= self._min_refresh
+
     async def _refresh(self, tenant_id: str, tenant: _TenantKeys) -> None:
         tenant.fetches += 1
-        tenant.fetched_at = time.monotonic()  # also on failure: failures are rate-limited too
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
@@ -93,8 +96,10 @@ class JwksCache:
             async with self._session.get(jwks_uri) as response:
                 response.raise_for_status()
                 jwks = await response.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError, TypeError) as exc:
             raise KeyFetchError(f"could not fetch signing keys for tenant {tenant_id}: {exc}") from exc
+        finally:
+            tenant.fetched_at = time.monotonic()  # failures are rate-limited too
         keys = {}
         for jwk in jwks.get("keys", []):
             if jwk.get("kty") == "RSA" and jwk.get("kid") and jwk.get("use", "sig") == "sig":
@@ -147,7 +152,7 @@ class TokenValidator:
 
     async def validate(self, token: str) -> ValidatedToken:
         parts = token.split(".")
-        if len(parts) != 3 or not all(parts):
+        if len(parts) != 3 or not parts[0] or not parts[1]:
             raise invalid_token("The bearer token is not a JWT (expected three dot-separated parts).")
         try:
             header = _b64json(parts[0])
@@ -156,6 +161,8 @@ class TokenValidator:
             raise invalid_token("The bearer token's header or payload is not base64url-encoded JSON.") from None
         if header.get("alg") != ALGORITHM:
             raise invalid_token(f"Token algorithm {header.get('alg')!r} is not accepted; tokens must be signed with RS256.")
+        if not parts[2]:
+            raise invalid_token("The token is not signed.")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise invalid_token("The token header has no key id (kid).")
