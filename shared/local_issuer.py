@@ -31,7 +31,13 @@ class SigningKey:
     private_pem: str
 
     def private_key(self):
-        return serialization.load_pem_private_key(self.private_pem.encode(), password=None)
+        # Loading checks the RSA key, which is slow: load once per SigningKey.
+        if "_loaded" not in self.__dict__:
+            self.__dict__["_loaded"] = serialization.load_pem_private_key(self.private_pem.encode(), password=None)
+        return self.__dict__["_loaded"]
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kid": self.kid, "private_pem": self.private_pem}
 
     def public_jwk(self) -> dict[str, Any]:
         jwk = json.loads(RSAAlgorithm.to_jwk(self.private_key().public_key()))
@@ -53,7 +59,7 @@ class LocalIssuer:
             state = {
                 "tenant_id": str(uuid.uuid4()),
                 "client_id": str(uuid.uuid4()),
-                "keys": [vars(new_key())],
+                "keys": [new_key().to_dict()],
             }
             self._save(state)
         self.tenant_id: str = state["tenant_id"]
@@ -74,7 +80,7 @@ class LocalIssuer:
     def rotate(self) -> str:
         """Add a new signing key and sign with it from now on; old keys stay published."""
         self.keys.append(new_key())
-        self._save({"tenant_id": self.tenant_id, "client_id": self.client_id, "keys": [vars(k) for k in self.keys]})
+        self._save({"tenant_id": self.tenant_id, "client_id": self.client_id, "keys": [k.to_dict() for k in self.keys]})
         return self.keys[-1].kid
 
     def jwks(self) -> dict[str, Any]:
