@@ -2,7 +2,8 @@
 
     make bench            (or: .venv/bin/python bench/gateway_vs_direct.py --seconds 10)
 
-Measures, for the same request sent directly to the simulator and through the gateway:
+Measures, for the same request sent directly to the simulator and through the gateway (whole
+pipeline: token validation, policy, validation, upstream, request log on SQLite):
 - latency p50/p99 at concurrency 1 (non-streaming), and the latency the gateway adds;
 - time to first byte of a stream at concurrency 1;
 - throughput at concurrency 32 (wrk if installed, else an aiohttp client);
@@ -31,7 +32,19 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import free_port, start_local_host, start_simulator, stop  # noqa: E402
+from shared.admin_api import PolicyService  # noqa: E402
+from shared.local_issuer import LocalIssuer  # noqa: E402
+from shared.store.sqlite import SqliteStore  # noqa: E402
+from tests.servers import start_local_host, start_simulator, stop  # noqa: E402
+
+BENCH_APP_ID = "b0b0b0b0-0000-4000-8000-000000000001"
+
+
+async def register_bench_app(sqlite_path: str) -> None:
+    store = SqliteStore(sqlite_path)
+    await store.open()
+    await PolicyService(store).put("app", BENCH_APP_ID, None, {"name": "bench", "settings": {"allowed_deployments": ["gpt-4o-mini"]}}, actor="bench")
+    await store.close()
 
 CHAT_PATH = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 BODY = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Summarise the request path of an AI gateway."}], "max_tokens": 40}
@@ -111,12 +124,16 @@ async def main() -> None:
 
     simulator = start_simulator()
     data = Path(tempfile.mkdtemp(prefix="sekisho-bench-"))
+    await register_bench_app(str(data / "bench.db"))
+    token = LocalIssuer(data).mint(BENCH_APP_ID, lifetime_seconds=3600)
     gateway = start_local_host({
         "AZURE_OPENAI_ENDPOINT": simulator.url, "AZURE_OPENAI_API_KEY": simulator.api_key,
         "SEKISHO_SQLITE_PATH": str(data / "bench.db"),
-    })
+    }, data)
+    # Both sides authenticate: the simulator with its api-key, the gateway with an Entra-shaped
+    # token that it validates (RS256) on every request, as in production.
     direct = (simulator.url + CHAT_PATH, {"api-key": simulator.api_key})
-    through = (gateway.url + CHAT_PATH, {})
+    through = (gateway.url + CHAT_PATH, {"Authorization": f"Bearer {token}"})
     results: dict[str, dict] = {}
     try:
         # Warm up both paths (connection pools, first-request set-up).

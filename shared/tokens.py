@@ -143,14 +143,36 @@ def _b64json(segment: str) -> dict[str, Any]:
     return value
 
 
+_VERIFIED_CACHE_SIZE = 10_000
+_VERIFIED_REUSE_SECONDS = 600.0
+
+
 class TokenValidator:
+    """Validates tokens; a token that passed is remembered (by its exact text) for up to ten
+    minutes, so an app reusing its token for an hour costs one RSA verification per ten minutes
+    instead of one per request. Expiry is still checked on every use."""
+
     def __init__(self, keys: JwksCache, tenant_ids: tuple[str, ...], audiences: tuple[str, ...], leeway_seconds: float = 60.0) -> None:
         self._keys = keys
         self._tenants = frozenset(t.lower() for t in tenant_ids)
         self._audiences = tuple(audiences)
         self._leeway = leeway_seconds
+        self._verified: dict[str, tuple[float, ValidatedToken]] = {}
 
     async def validate(self, token: str) -> ValidatedToken:
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            verified_at, result = remembered
+            if time.time() < result.claims["exp"] + self._leeway and time.monotonic() - verified_at < _VERIFIED_REUSE_SECONDS:
+                return result
+            del self._verified[token]
+        result = await self._verify(token)
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.clear()  # bounded; the next requests simply verify again
+        self._verified[token] = (time.monotonic(), result)
+        return result
+
+    async def _verify(self, token: str) -> ValidatedToken:
         parts = token.split(".")
         if len(parts) != 3 or not parts[0] or not parts[1]:
             raise invalid_token("The bearer token is not a JWT (expected three dot-separated parts).")

@@ -89,3 +89,17 @@ async def test_unreachable_key_endpoint_is_503_not_401(tmp_path):
         await validator.validate(issuer.mint("app-1"))
     assert caught.value.status == 503 and caught.value.code == "auth_unavailable"
     await cache.close()
+
+
+async def test_a_remembered_token_still_expires(key_server):
+    issuer, authority, counts = key_server
+    cache, validator = _validator(issuer, authority, 60)
+    validator._leeway = 0  # noqa: SLF001 - make expiry exact for the test
+    token = issuer.mint("app-1", lifetime_seconds=2)
+    await validator.validate(token)
+    await validator.validate(token)  # remembered
+    await asyncio.sleep(2.1)
+    with pytest.raises(GatewayError) as caught:
+        await validator.validate(token)
+    assert "expired" in caught.value.message
+    await cache.close()
