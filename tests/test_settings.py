@@ -58,3 +58,9 @@ def test_bad_values_are_refused_clearly(env, message):
     base = {"AZURE_OPENAI_ENDPOINT": "https://x", **AUTH} if "AZURE_OPENAI_ENDPOINT" != message else dict(AUTH)
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({**base, **env})
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in readme]
+    assert not missing, f"README's settings table lacks {missing}"
