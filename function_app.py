@@ -76,3 +76,39 @@ async def admin_logs(req: Request) -> Response:
 @app.route(route=f"{ADMIN_PREFIX}/logs/{{request_id}}", methods=["GET"])
 async def admin_log(req: Request) -> Response:
     return await gateway.admin_logs(req, req.path_params["request_id"])
+
+
+@app.function_name("admin_usage_app")
+@app.route(route=f"{ADMIN_PREFIX}/usage/apps/{{app_id}}", methods=["GET"])
+async def admin_usage_app(req: Request) -> Response:
+    return await gateway.admin_usage(req, req.path_params["app_id"])
+
+
+@app.function_name("admin_usage_user")
+@app.route(route=f"{ADMIN_PREFIX}/usage/apps/{{app_id}}/users/{{user_id}}", methods=["GET"])
+async def admin_usage_user(req: Request) -> Response:
+    return await gateway.admin_usage(req, req.path_params["app_id"], req.path_params["user_id"])
+
+
+@app.function_name("admin_usage_app_reset")
+@app.route(route=f"{ADMIN_PREFIX}/usage/apps/{{app_id}}/reset", methods=["POST"])
+async def admin_usage_app_reset(req: Request) -> Response:
+    return await gateway.admin_usage(req, req.path_params["app_id"], reset=True)
+
+
+@app.function_name("admin_usage_user_reset")
+@app.route(route=f"{ADMIN_PREFIX}/usage/apps/{{app_id}}/users/{{user_id}}/reset", methods=["POST"])
+async def admin_usage_user_reset(req: Request) -> Response:
+    return await gateway.admin_usage(req, req.path_params["app_id"], req.path_params["user_id"], reset=True)
+
+
+@app.function_name("admin_pricing")
+@app.route(route=f"{ADMIN_PREFIX}/pricing", methods=["GET"])
+async def admin_pricing(req: Request) -> Response:
+    return await gateway.admin_pricing(req)
+
+
+@app.function_name("admin_price")
+@app.route(route=f"{ADMIN_PREFIX}/pricing/{{model}}", methods=["PUT", "DELETE"])
+async def admin_price(req: Request) -> Response:
+    return await gateway.admin_pricing(req, req.path_params["model"])

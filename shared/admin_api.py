@@ -16,7 +16,9 @@ from . import errors
 from .access import PolicyCache, forbidden, require_admin
 from .errors import GatewayError
 from .identity import Authenticator
-from .policy import APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, user_doc_id
+from .policy import (
+    APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
+)
 from .store import AlreadyExists, LogQuery, PreconditionFailed, Store
 
 logger = logging.getLogger("sekisho.admin")
@@ -77,12 +79,97 @@ def _error(error: GatewayError) -> Response:
     return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
 
 
+class UsageService:
+    """Current quota use against limits, per app or user, and resets. Shared by the API and the CLI."""
+
+    def __init__(self, store: Store, resolver, windows, currency: str) -> None:
+        self._store = store
+        self._resolver = resolver
+        self._windows = windows
+        self._currency = currency
+
+    def _subject(self, app_id: str, user_id: str | None) -> str:
+        check_id(app_id, "app id")
+        return f"app:{app_id}" if user_id is None else f"user:{app_id}:{check_id(user_id, 'user id')}"
+
+    async def show(self, app_id: str, user_id: str | None = None) -> dict[str, Any]:
+        from .quota import METRICS
+
+        policy = await self._resolver.resolve(app_id, user_id)
+        limits = policy.app_limits if user_id is None else policy.user_limits
+        at = self._windows.now()
+        names = {m.name: f"{m.key}:{self._windows.key(m.window, at)}" for m in METRICS}
+        used = await self._store.read_counters(self._subject(app_id, user_id), list(names.values()))
+        metrics = {}
+        for metric in METRICS:
+            value = used[names[metric.name]]
+            limit = getattr(limits, metric.name)
+            if metric.kind == "spend":
+                value = value / 1e9
+            metrics[metric.name] = {
+                "used": value,
+                "limit": limit,
+                "remaining": None if limit is None else max(0, limit - value),
+                "window": self._windows.key(metric.window, at),
+                "resets_in_seconds": self._windows.seconds_left(metric.window, at),
+            }
+        return {"app_id": app_id, "user_id": user_id, "currency": self._currency, "timezone": str(self._windows.zone), "metrics": metrics}
+
+    async def reset(self, app_id: str, user_id: str | None, metric_names: list[str] | None) -> list[str]:
+        from .quota import METRICS, METRICS_BY_NAME
+
+        chosen = metric_names or [m.name for m in METRICS]
+        unknown = [n for n in chosen if n not in METRICS_BY_NAME]
+        if unknown:
+            raise PolicyError(f"unknown metric(s) {unknown}; known: {sorted(METRICS_BY_NAME)}")
+        at = self._windows.now()
+        counters = [f"{METRICS_BY_NAME[n].key}:{self._windows.key(METRICS_BY_NAME[n].window, at)}" for n in chosen]
+        await self._store.reset_counters(self._subject(app_id, user_id), counters)
+        logger.info("quota counters %s reset for %s/%s", chosen, app_id, user_id)
+        return chosen
+
+
+class PricingService:
+    def __init__(self, store: Store, pricing) -> None:
+        self._store = store
+        self._pricing = pricing
+
+    async def list(self) -> list[dict[str, Any]]:
+        from .pricing import price_documents
+
+        overridden = {d["id"] for d in await self._store.list_prices()}
+        self._pricing.invalidate()
+        return price_documents(await self._pricing.prices(), overridden)
+
+    async def put(self, model: str, data: Any) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from .pricing import Price
+
+        check_id(model, "model")
+        try:
+            price = Price.model_validate(data)
+        except ValidationError as exc:
+            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid price")) from None
+        doc = await self._store.put_price({"id": model.lower(), **price.model_dump()})
+        self._pricing.invalidate()
+        return doc
+
+    async def delete(self, model: str) -> bool:
+        deleted = await self._store.delete_price(model.lower())
+        self._pricing.invalidate()
+        return deleted
+
+
 class AdminApi:
-    def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store) -> None:
+    def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD") -> None:
         self._authenticator = authenticator
         self._role = admin_role
         self._policies = policies
         self._store = store
+        self.usage = UsageService(store, resolver, windows, currency)
+        self.prices = PricingService(store, pricing)
 
     async def _admin(self, request: Request):
         identity = await self._authenticator.authenticate(request)
@@ -124,6 +211,47 @@ class AdminApi:
             return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
         except AlreadyExists as exc:
             return _error(GatewayError(409, "conflict", str(exc)))
+
+    async def _json_body(self, request: Request) -> Any:
+        raw = await request.body()
+        if not raw.strip():
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+
+    async def usage_view(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
+        try:
+            await self._admin(request)
+            if reset:
+                body = await self._json_body(request) or {}
+                metrics = body.get("metrics") if isinstance(body, dict) else None
+                if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+                    raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
+                return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
+            return _json(await self.usage.show(app_id, user_id))
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+
+    async def pricing(self, request: Request, model: str | None = None) -> Response:
+        try:
+            await self._admin(request)
+            if model is None:
+                return _json({"object": "list", "data": await self.prices.list()})
+            if request.method == "PUT":
+                return _json(await self.prices.put(model, await self._json_body(request)))
+            if request.method == "DELETE":
+                if not await self.prices.delete(model):
+                    raise errors.not_found("No stored price for that model (built-in prices cannot be deleted).")
+                return Response(status_code=204)
+            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
 
     async def logs(self, request: Request, request_id: str | None = None) -> Response:
         try:

@@ -6,6 +6,10 @@
     python -m shared.cli policies set user <app-id> <user-id> --json '{"settings": {"enabled": false}}'
     python -m shared.cli policies delete defaults
     python -m shared.cli logs list --app-id <app-id> --limit 20
+    python -m shared.cli usage show <app-id> [--user <user-id>]
+    python -m shared.cli usage reset <app-id> [--user <user-id>] [--metric tokens_per_day]
+    python -m shared.cli pricing list
+    python -m shared.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
     python -m shared.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
     python -m shared.cli issuer rotate
 
@@ -75,6 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20)
     logs.add_parser("get").add_argument("request_id")
 
+    usage = groups.add_parser("usage", help="quota use against limits").add_subparsers(dest="command", required=True)
+    for name in ("show", "reset"):
+        command = usage.add_parser(name)
+        command.add_argument("app_id")
+        command.add_argument("--user")
+        if name == "reset":
+            command.add_argument("--metric", action="append", help="requests_per_minute, tokens_per_minute, tokens_per_day, spend_per_month (default: all)")
+
+    pricing = groups.add_parser("pricing", help="prices per model").add_subparsers(dest="command", required=True)
+    pricing.add_parser("list")
+    price = pricing.add_parser("set")
+    price.add_argument("model")
+    price.add_argument("--input", type=float, required=True, help="per 1M input tokens")
+    price.add_argument("--cached-input", type=float)
+    price.add_argument("--output", type=float, default=0.0, help="per 1M output tokens")
+    pricing.add_parser("delete").add_argument("model")
+
     token = groups.add_parser("token", help="local tokens").add_subparsers(dest="command", required=True)
     mint = token.add_parser("mint", help="mint a token from the local issuer, shaped like Entra's")
     mint.add_argument("--app-id", required=True)
@@ -89,11 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
 async def _with_service(args, action):
     env = dict(os.environ)
     env.setdefault("SEKISHO_SQLITE_PATH", os.path.join(args.data_dir, "sekisho.db"))
-    store = await open_store(Settings.from_env(env, serving=False))
+    settings = Settings.from_env(env, serving=False)
+    store = await open_store(settings)
     try:
-        return await action(PolicyService(store), store)
+        return await action(PolicyService(store), store, settings)
     finally:
         await store.close()
+
+
+def _usage_service(store, settings):
+    from .access import PolicyCache, PolicyResolver
+    from .admin_api import UsageService
+    from .policy import builtin_defaults
+    from .quota import Windows
+
+    resolver = PolicyResolver(PolicyCache(store, 0), builtin_defaults(settings.log_content, settings.log_retention_days), True)
+    return UsageService(store, resolver, Windows(settings.quota_timezone), settings.currency)
+
+
+def _pricing_service(store, settings):
+    from .admin_api import PricingService
+    from .pricing import PricingTable
+
+    return PricingService(store, PricingTable(store, 0))
 
 
 async def run(args) -> int:
@@ -106,7 +145,7 @@ async def run(args) -> int:
         print(LocalIssuer(args.data_dir).rotate())
         return 0
 
-    async def action(service: PolicyService, store):
+    async def action(service: PolicyService, store, settings):
         if args.group == "apps" and args.command == "create":
             settings: dict[str, Any] = {
                 "enabled": not args.disabled,
@@ -134,6 +173,18 @@ async def run(args) -> int:
         elif args.group == "policies" and args.command == "delete":
             if not await service.delete(args.kind, args.app_id, args.user_id, actor=actor, if_match=args.if_match):
                 raise LookupError("no such policy")
+        elif args.group == "usage" and args.command == "show":
+            _print(await _usage_service(store, settings).show(args.app_id, args.user))
+        elif args.group == "usage":
+            _print({"reset": await _usage_service(store, settings).reset(args.app_id, args.user, args.metric)})
+        elif args.group == "pricing" and args.command == "list":
+            _print(await _pricing_service(store, settings).list())
+        elif args.group == "pricing" and args.command == "set":
+            data = {"input_per_1m": args.input, "cached_input_per_1m": args.cached_input, "output_per_1m": args.output}
+            _print(await _pricing_service(store, settings).put(args.model, data))
+        elif args.group == "pricing":
+            if not await _pricing_service(store, settings).delete(args.model):
+                raise LookupError("no stored price for that model")
         elif args.group == "logs" and args.command == "get":
             record = await store.get_log(args.request_id)
             if record is None:

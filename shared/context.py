@@ -61,6 +61,7 @@ class RequestContext:
     # Filled by the identity and access stages; cache, quota and guards add theirs.
     identity: Any = None  # identity.Identity
     policy: Any = None  # policy.EffectivePolicy
+    quota: Any = None  # quota.Reservation, when limits apply
     app_id: str | None = None
     app_name: str | None = None
     user_id: str | None = None

@@ -24,6 +24,8 @@ from .identity import Authenticate, Authenticator
 from .model_list import ListModels
 from .pipeline import Stage
 from .policy import builtin_defaults
+from .pricing import PricingTable
+from .quota import EnforceQuota, Windows
 from .request_log import LogWriter, build_record
 from .routes import ModelRoute
 from .settings import Settings
@@ -67,6 +69,8 @@ class Gateway:
         self.jwks: JwksCache | None = None
         self.policy_cache: PolicyCache | None = None
         self.admin: AdminApi | None = None
+        self.pricing: PricingTable | None = None
+        self.quota: EnforceQuota | None = None
         self.stages: list[Stage] = []
 
     # Lifecycle -------------------------------------------------------------------
@@ -95,13 +99,20 @@ class Gateway:
                 builtin_defaults(settings.log_content, settings.log_retention_days),
                 settings.allow_unregistered_apps,
             )
-            self.admin = AdminApi(authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store)
+            self.pricing = PricingTable(store, settings.policy_cache_seconds)
+            windows = Windows(settings.quota_timezone)
+            self.quota = EnforceQuota(store, self.pricing, windows, settings.currency)
+            self.admin = AdminApi(
+                authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
+                resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency,
+            )
             self.stages = [
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes),
                 ApplyPolicy(resolver),
                 ListModels(settings.deployments),
                 RequestStreamUsage(),
+                self.quota,
                 LogRequest(self.log_writer, settings),
             ]
             self._started = True
@@ -110,6 +121,7 @@ class Gateway:
         if not self._started:
             return
         self._started = False
+        await self.quota.drain()
         await self.log_writer.close()
         await self.upstream.close()
         if self.jwks is not None:
@@ -152,14 +164,15 @@ class Gateway:
             return _error_response(error, ctx.response_headers)
 
         result = ctx.result
-        headers = {**result.headers, **ctx.response_headers}
         if result.is_stream:
             ctx.status = 200
+            headers = {**result.headers, **ctx.response_headers}
             media_type = headers.pop("content-type", "text/event-stream")
             return StreamingResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
         ctx.status = result.status
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
-        await self._finish(ctx)
+        await self._finish(ctx)  # before the headers: finishing stages add some (the cost)
+        headers = {**result.headers, **ctx.response_headers}
         media_type = headers.pop("content-type", None)
         return Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
 
@@ -184,7 +197,8 @@ class Gateway:
             await asyncio.shield(self._finish(ctx))
 
     async def _finish(self, ctx: RequestContext) -> None:
-        for stage in reversed(self.stages):
+        # In pipeline order, so that the request log (last) sees what the others added.
+        for stage in self.stages:
             try:
                 await stage.finish(ctx)
             except Exception:
@@ -193,6 +207,14 @@ class Gateway:
     async def admin_policies(self, request: Request, kind: str | None, **ids: str) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.policies(request, kind, **ids)
+
+    async def admin_usage(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.usage_view(request, app_id, user_id, reset)
+
+    async def admin_pricing(self, request: Request, model: str | None = None) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.pricing(request, model)
 
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()

@@ -4,10 +4,12 @@ Each stage owns one concept and lives in its own module. `before` runs in order 
 and may refuse the request (raise GatewayError) or answer it itself (set `ctx.result`, as the
 cache will); `after` runs in reverse order on the way out and may wrap the result (the output
 guard wraps streams); `finish` runs once the exchange is over, streams included, whether it
-succeeded or not (quota settlement, the request log).
+succeeded or not, in pipeline order so that the request log (last) sees what others added
+(quota settlement and cost, then the log).
 
-Today's order: validate → stream_usage → [upstream] → request_log. Identity, policy, guards,
-system prompt, cache and quota slot in between in their own issues.
+The order is built in gateway.py: authenticate → validate → access → model_list →
+stream_usage → quota → [upstream] → request_log. Guards, system prompt and cache slot in
+before the quota in their own issues.
 """
 from __future__ import annotations
 

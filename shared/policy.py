@@ -21,6 +21,18 @@ APP_DOC_ID = "app"
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,127}$"
 
 
+class Limits(BaseModel):
+    """Quota limits for one subject (the app as a whole, or each of its users). None: no limit.
+    Windows are calendar-aligned in SEKISHO_QUOTA_TIMEZONE; spend is in SEKISHO_CURRENCY."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+    spend_per_month: float | None = Field(default=None, ge=0)
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -31,6 +43,10 @@ class PolicySettings(BaseModel):
     trust_user_header: bool | None = Field(default=None, description="Take the end user from x-sekisho-user / body `user` (app-only tokens).")
     content_logging: Literal["full", "redacted", "metadata"] | None = None
     retention_days: int | None = Field(default=None, ge=1, le=3650)
+    app_limits: Limits | None = Field(default=None, description="Limits on the app as a whole (all its users together).")
+    user_limits: Limits | None = Field(default=None, description="Limits on each end user of the app; a user layer overrides them for one user.")
+    default_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000, description="Reserved for the answer when the request sets no max_tokens.")
+    quota_on_store_failure: Literal["closed", "open"] | None = Field(default=None, description="closed: refuse with 503; open: count in memory until the store is back.")
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -56,6 +72,10 @@ class EffectivePolicy(BaseModel):
     trust_user_header: bool
     content_logging: Literal["full", "redacted", "metadata"]
     retention_days: int
+    app_limits: Limits = Field(default_factory=Limits)
+    user_limits: Limits = Field(default_factory=Limits)
+    default_completion_tokens: int = 1024
+    quota_on_store_failure: Literal["closed", "open"] = "closed"
 
     def allows_deployment(self, deployment: str) -> bool:
         return "*" in self.allowed_deployments or deployment in self.allowed_deployments
@@ -65,16 +85,23 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
     return PolicySettings(
         enabled=True, allowed_deployments=["*"], trust_user_header=False,
         content_logging=content_logging, retention_days=retention_days,
+        app_limits=Limits(), user_limits=Limits(), default_completion_tokens=1024, quota_on_store_failure="closed",
     )
+
+
+def _deep_merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
+    for name, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(name), dict):
+            _deep_merge(into[name], value)  # e.g. a user layer sets one limit, inherits the rest
+        else:
+            into[name] = value
 
 
 def merge(*layers: PolicySettings | None) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:
-        if layer is None:
-            continue
-        for name, value in layer.model_dump(exclude_none=True).items():
-            merged[name] = value
+        if layer is not None:
+            _deep_merge(merged, layer.model_dump(exclude_none=True))
     return merged
 
 
@@ -177,4 +204,8 @@ def effective_policy(
         trust_user_header=merged["trust_user_header"],
         content_logging=merged["content_logging"],
         retention_days=merged["retention_days"],
+        app_limits=Limits.model_validate(merged.get("app_limits") or {}),
+        user_limits=Limits.model_validate(merged.get("user_limits") or {}),
+        default_completion_tokens=merged["default_completion_tokens"],
+        quota_on_store_failure=merged["quota_on_store_failure"],
     )

@@ -19,6 +19,7 @@ from . import sse
 from .context import RequestContext
 from .routes import Operation
 from .store import Store, StoreError
+from .usage import usage_of
 
 logger = logging.getLogger("sekisho.request_log")
 
@@ -49,24 +50,6 @@ def _apply_content_level(level: str, value: Any) -> Any:
     if level == "redacted":
         return _redact(value)
     return None
-
-
-def _usage(ctx: RequestContext) -> dict[str, int]:
-    usage = None
-    if ctx.stream_summary is not None:
-        usage = ctx.stream_summary.usage
-    elif ctx.result is not None and isinstance(ctx.result.json, dict):
-        usage = ctx.result.json.get("usage")
-    usage = usage or {}
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    return {
-        "prompt_tokens": int(prompt),
-        "completion_tokens": int(completion),
-        "total_tokens": int(usage.get("total_tokens", prompt + completion) or 0),
-        "cached_tokens": int(details.get("cached_tokens", 0) or 0),
-    }
 
 
 def _response_content(ctx: RequestContext) -> Any:
@@ -127,7 +110,7 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
         "parameters": parameters,
         "response": _apply_content_level(content_level, _response_content(ctx)),
         "content_logging": content_level,
-        "usage": _usage(ctx),
+        "usage": usage_of(ctx).as_dict(),
         "latency_ms": ctx.elapsed_ms(ctx.started, ctx.finished_at),
         "upstream_latency_ms": ctx.elapsed_ms(ctx.upstream_started, ctx.upstream_headers_at),
         "time_to_first_byte_ms": ctx.elapsed_ms(ctx.started, ctx.first_byte_at),

@@ -42,6 +42,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_ALLOW_UNREGISTERED_APPS", "false", "Serve apps that have no policy with the default policy (otherwise 403)."),
     Setting("SEKISHO_POLICY_CACHE_SECONDS", "10", "How long a policy read from the store is reused in memory."),
     Setting("SEKISHO_DEPLOYMENTS", "", "Deployments the upstream serves (comma-separated), listed by GET /openai/v1/models for apps allowed '*'."),
+    Setting("SEKISHO_QUOTA_TIMEZONE", "UTC", "Time zone whose calendar aligns quota windows (minute, day, month), e.g. Asia/Tokyo."),
+    Setting("SEKISHO_CURRENCY", "USD", "Currency of prices and spend limits."),
     Setting("SEKISHO_LOG_CONTENT", "full", "Content kept in request logs: full, redacted or metadata."),
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
@@ -80,6 +82,8 @@ class Settings:
     allow_unregistered_apps: bool
     policy_cache_seconds: float
     deployments: tuple[str, ...]
+    quota_timezone: str
+    currency: str
     log_content: str
     log_retention_days: int
     log_flush_interval: float
@@ -122,6 +126,16 @@ class Settings:
         def items(name: str) -> tuple[str, ...]:
             return tuple(part.strip() for part in get(name).split(",") if part.strip())
 
+        def timezone(name: str) -> str:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            text = get(name)
+            try:
+                ZoneInfo(text)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise SettingsError(f"{name}={text!r} is not an IANA time zone (e.g. UTC, Asia/Tokyo)") from None
+            return text
+
         store = choice("SEKISHO_STORE", ("sqlite", "cosmos"))
         settings = cls(
             azure_openai_endpoint=get("AZURE_OPENAI_ENDPOINT").rstrip("/"),
@@ -147,6 +161,8 @@ class Settings:
             allow_unregistered_apps=boolean("SEKISHO_ALLOW_UNREGISTERED_APPS"),
             policy_cache_seconds=number("SEKISHO_POLICY_CACHE_SECONDS"),
             deployments=items("SEKISHO_DEPLOYMENTS"),
+            quota_timezone=timezone("SEKISHO_QUOTA_TIMEZONE"),
+            currency=get("SEKISHO_CURRENCY").upper(),
             log_content=choice("SEKISHO_LOG_CONTENT", ("full", "redacted", "metadata")),
             log_retention_days=number("SEKISHO_LOG_RETENTION_DAYS", int, 1),
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
@@ -187,7 +203,17 @@ def sample_settings() -> dict:
     return {"IsEncrypted": False, "Values": values}
 
 
+def markdown_table() -> str:
+    """The README's settings table (regenerate: python -m shared.settings --markdown)."""
+    lines = ["| Setting | Default | What it does |", "|---|---|---|"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "—"
+        lines.append(f"| `{setting.name}` | {default} | {setting.description} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(sample_settings(), indent=2))
+    print(markdown_table() if "--markdown" in sys.argv else json.dumps(sample_settings(), indent=2))

@@ -70,3 +70,18 @@ def test_cli_mints_admin_and_delegated_v1_tokens(data_dir, sqlite_path, issuer):
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["appid"] == "a" and claims["oid"] == "u-1" and claims["roles"] == ["Sekisho.Admin"]
     assert claims["iss"] == f"https://sts.windows.net/{issuer.tenant_id}/" and claims["scp"]
+
+
+def test_cli_usage_and_pricing(data_dir, sqlite_path):
+    app_id = str(uuid.uuid4())
+    assert cli(data_dir, sqlite_path, "apps", "create", app_id, "--name", "u").returncode == 0
+    shown = cli(data_dir, sqlite_path, "usage", "show", app_id)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["metrics"]["tokens_per_day"]["used"] == 0
+    reset = cli(data_dir, sqlite_path, "usage", "reset", app_id, "--metric", "tokens_per_day")
+    assert json.loads(reset.stdout) == {"reset": ["tokens_per_day"]}
+    assert cli(data_dir, sqlite_path, "usage", "reset", app_id, "--metric", "bogus").returncode == 2
+    assert cli(data_dir, sqlite_path, "pricing", "set", "cli-model", "--input", "1", "--output", "2").returncode == 0
+    listed = json.loads(cli(data_dir, sqlite_path, "pricing", "list").stdout)
+    assert next(p for p in listed if p["model"] == "cli-model")["source"] == "store"
+    assert cli(data_dir, sqlite_path, "pricing", "delete", "cli-model").returncode == 0

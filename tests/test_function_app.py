@@ -34,6 +34,12 @@ EXPECTED = {
     "admin_policy_user": ("sekisho/admin/policies/apps/{app_id}/users/{user_id}", {"GET", "PUT", "DELETE"}),
     "admin_logs": ("sekisho/admin/logs", {"GET"}),
     "admin_log": ("sekisho/admin/logs/{request_id}", {"GET"}),
+    "admin_usage_app": ("sekisho/admin/usage/apps/{app_id}", {"GET"}),
+    "admin_usage_user": ("sekisho/admin/usage/apps/{app_id}/users/{user_id}", {"GET"}),
+    "admin_usage_app_reset": ("sekisho/admin/usage/apps/{app_id}/reset", {"POST"}),
+    "admin_usage_user_reset": ("sekisho/admin/usage/apps/{app_id}/users/{user_id}/reset", {"POST"}),
+    "admin_pricing": ("sekisho/admin/pricing", {"GET"}),
+    "admin_price": ("sekisho/admin/pricing/{model}", {"PUT", "DELETE"}),
 }
 
 

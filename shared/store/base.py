@@ -21,7 +21,9 @@ class Container:
 
 REQUEST_LOGS = Container("request_logs", "/app_id", default_ttl=True)
 POLICIES = Container("policies", "/app_id", default_ttl=False)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES)
+QUOTA_COUNTERS = Container("quota_counters", "/subject", default_ttl=True)
+PRICES = Container("prices", "/id", default_ttl=False)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES)
 
 
 class StoreError(Exception):
@@ -38,6 +40,25 @@ class AlreadyExists(StoreError):
 
 class PreconditionFailed(StoreError):
     """The record changed since it was read (ETag mismatch), or is gone."""
+
+
+@dataclass(frozen=True)
+class CounterCharge:
+    """Add `amount` to one counter (subject + counter name, e.g. "app:X" + "tpm:2026-11-24T10:05"),
+    but only if the result stays within `limit` (None: no limit). `ttl` seconds after its window."""
+
+    subject: str
+    counter: str
+    amount: int
+    limit: int | None
+    ttl: int
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    admitted: bool
+    used: list[int]  # each counter's value after the reservation (or now, if refused)
+    failed: int | None = None  # index of the first charge that would have crossed its limit
 
 
 @dataclass(frozen=True)
@@ -94,3 +115,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_policy(self, app_id: str, doc_id: str, if_match: str | None = None) -> bool:
         """Delete; False if it did not exist. PreconditionFailed on an ETag mismatch."""
+
+    # Quota counters ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def reserve(self, charges: list[CounterCharge]) -> ReserveOutcome:
+        """All or nothing: apply every charge, or none if any would cross its limit.
+
+        Under concurrency no counter ever ends above its limit. (Cosmos applies the charges one
+        by one with conditional patches and undoes them on a refusal, so a concurrent request may
+        briefly see another's undone charge and be refused conservatively.)"""
+
+    @abc.abstractmethod
+    async def adjust(self, charges: list[CounterCharge]) -> None:
+        """Add (or, negative, take back) amounts without a limit check: settlement and release."""
+
+    @abc.abstractmethod
+    async def read_counters(self, subject: str, counters: list[str]) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def reset_counters(self, subject: str, counters: list[str]) -> None: ...
+
+    # Prices --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def list_prices(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def delete_price(self, model: str) -> bool: ...

@@ -16,7 +16,10 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
-from .base import CONTAINERS, POLICIES, REQUEST_LOGS, AlreadyExists, LogQuery, PreconditionFailed, Store, StoreError, StoreUnavailable
+from .base import (
+    CONTAINERS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, AlreadyExists, CounterCharge, LogQuery,
+    PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
+)
 
 _WRITE_CONCURRENCY = 16
 _COSMOS_FIELDS = ("_rid", "_self", "_etag", "_attachments", "_ts", "_lsn")
@@ -181,4 +184,98 @@ class CosmosStore(Store):
             return False
         except exceptions.CosmosAccessConditionFailedError:
             raise PreconditionFailed(f"policy {app_id}/{doc_id} has changed (ETag mismatch)") from None
+        return True
+
+    # Quota counters ----------------------------------------------------------------------
+    # One document per subject and window ("tpm:2026-11-24T10:05" in partition "app:<id>"), so
+    # there is no single hot document; an atomic `incr` patch with a filter predicate admits a
+    # charge only while it fits. Documents expire through TTL after their window.
+    async def _charge(self, container, charge: CounterCharge, conditional: bool) -> int | None:
+        """Apply one charge; returns the new value, or None if the limit refused it."""
+        operations = [{"op": "incr", "path": "/used", "value": charge.amount}]
+        kwargs: dict[str, Any] = {}
+        if conditional and charge.limit is not None:
+            kwargs["filter_predicate"] = f"FROM c WHERE c.used <= {charge.limit - charge.amount}"
+        for _ in range(3):
+            try:
+                item = await container.patch_item(charge.counter, partition_key=charge.subject, patch_operations=operations, **kwargs)
+                return int(item["used"])
+            except exceptions.CosmosAccessConditionFailedError:
+                return None
+            except exceptions.CosmosResourceNotFoundError:
+                try:  # first charge of this window: create the counter, then patch it
+                    await container.create_item({"id": charge.counter, "subject": charge.subject, "used": 0, "ttl": charge.ttl})
+                except exceptions.CosmosResourceExistsError:
+                    pass  # another request created it first
+        raise StoreUnavailable(f"counter {charge.subject}/{charge.counter} could not be charged")
+
+    async def reserve(self, charges: list[CounterCharge]) -> ReserveOutcome:
+        container = self._container(QUOTA_COUNTERS.name)
+        applied: list[tuple[CounterCharge, int]] = []
+        try:
+            for index, charge in enumerate(charges):
+                used = await self._charge(container, charge, conditional=True)
+                if used is None:
+                    await self._undo(container, [c for c, _ in applied])
+                    now = await self.read_counters_for(charges)
+                    return ReserveOutcome(False, now, index)
+                applied.append((charge, used))
+        except (exceptions.CosmosHttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+            await self._undo(container, [c for c, _ in applied])
+            raise StoreUnavailable(f"Cosmos counters: {exc}") from exc
+        return ReserveOutcome(True, [used for _, used in applied])
+
+    async def _undo(self, container, charges: list[CounterCharge]) -> None:
+        for charge in charges:
+            try:
+                await self._charge(container, CounterCharge(charge.subject, charge.counter, -charge.amount, None, charge.ttl), False)
+            except Exception:  # the reservation leaks until its window ends; say so
+                import logging
+
+                logging.getLogger("sekisho.store").exception("could not undo a quota charge on %s/%s", charge.subject, charge.counter)
+
+    async def read_counters_for(self, charges: list[CounterCharge]) -> list[int]:
+        values = []
+        for charge in charges:
+            values.append((await self.read_counters(charge.subject, [charge.counter]))[charge.counter])
+        return values
+
+    async def adjust(self, charges: list[CounterCharge]) -> None:
+        container = self._container(QUOTA_COUNTERS.name)
+        try:
+            for charge in charges:
+                if charge.amount:
+                    await self._charge(container, charge, conditional=False)
+        except (exceptions.CosmosHttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+            raise StoreUnavailable(f"Cosmos counters: {exc}") from exc
+
+    async def read_counters(self, subject: str, counters: list[str]) -> dict[str, int]:
+        container = self._container(QUOTA_COUNTERS.name)
+        found = {c: 0 for c in counters}
+        query = "SELECT * FROM c WHERE c.subject = @subject"
+        async for item in container.query_items(query, parameters=[{"name": "@subject", "value": subject}], partition_key=subject):
+            if item["id"] in found:
+                found[item["id"]] = int(item["used"])
+        return found
+
+    async def reset_counters(self, subject: str, counters: list[str]) -> None:
+        container = self._container(QUOTA_COUNTERS.name)
+        existing = await self.read_counters(subject, counters)
+        for counter, used in existing.items():
+            if used:
+                await self._charge(container, CounterCharge(subject, counter, -used, None, 0), conditional=False)
+
+    # Prices ----------------------------------------------------------------------------------
+    async def list_prices(self) -> list[dict[str, Any]]:
+        container = self._container(PRICES.name)
+        return [_clean(item) async for item in container.query_items("SELECT * FROM c ORDER BY c.id")]
+
+    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return _clean(await self._container(PRICES.name).upsert_item(doc))
+
+    async def delete_price(self, model: str) -> bool:
+        try:
+            await self._container(PRICES.name).delete_item(model, partition_key=model)
+        except exceptions.CosmosResourceNotFoundError:
+            return False
         return True

@@ -17,7 +17,10 @@ from typing import Any, Callable, TypeVar
 
 import orjson
 
-from .base import POLICIES, REQUEST_LOGS, AlreadyExists, LogQuery, PreconditionFailed, Store, StoreUnavailable
+from .base import (
+    POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    ReserveOutcome, Store, StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +45,17 @@ CREATE TABLE IF NOT EXISTS {POLICIES.name} (
     etag TEXT NOT NULL,
     doc BLOB NOT NULL,
     PRIMARY KEY (app_id, id)
+);
+CREATE TABLE IF NOT EXISTS {QUOTA_COUNTERS.name} (
+    subject TEXT NOT NULL,
+    counter TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (subject, counter)
+);
+CREATE TABLE IF NOT EXISTS {PRICES.name} (
+    id TEXT PRIMARY KEY,
+    doc BLOB NOT NULL
 );
 """
 
@@ -223,5 +237,86 @@ class SqliteStore(Store):
                     raise PreconditionFailed(f"policy {app_id}/{doc_id} has changed (ETag mismatch)")
                 conn.execute(f"DELETE FROM {POLICIES.name} WHERE app_id = ? AND id = ?", (app_id, doc_id))
                 return True
+
+        return await self._run(delete)
+
+    # Quota counters ----------------------------------------------------------------------
+    @staticmethod
+    def _current(conn: sqlite3.Connection, charge: CounterCharge, now: float) -> int:
+        row = conn.execute(
+            f"SELECT used FROM {QUOTA_COUNTERS.name} WHERE subject = ? AND counter = ? AND expires_at > ?",
+            (charge.subject, charge.counter, now),
+        ).fetchone()
+        return row[0] if row else 0
+
+    @staticmethod
+    def _add(conn: sqlite3.Connection, charge: CounterCharge, now: float) -> None:
+        # An expired row is a finished window: start from zero.
+        conn.execute(
+            f"INSERT INTO {QUOTA_COUNTERS.name} (subject, counter, used, expires_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(subject, counter) DO UPDATE SET"
+            " used = CASE WHEN expires_at > ? THEN used + excluded.used ELSE excluded.used END,"
+            " expires_at = excluded.expires_at",
+            (charge.subject, charge.counter, charge.amount, now + charge.ttl, now),
+        )
+
+    async def reserve(self, charges: list[CounterCharge]) -> ReserveOutcome:
+        def reserve(conn: sqlite3.Connection) -> ReserveOutcome:
+            now = time.time()
+            with conn:  # one transaction: checks and increments together
+                conn.execute("BEGIN IMMEDIATE")
+                current = [self._current(conn, c, now) for c in charges]
+                for index, (charge, used) in enumerate(zip(charges, current)):
+                    if charge.limit is not None and used + charge.amount > charge.limit:
+                        return ReserveOutcome(False, current, index)
+                for charge in charges:
+                    self._add(conn, charge, now)
+                return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
+
+        return await self._run(reserve)
+
+    async def adjust(self, charges: list[CounterCharge]) -> None:
+        def adjust(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for charge in charges:
+                    self._add(conn, charge, now)
+
+        await self._run(adjust)
+
+    async def read_counters(self, subject: str, counters: list[str]) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            now = time.time()
+            return {c: self._current(conn, CounterCharge(subject, c, 0, None, 0), now) for c in counters}
+
+        return await self._run(read)
+
+    async def reset_counters(self, subject: str, counters: list[str]) -> None:
+        def reset(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany(
+                    f"DELETE FROM {QUOTA_COUNTERS.name} WHERE subject = ? AND counter = ?", [(subject, c) for c in counters]
+                )
+
+        await self._run(reset)
+
+    # Prices ----------------------------------------------------------------------------------
+    async def list_prices(self) -> list[dict[str, Any]]:
+        rows = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {PRICES.name} ORDER BY id").fetchall())
+        return [orjson.loads(r[0]) for r in rows]
+
+    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]:
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(f"INSERT OR REPLACE INTO {PRICES.name} (id, doc) VALUES (?, ?)", (doc["id"], orjson.dumps(doc)))
+
+        await self._run(write)
+        return doc
+
+    async def delete_price(self, model: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with conn:
+                return conn.execute(f"DELETE FROM {PRICES.name} WHERE id = ?", (model,)).rowcount > 0
 
         return await self._run(delete)

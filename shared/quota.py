@@ -1,0 +1,280 @@
+"""Quotas and budgets: reserve before the upstream call, settle with the real usage after.
+
+For each request, the charges are: per subject (the app; and its end user, when the app names
+one), for every limit the policy sets — requests per minute (1), tokens per minute and per day
+(the estimate: prompt + max_tokens or the policy default), spend per month (the estimated cost,
+in nano-units of SEKISHO_CURRENCY). All are reserved atomically in the store (`Store.reserve`);
+a request that would cross any limit is refused with 429 before it costs anything. When the
+exchange is over, the token and spend charges are settled to the real usage (upstream's usage,
+the stream's usage chunk) or released if the call failed; the request charge stays.
+
+Windows are calendar-aligned in SEKISHO_QUOTA_TIMEZONE: a minute, a day, a month.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .context import RequestContext
+from .errors import GatewayError
+from .pipeline import Stage
+from .policy import Limits
+from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
+from .routes import Operation
+from .store import CounterCharge, Store, StoreUnavailable
+from .token_estimate import count_tokens, estimate_prompt_tokens, requested_completion_tokens
+from .usage import usage_of
+
+logger = logging.getLogger("sekisho.quota")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the Limits field
+    key: str  # counter name prefix
+    window: str  # minute, day, month
+    kind: str  # requests, tokens, spend
+    code: str  # the 429 code
+
+
+METRICS = (
+    Metric("requests_per_minute", "rpm", "minute", "requests", "rate_limit_exceeded"),
+    Metric("tokens_per_minute", "tpm", "minute", "tokens", "rate_limit_exceeded"),
+    Metric("tokens_per_day", "tpd", "day", "tokens", "insufficient_quota"),
+    Metric("spend_per_month", "spend", "month", "spend", "insufficient_quota"),
+)
+METRICS_BY_NAME = {m.name: m for m in METRICS}
+
+
+class Windows:
+    """Calendar windows in one time zone: their keys, ends, and counter lifetimes."""
+
+    def __init__(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+
+    def now(self) -> datetime:
+        return datetime.now(self.zone)
+
+    def key(self, window: str, at: datetime) -> str:
+        return at.strftime({"minute": "%Y-%m-%dT%H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}[window])
+
+    def end(self, window: str, at: datetime) -> datetime:
+        if window == "minute":
+            start = at.replace(second=0, microsecond=0)
+            return start + timedelta(minutes=1)
+        if window == "day":
+            # Aware arithmetic in Python is wall-clock: this is the next local midnight, DST or not.
+            return at.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        first = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return (first + timedelta(days=32)).replace(day=1)
+
+    def seconds_left(self, window: str, at: datetime) -> int:
+        # Through timestamps: subtracting two times of one zone ignores a DST change between them.
+        return max(1, math.ceil(self.end(window, at).timestamp() - at.timestamp()))
+
+    def ttl(self, window: str, at: datetime) -> int:
+        return self.seconds_left(window, at) + 3600  # kept an hour past its window, for admins
+
+
+def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
+    """(subject, which limits apply): the app always; its end user when it is someone else."""
+    found = [(f"app:{app_id}", "app")]
+    if user_id and user_id != app_id:
+        found.append((f"user:{app_id}:{user_id}", "user"))
+    return found
+
+
+def quota_unavailable() -> GatewayError:
+    return GatewayError(503, "quota_unavailable", "Quota counters are unavailable; try again shortly.", error_type="server_error")
+
+
+@dataclass
+class Reservation:
+    charges: list[CounterCharge]
+    metrics: list[Metric]
+    estimated_tokens: int
+    estimated_cost: int
+    degraded: bool
+
+
+class MemoryCounters:
+    """Fail-open counters, per instance, while the store is down (policy quota_on_store_failure=open)."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], int] = {}
+
+    def reserve(self, charges: list[CounterCharge]):
+        from .store import ReserveOutcome
+
+        current = [self._values.get((c.subject, c.counter), 0) for c in charges]
+        for index, (charge, used) in enumerate(zip(charges, current)):
+            if charge.limit is not None and used + charge.amount > charge.limit:
+                return ReserveOutcome(False, current, index)
+        for charge in charges:
+            key = (charge.subject, charge.counter)
+            self._values[key] = self._values.get(key, 0) + charge.amount
+        if len(self._values) > 100_000:
+            self._values.clear()
+        return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
+
+    def adjust(self, charges: list[CounterCharge]) -> None:
+        for charge in charges:
+            key = (charge.subject, charge.counter)
+            self._values[key] = self._values.get(key, 0) + charge.amount
+
+
+class EnforceQuota(Stage):
+    name = "quota"
+
+    def __init__(self, store: Store, pricing: PricingTable, windows: Windows, currency: str) -> None:
+        self._store = store
+        self._pricing = pricing
+        self._windows = windows
+        self._currency = currency
+        self._memory = MemoryCounters()
+        self._settling: set[asyncio.Task] = set()
+
+    async def before(self, ctx: RequestContext) -> None:
+        if ctx.route.operation is Operation.MODELS:
+            return
+        policy = ctx.policy
+        _, price = await self._pricing.price_for(ctx.deployment)
+        prompt = estimate_prompt_tokens(ctx.route.operation.value, ctx.body)
+        if ctx.route.operation is Operation.EMBEDDINGS:
+            completion = 0
+        else:
+            completion = requested_completion_tokens(ctx.body) or policy.default_completion_tokens
+        tokens = prompt + completion
+        cost = cost_nanos(price, prompt, completion)
+        ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
+        at = self._windows.now()
+        charges, metrics = [], []
+        for subject, scope in subjects(ctx.app_id, ctx.user_id):
+            limits: Limits = policy.app_limits if scope == "app" else policy.user_limits
+            for metric in METRICS:
+                limit = getattr(limits, metric.name)
+                if limit is None:
+                    continue
+                amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
+                limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)
+                counter = f"{metric.key}:{self._windows.key(metric.window, at)}"
+                charges.append(CounterCharge(subject, counter, amount, limit_units, self._windows.ttl(metric.window, at)))
+                metrics.append(metric)
+        if not charges:
+            return
+        degraded = False
+        try:
+            outcome = await self._store.reserve(charges)
+        except StoreUnavailable as exc:
+            if policy.quota_on_store_failure == "closed":
+                logger.error("quota store unavailable, refusing (fail-closed): %s", exc)
+                raise quota_unavailable() from None
+            logger.warning("quota store unavailable, counting in memory (fail-open): %s", exc)
+            degraded = True
+            outcome = self._memory.reserve(charges)
+        if degraded:
+            ctx.extra["quota_degraded"] = True
+        if not outcome.admitted:
+            self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
+        ctx.quota = Reservation(charges, metrics, tokens, cost, degraded)
+        self._remaining_headers(ctx, charges, metrics, outcome.used)
+
+    def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:
+        retry_after = self._windows.seconds_left(metric.window, at)
+        who = "application" if charge.subject.startswith("app:") else "user"
+        if metric.kind == "spend":
+            detail = f"the {who}'s monthly budget of {nanos_to_amount(charge.limit):.2f} {self._currency} would be exceeded"
+        elif metric.kind == "requests":
+            detail = f"the {who}'s limit of {charge.limit} requests per minute is reached"
+        else:
+            per = "minute" if metric.window == "minute" else "day"
+            detail = f"the {who}'s limit of {charge.limit} tokens per {per} would be exceeded ({used} used, this request needs up to {charge.amount})"
+        ctx.extra["quota_refused"] = {"metric": metric.name, "subject": charge.subject}
+        raise GatewayError(
+            429, metric.code, f"Quota: {detail}. Retry after {retry_after} seconds.",
+            error_type="rate_limit_error" if metric.code == "rate_limit_exceeded" else "insufficient_quota",
+            headers={"Retry-After": str(retry_after), "retry-after-ms": str(retry_after * 1000),
+                     "x-ratelimit-remaining-requests" if metric.kind == "requests" else "x-ratelimit-remaining-tokens": "0"},
+        )
+
+    def _remaining_headers(self, ctx, charges, metrics, used) -> None:
+        remaining = {"requests": None, "tokens": None}
+        for charge, metric, value in zip(charges, metrics, used):
+            if metric.kind in remaining:
+                left = max(0, charge.limit - value)
+                current = remaining[metric.kind]
+                remaining[metric.kind] = left if current is None else min(current, left)
+        if remaining["requests"] is not None:
+            ctx.response_headers["x-ratelimit-remaining-requests"] = str(remaining["requests"])
+        if remaining["tokens"] is not None:
+            ctx.response_headers["x-ratelimit-remaining-tokens"] = str(remaining["tokens"])
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """Cost for the log and the header; settlement of the reservation, off the hot path."""
+        if ctx.route is None or ctx.route.operation is Operation.MODELS or ctx.body is None:
+            return
+        usage = usage_of(ctx)
+        succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
+        if usage.reported:
+            actual_tokens = usage.total_tokens
+        elif ctx.stream_summary is not None and ctx.stream_summary.chunks:
+            # A stream cut short has no usage chunk: count what was relayed, plus the prompt.
+            text = "".join("".join(c["text"]) for c in ctx.stream_summary.choices.values())
+            estimate = ctx.extra.get("quota_estimate", {})
+            actual_tokens = estimate.get("prompt_tokens", 0) + count_tokens(text)
+        else:
+            actual_tokens = 0  # nothing reached the model, or it refused: release
+        model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
+        price_name, price = await self._pricing.price_for(model)
+        if usage.reported:
+            cost = usage_cost(price, usage)
+        elif actual_tokens:
+            estimate = ctx.extra.get("quota_estimate", {})
+            prompt = estimate.get("prompt_tokens", 0)
+            cost = cost_nanos(price, prompt, max(0, actual_tokens - prompt))
+        else:
+            cost = 0
+        ctx.extra["cost"] = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
+        if succeeded or cost:
+            ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"
+        reservation: Reservation | None = getattr(ctx, "quota", None)
+        if reservation is None:
+            return
+        deltas = []
+        for charge, metric in zip(reservation.charges, reservation.metrics):
+            if metric.kind == "tokens":
+                delta = actual_tokens - charge.amount
+            elif metric.kind == "spend":
+                delta = cost - charge.amount
+            else:
+                continue
+            if delta:
+                deltas.append(CounterCharge(charge.subject, charge.counter, delta, None, charge.ttl))
+        if deltas:
+            task = asyncio.get_running_loop().create_task(self._settle(deltas, reservation.degraded))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, deltas: list[CounterCharge], degraded: bool) -> None:
+        if degraded:
+            self._memory.adjust(deltas)
+            return
+        try:
+            await self._store.adjust(deltas)
+        except Exception:
+            logger.exception("quota settlement failed; counters keep the estimate until their window ends")
+
+    async def drain(self) -> None:
+        """Wait for settlements in flight (shutdown, tests)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def _response_model(ctx: RequestContext) -> str | None:
+    if ctx.result is not None and isinstance(ctx.result.json, dict):
+        return ctx.result.json.get("model")
+    return None
