@@ -60,6 +60,9 @@ class PolicyResolver:
         self.cache = cache
         self._builtin = builtin
         self._allow_unregistered = allow_unregistered
+        # Merging and validating layers costs more than a request should: keep the result while
+        # the cache hands out the very same documents.
+        self._merged: dict[tuple[str, str | None], tuple[object, object, object, EffectivePolicy]] = {}
 
     async def app_layers(self, app_id: str) -> tuple[PolicyDocument | None, PolicyDocument | None]:
         defaults = await self.cache.get(DEFAULTS_PARTITION, DEFAULTS_ID)
@@ -74,7 +77,15 @@ class PolicyResolver:
     async def resolve(self, app_id: str, user_id: str | None) -> EffectivePolicy:
         defaults, app = await self.app_layers(app_id)
         user = await self.cache.get(app_id, user_doc_id(user_id)) if user_id else None
-        return effective_policy(app_id, self._builtin, defaults, app, user)
+        key = (app_id, user_id)
+        known = self._merged.get(key)
+        if known is not None and known[0] is defaults and known[1] is app and known[2] is user:
+            return known[3]
+        policy = effective_policy(app_id, self._builtin, defaults, app, user)
+        if len(self._merged) >= _MAX_CACHED:
+            self._merged.clear()
+        self._merged[key] = (defaults, app, user, policy)
+        return policy
 
 
 def _claimed_user(ctx: RequestContext) -> str | None:

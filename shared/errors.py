@@ -18,8 +18,10 @@ class GatewayError(Exception):
         param: str | None = None,
         error_type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
+        self.details = dict(details or {})  # extra members of the error object (Azure's innererror)
         self.status = status
         self.code = code
         self.message = message
@@ -28,11 +30,11 @@ class GatewayError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> bytes:
-        return error_body(self.message, self.code, self.error_type, self.param)
+        return error_body(self.message, self.code, self.error_type, self.param, self.details)
 
 
-def error_body(message: str, code: str, error_type: str, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": error_type, "code": code, "param": param}})
+def error_body(message: str, code: str, error_type: str, param: str | None = None, details: Mapping[str, object] | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": error_type, "code": code, "param": param, **(details or {})}})
 
 
 def _default_type(status: int) -> str:

@@ -21,6 +21,9 @@ from .admin_api import AdminApi, PolicyService
 from .context import RequestContext, UpstreamResult
 from .errors import GatewayError
 from .identity import Authenticate, Authenticator
+from .input_guard import GuardInput
+from .output_guard import GuardOutput
+from .system_prompt import ApplySystemPrompt
 from .model_list import ListModels
 from .pipeline import Stage
 from .policy import builtin_defaults
@@ -111,8 +114,11 @@ class Gateway:
                 ValidateRequest(settings.max_body_bytes),
                 ApplyPolicy(resolver),
                 ListModels(settings.deployments),
+                GuardInput(),
+                ApplySystemPrompt(),
                 RequestStreamUsage(),
                 self.quota,
+                GuardOutput(),
                 LogRequest(self.log_writer, settings),
             ]
             self._started = True

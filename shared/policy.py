@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .guard_rules import GuardRule, GuardSettings, LeakProtection
+
 DEFAULTS_PARTITION = "_defaults"
 DEFAULTS_ID = "defaults"
 APP_DOC_ID = "app"
@@ -33,6 +35,21 @@ class Limits(BaseModel):
     spend_per_month: float | None = Field(default=None, ge=0)
 
 
+class SystemPrompt(BaseModel):
+    """The app's system prompt, put into every chat/responses request.
+
+    `mode`: prepend (before everything), append (after the client's own system messages), or
+    replace (the client's system messages are removed). `client_system`: what to do with the
+    client's system/developer messages: keep, drop, or reject the request (400).
+    The text may use {app_name}, {app_id}, {user_id} and {date}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=100_000)
+    mode: Literal["prepend", "append", "replace"] = "prepend"
+    client_system: Literal["keep", "drop", "reject"] = "keep"
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -47,6 +64,8 @@ class PolicySettings(BaseModel):
     user_limits: Limits | None = Field(default=None, description="Limits on each end user of the app; a user layer overrides them for one user.")
     default_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000, description="Reserved for the answer when the request sets no max_tokens.")
     quota_on_store_failure: Literal["closed", "open"] | None = Field(default=None, description="closed: refuse with 503; open: count in memory until the store is back.")
+    system_prompt: SystemPrompt | None = None
+    guards: GuardSettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -76,6 +95,11 @@ class EffectivePolicy(BaseModel):
     user_limits: Limits = Field(default_factory=Limits)
     default_completion_tokens: int = 1024
     quota_on_store_failure: Literal["closed", "open"] = "closed"
+    system_prompt: SystemPrompt | None = None
+    guard_rules: tuple[GuardRule, ...] = ()
+    output_action: Literal["redact", "block"] = "block"
+    redaction: str = "[redacted]"
+    leak_protection: LeakProtection = Field(default_factory=LeakProtection)
 
     def allows_deployment(self, deployment: str) -> bool:
         return "*" in self.allowed_deployments or deployment in self.allowed_deployments
@@ -91,7 +115,12 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
 
 def _deep_merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
     for name, value in layer.items():
-        if isinstance(value, dict) and isinstance(into.get(name), dict):
+        if name == "rules" and isinstance(value, list) and isinstance(into.get(name), list):
+            # Guard rules add up across layers; a later rule with the same id replaces the earlier.
+            by_id = {rule["id"]: rule for rule in into[name]}
+            by_id.update({rule["id"]: rule for rule in value})
+            into[name] = list(by_id.values())
+        elif isinstance(value, dict) and isinstance(into.get(name), dict):
             _deep_merge(into[name], value)  # e.g. a user layer sets one limit, inherits the rest
         else:
             into[name] = value
@@ -184,7 +213,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 def document_from_store(raw: dict[str, Any] | None) -> PolicyDocument | None:
     if raw is None:
         return None
-    return PolicyDocument.model_validate({k: v for k, v in raw.items() if k in PolicyDocument.model_fields})
+    data = {k: v for k, v in raw.items() if k in PolicyDocument.model_fields}
+    return PolicyDocument.model_validate(data, context={"stored": True})
 
 
 def effective_policy(
@@ -195,6 +225,7 @@ def effective_policy(
     user: PolicyDocument | None,
 ) -> EffectivePolicy:
     merged = merge(builtin, defaults.settings if defaults else None, app.settings if app else None, user.settings if user else None)
+    guards = merged.get("guards") or {}
     return EffectivePolicy(
         app_id=app_id,
         app_name=app.name if app else None,
@@ -208,4 +239,9 @@ def effective_policy(
         user_limits=Limits.model_validate(merged.get("user_limits") or {}),
         default_completion_tokens=merged["default_completion_tokens"],
         quota_on_store_failure=merged["quota_on_store_failure"],
+        system_prompt=SystemPrompt.model_validate(merged["system_prompt"]) if merged.get("system_prompt") else None,
+        guard_rules=tuple(GuardRule.model_validate(r, context={"stored": True}) for r in guards.get("rules") or ()),
+        output_action=guards.get("output_action") or "block",
+        redaction=guards.get("redaction") or "[redacted]",
+        leak_protection=LeakProtection.model_validate(guards.get("leak_protection") or {}),
     )

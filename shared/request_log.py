@@ -53,12 +53,13 @@ def _apply_content_level(level: str, value: Any) -> Any:
 
 
 def _response_content(ctx: RequestContext) -> Any:
+    """What the model answered (before the output guard changed it, which `guard` records)."""
     if ctx.stream_summary is not None:
         return sse.assembled_response(ctx.stream_summary)
     if ctx.result is None:
         return None
-    if ctx.result.json is not None:
-        body = ctx.result.json
+    if ctx.model_response is not None or ctx.result.json is not None:
+        body = ctx.model_response if ctx.model_response is not None else ctx.result.json
         if isinstance(body, dict) and ctx.route is not None and ctx.route.operation is Operation.EMBEDDINGS:
             # Vectors are large and are not what an admin reads: keep their count and size.
             data = body.get("data") or []
@@ -120,6 +121,7 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
         "request_bytes": len(ctx.raw_body),
         "client": {"ip": ctx.http.client.host if ctx.http.client else None, "user_agent": ctx.http.headers.get("user-agent")},
         "properties": ctx.properties,
+        "guard": ctx.guard_decisions,
         "ttl": retention_days * 86400,
         **ctx.extra,
     }

@@ -1,0 +1,261 @@
+"""Guard rules: what they are, how they are checked on save, and how they are matched fast.
+
+A rule is a forbidden `word` (matched on the skeleton view: case, width, spaces and punctuation
+do not matter) or a `regex` (matched on the folded view: case and width do not matter). All the
+rules of a policy compile into one `GuardMatcher`: the words into a single trie-shaped regular
+expression (one pass over the text whatever the number of words), the regexes into one
+alternation with a named group per rule. Leak protection adds the app's system prompt: any run
+of `leak_min_chars` skeleton characters copied from it is a hit.
+
+Regexes are checked when saved: they must compile, have no back-references, no nested unbounded
+repetition (the classic catastrophic-backtracking shape), a bounded match width (so a stream
+needs to hold back only that much text), and must finish quickly on adversarial input.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from .text_normalize import View, skeleton, views
+
+try:  # Python 3.11 keeps the parser here (re._parser from 3.11, sre_parse before)
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_parse  # type: ignore[no-redef]
+
+MAX_REGEX_WIDTH = 500
+_RULE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}$"
+
+
+class GuardRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=_RULE_ID, description="Named in refusals and logs instead of the rule itself.")
+    kind: Literal["word", "regex"] = "word"
+    pattern: str = Field(min_length=1, max_length=500)
+    applies_to: Literal["input", "output", "both"] = "both"
+
+    @model_validator(mode="after")
+    def _check_pattern(self, info: ValidationInfo) -> "GuardRule":
+        if self.kind == "word":
+            if not skeleton(self.pattern):
+                raise ValueError(f"rule {self.id}: the word has no letters or digits once spaces and punctuation are ignored")
+        else:
+            # Rules read back from the store were checked when saved: skip the slow speed probe.
+            check_regex(self.id, self.pattern, probe_speed=not (info.context or {}).get("stored"))
+        return self
+
+
+class LeakProtection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    min_chars: int = Field(default=40, ge=8, le=10_000, description="Consecutive normalised characters of the system prompt that count as a leak.")
+
+
+class GuardSettings(BaseModel):
+    """Guards of a policy layer. `rules` add up across layers (defaults + app + user; a later rule
+    with the same id replaces an earlier one); the other fields override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[GuardRule] | None = None
+    output_action: Literal["redact", "block"] | None = None
+    redaction: str | None = Field(default=None, max_length=64)
+    leak_protection: LeakProtection | None = None
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_ids(cls, rules):
+        if rules is not None:
+            ids = [r.id for r in rules]
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicates:
+                raise ValueError(f"rule ids must be unique: {duplicates}")
+        return rules
+
+
+def _nested_unbounded(parsed, inside_repeat: bool = False) -> bool:
+    for op, value in parsed:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = value
+            unbounded = high == sre_parse.MAXREPEAT or high > 1000
+            if inside_repeat and high > 1:
+                return True
+            if _nested_unbounded(sub, inside_repeat or unbounded):
+                return True
+        elif name == "SUBPATTERN":
+            if _nested_unbounded(value[-1], inside_repeat):
+                return True
+        elif name == "BRANCH":
+            if any(_nested_unbounded(branch, inside_repeat) for branch in value[1]):
+                return True
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return True
+    return False
+
+
+def check_regex(rule_id: str, pattern: str, probe_speed: bool = True) -> None:
+    try:
+        parsed = sre_parse.parse(pattern)
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"rule {rule_id}: the regex does not compile: {exc}") from None
+    if re.search(r"\\[1-9]|\(\?P=", pattern):
+        raise ValueError(f"rule {rule_id}: back-references are not allowed")
+    if _nested_unbounded(parsed):
+        raise ValueError(f"rule {rule_id}: nested repetition like (a+)+ can take exponential time; rewrite it")
+    low, high = parsed.getwidth()
+    if high > MAX_REGEX_WIDTH:
+        width = "unboundedly many" if high >= sre_parse.MAXREPEAT else str(high)
+        raise ValueError(f"rule {rule_id}: the regex can match {width} characters; bound it to {MAX_REGEX_WIDTH} (use {{m,n}} instead of + or *)")
+    if low == 0:
+        raise ValueError(f"rule {rule_id}: the regex can match the empty string")
+    if probe_speed:
+        _check_speed(rule_id, pattern)
+
+
+@lru_cache(maxsize=1024)
+def _check_speed(rule_id: str, pattern: str) -> None:
+    """Run the regex on adversarial inputs in a child process; too slow → refused. Only when an
+    admin saves a rule, never on the request path."""
+    probe = (
+        "import re, sys\n"
+        "p = re.compile(sys.argv[1])\n"
+        "chars = set(c for c in sys.argv[1] if c.isalnum()) | set('a0 -_.')\n"
+        "for c in chars:\n"
+        "    for text in (c * 3000 + '\\x00', (c + ' ') * 1500 + '!'):\n"
+        "        p.search(text)\n"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", probe, pattern], timeout=2, check=True, capture_output=True)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"rule {rule_id}: the regex is too slow on adversarial input (catastrophic backtracking)") from None
+    except subprocess.CalledProcessError as exc:
+        raise ValueError(f"rule {rule_id}: the regex failed on test input: {exc.stderr.decode()[-200:]}") from None
+
+
+# Matching ---------------------------------------------------------------------------------
+def trie_regex(words: list[str]) -> str:
+    """One regex for many literal words, shaped as a trie so the engine shares prefixes."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        ends = "" in node
+        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if ends else body
+
+    return emit(trie)
+
+
+@dataclass(frozen=True)
+class Hit:
+    start: int  # in the original text
+    end: int
+    rule: str  # rule id, or "system_prompt_leak"
+    view_end: int  # end in its view (to tell whether more text could extend it)
+    view: str  # "skeleton" or "folded"
+
+
+LEAK_RULE = "system_prompt_leak"
+
+
+class GuardMatcher:
+    """All rules of one policy and direction, compiled once."""
+
+    def __init__(self, rules: list[GuardRule], leak_source: str | None, leak_min_chars: int) -> None:
+        words = [r for r in rules if r.kind == "word"]
+        regexes = [r for r in rules if r.kind == "regex"]
+        self._word_rule: dict[str, str] = {}
+        for rule in words:
+            self._word_rule.setdefault(skeleton(rule.pattern), rule.id)
+        self._words = re.compile(trie_regex(sorted(self._word_rule, key=len, reverse=True))) if self._word_rule else None
+        self._regex_ids = {f"r{i}": r.id for i, r in enumerate(regexes)}
+        combined = "|".join(f"(?P<r{i}>{r.pattern})" for i, r in enumerate(regexes))
+        self._regex = re.compile(combined) if regexes else None
+        self.word_span = max((len(w) for w in self._word_rule), default=0)
+        self.regex_span = max((sre_parse.parse(r.pattern).getwidth()[1] for r in regexes), default=0)
+        self._leak_chars = leak_min_chars
+        self._leak_grams: frozenset[str] = frozenset()
+        if leak_source:
+            source = skeleton(leak_source)
+            self._leak_grams = frozenset(source[i : i + leak_min_chars] for i in range(len(source) - leak_min_chars + 1))
+        if self._leak_grams:
+            self.word_span = max(self.word_span, leak_min_chars)
+
+    @property
+    def empty(self) -> bool:
+        return self._words is None and self._regex is None and not self._leak_grams
+
+    def find(self, text: str) -> list[Hit]:
+        folded, skel = views(text)
+        hits = []
+        if self._words is not None:
+            for match in self._words.finditer(skel.text):
+                if match.end() > match.start():
+                    start, end = skel.span(match.start(), match.end(), len(text))
+                    hits.append(Hit(start, end, self._word_rule[match.group()], match.end(), "skeleton"))
+        if self._regex is not None:
+            for match in self._regex.finditer(folded.text):
+                if match.end() > match.start():
+                    start, end = folded.span(match.start(), match.end(), len(text))
+                    hits.append(Hit(start, end, self._regex_ids[match.lastgroup], match.end(), "folded"))
+        if self._leak_grams:
+            hits.extend(self._leaks(skel, len(text)))
+        hits.sort(key=lambda h: (h.start, -h.end))
+        return hits
+
+    def _leaks(self, skel: View, length: int) -> list[Hit]:
+        n, text, found = self._leak_chars, skel.text, []
+        i = 0
+        while i + n <= len(text):
+            if text[i : i + n] in self._leak_grams:
+                end = i + n
+                while end < len(text) and text[end - n + 1 : end + 1] in self._leak_grams:
+                    end += 1  # extend over the whole copied run
+                start, stop = skel.span(i, end, length)
+                found.append(Hit(start, stop, LEAK_RULE, end, "skeleton"))
+                i = end
+            else:
+                i += 1
+        return found
+
+    def release_point(self, text: str, released: int) -> int:
+        """Where text may be released up to, holding back just enough that a later character
+        could not complete a match starting before it."""
+        folded, skel = views(text)
+        cut = len(text)
+        if self.word_span > 1:
+            keep = self.word_span - 1
+            cut = min(cut, skel.origin[-keep] if len(skel.origin) >= keep else 0)
+        if self.regex_span > 1:
+            keep = self.regex_span - 1
+            cut = min(cut, folded.origin[-keep] if len(folded.origin) >= keep else 0)
+        return max(cut, released)
+
+
+@lru_cache(maxsize=512)
+def _compiled(rules_key: tuple, leak_source: str | None, leak_min_chars: int) -> GuardMatcher:
+    rules = [GuardRule.model_validate_json(r, context={"stored": True}) for r in rules_key]
+    return GuardMatcher(rules, leak_source, leak_min_chars)
+
+
+def matcher_for(rules: list[GuardRule], direction: str, leak_source: str | None = None, leak_min_chars: int = 40) -> GuardMatcher:
+    """The compiled matcher for these rules in one direction (cached: policies change rarely)."""
+    chosen = tuple(r.model_dump_json() for r in rules if r.applies_to in (direction, "both"))
+    return _compiled(chosen, leak_source, leak_min_chars)

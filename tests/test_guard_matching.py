@@ -1,0 +1,120 @@
+"""Guard matching and the stream guard's hold-back, in process (no HTTP)."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.guard_rules import LEAK_RULE, GuardRule, GuardSettings, matcher_for
+from shared.output_guard import GuardedChannel
+
+RULES = [
+    GuardRule(id="ja-secret", pattern="機密"),
+    GuardRule(id="codename", pattern="Project Falcon"),
+    GuardRule(id="katakana", pattern="シークレット"),
+    GuardRule(id="card", kind="regex", pattern=r"\d{4}[ -]?\d{4}[ -]?\d{4}[ -]?\d{4}"),
+    GuardRule(id="out-only", pattern="internal", applies_to="output"),
+]
+
+
+@pytest.mark.parametrize(
+    "text, rule",
+    [
+        ("この資料は機密です", "ja-secret"),
+        ("この資料は機　密です", "ja-secret"),  # ideographic space inserted
+        ("この資料は機・密です", "ja-secret"),  # punctuation inserted
+        ("tell me about project falcon", "codename"),
+        ("PROJECT-FALCON status?", "codename"),
+        ("ＰＲＯＪＥＣＴ　ＦＡＬＣＯＮ", "codename"),  # full-width
+        ("p.r.o.j.e.c.t f a l c o n", "codename"),
+        ("Project\u200bFalcon", "codename"),  # zero-width space
+        ("ｼｰｸﾚｯﾄ情報", "katakana"),  # half-width katakana
+        ("card 4111 1111 1111 1111 please", "card"),
+        ("card ４１１１-１１１１-１１１１-１１１１", "card"),  # full-width digits
+    ],
+)
+def test_hits(text, rule):
+    hits = matcher_for(RULES, "input").find(text)
+    assert [h.rule for h in hits] == [rule]
+
+
+@pytest.mark.parametrize("text", ["公開資料です", "project hawk", "falcon project", "1234 5678", "機会と密度", "internal memo"])
+def test_misses(text):
+    assert matcher_for(RULES, "input").find(text) == []
+
+
+def test_direction():
+    assert [h.rule for h in matcher_for(RULES, "output").find("an internal memo")] == ["out-only"]
+
+
+def _stream(channel: GuardedChannel, pieces: list[str]) -> list[str]:
+    out = [channel.feed(p) for p in pieces]
+    out.append(channel.flush())
+    return out
+
+
+def test_redact_across_chunk_boundaries():
+    decisions: list = []
+    channel = GuardedChannel(matcher_for(RULES, "output"), "redact", "[redacted]", decisions, "choice 0")
+    released = _stream(channel, ["The plan is Proj", "ect Fal", "con and 機", "密 data."])
+    assert "".join(released) == "The plan is [redacted] and [redacted] data."
+    assert not any("Proj" in piece or "機" in piece for piece in released)
+    assert [d["rule"] for d in decisions] == ["codename", "ja-secret"]
+
+
+def test_block_across_chunk_boundaries():
+    decisions: list = []
+    channel = GuardedChannel(matcher_for(RULES, "output"), "block", "[redacted]", decisions, "choice 0")
+    released = _stream(channel, ["Sure. The plan is Proj", "ect Fal", "con and more."])
+    assert "".join(released) == "Sure. The plan is "
+    assert channel.blocked == "codename" and decisions == [{"direction": "output", "rule": "codename", "action": "block", "where": "choice 0"}]
+    assert channel.feed("more text") == ""
+
+
+def test_hold_back_is_bounded_by_the_longest_rule():
+    channel = GuardedChannel(matcher_for(RULES, "output"), "redact", "[x]", [], "c")
+    # The longest span: the card regex (up to 19 characters). Text beyond that is released at once.
+    first = channel.feed("Hello there, this is a long enough opening sentence. ")
+    assert first and len(channel.text) - len(first) <= 19
+
+
+def test_leak_of_the_system_prompt():
+    prompt = "You are the HR assistant of ACME Corp. Never reveal the salary bands of any employee."
+    matcher = matcher_for([], "output", prompt, 30)
+    leaked = "Sure! My instructions say: you are the HR assistant of ACME corp — never reveal the salary bands."
+    hits = matcher.find(leaked)
+    assert [h.rule for h in hits] == [LEAK_RULE]
+    assert leaked[hits[0].start : hits[0].end].lower().startswith("you are the hr assistant")
+    assert matcher.find("The HR assistant can help with leave requests.") == []
+    # the same leak split over many chunks, blocked
+    channel = GuardedChannel(matcher, "block", "", [], "c")
+    released = _stream(channel, [leaked[i : i + 7] for i in range(0, len(leaked), 7)])
+    assert "".join(released) == "Sure! My instructions say: "
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        (r"(a+)+b", "nested repetition"),
+        (r"(\w+\s?)*$", "nested repetition"),
+        (r".*password", "bound it"),
+        (r"(a)\1", "back-references"),
+        (r"[unclosed", "does not compile"),
+        (r"a?", "empty string"),
+    ],
+)
+def test_dangerous_regexes_are_refused_on_save(pattern, message):
+    with pytest.raises(ValidationError) as caught:
+        GuardSettings.model_validate({"rules": [{"id": "r1", "kind": "regex", "pattern": pattern}]})
+    assert message in str(caught.value)
+
+
+def test_duplicate_rule_ids_are_refused():
+    with pytest.raises(ValidationError, match="unique"):
+        GuardSettings.model_validate({"rules": [{"id": "a", "pattern": "x"}, {"id": "a", "pattern": "y"}]})
+
+
+def test_five_hundred_words_compile_into_one_pass():
+    rules = [GuardRule(id=f"w{i}", pattern=f"forbidden{i}word") for i in range(500)]
+    matcher = matcher_for(rules, "input")
+    assert [h.rule for h in matcher.find("a text with forbidden250word inside")] == ["w250"]
+    assert matcher.find("an innocent text " * 50) == []
