@@ -175,58 +175,80 @@ class Hit:
 LEAK_RULE = "system_prompt_leak"
 
 
-class GuardMatcher:
-    """All rules of one policy and direction, compiled once."""
+class RuleSet:
+    """The rules of one policy for one direction, compiled once: the words into one trie-shaped
+    regex over the skeleton view, the regexes into one alternation over the folded view."""
 
-    def __init__(self, rules: list[GuardRule], leak_source: str | None, leak_min_chars: int) -> None:
+    def __init__(self, rules: list[GuardRule]) -> None:
         words = [r for r in rules if r.kind == "word"]
         regexes = [r for r in rules if r.kind == "regex"]
-        self._word_rule: dict[str, str] = {}
+        self.word_rule: dict[str, str] = {}
         for rule in words:
-            self._word_rule.setdefault(skeleton(rule.pattern), rule.id)
-        self._words = re.compile(trie_regex(sorted(self._word_rule, key=len, reverse=True))) if self._word_rule else None
-        self._regex_ids = {f"r{i}": r.id for i, r in enumerate(regexes)}
-        combined = "|".join(f"(?P<r{i}>{r.pattern})" for i, r in enumerate(regexes))
-        self._regex = re.compile(combined) if regexes else None
-        self.word_span = max((len(w) for w in self._word_rule), default=0)
+            self.word_rule.setdefault(skeleton(rule.pattern), rule.id)
+        self.words = re.compile(trie_regex(sorted(self.word_rule, key=len, reverse=True))) if self.word_rule else None
+        self.regex_ids = {f"r{i}": r.id for i, r in enumerate(regexes)}
+        self.regex = re.compile("|".join(f"(?P<r{i}>{r.pattern})" for i, r in enumerate(regexes))) if regexes else None
+        self.word_span = max((len(w) for w in self.word_rule), default=0)
         self.regex_span = max((sre_parse.parse(r.pattern).getwidth()[1] for r in regexes), default=0)
-        self._leak_chars = leak_min_chars
-        self._leak_grams: frozenset[str] = frozenset()
-        if leak_source:
-            source = skeleton(leak_source)
-            self._leak_grams = frozenset(source[i : i + leak_min_chars] for i in range(len(source) - leak_min_chars + 1))
-        if self._leak_grams:
-            self.word_span = max(self.word_span, leak_min_chars)
+
+
+class LeakIndex:
+    """Every run of `min_chars` skeleton characters of the system prompt."""
+
+    def __init__(self, source: str, min_chars: int) -> None:
+        text = skeleton(source)
+        self.min_chars = min_chars
+        self.grams = frozenset(text[i : i + min_chars] for i in range(len(text) - min_chars + 1))
+
+
+@lru_cache(maxsize=256)
+def leak_index(source: str, min_chars: int) -> LeakIndex:
+    return LeakIndex(source, min_chars)
+
+
+class GuardMatcher:
+    """Finds hits of a rule set (and, optionally, leaks of a system prompt) in a text."""
+
+    def __init__(self, rules: RuleSet, leak: LeakIndex | None = None) -> None:
+        self._rules = rules
+        self._leak = leak if leak is not None and leak.grams else None
+        self.word_span = max(rules.word_span, self._leak.min_chars if self._leak else 0)
+        self.regex_span = rules.regex_span
 
     @property
     def empty(self) -> bool:
-        return self._words is None and self._regex is None and not self._leak_grams
+        return self._rules.words is None and self._rules.regex is None and self._leak is None
 
     def find(self, text: str) -> list[Hit]:
+        return self.scan(text)[0]
+
+    def scan(self, text: str) -> tuple[list[Hit], int]:
+        """Hits in `text`, and the release point: the index up to which `text` may be released
+        (everything before the shortest tail a later character could turn into a match)."""
         folded, skel = views(text)
-        hits = []
-        if self._words is not None:
-            for match in self._words.finditer(skel.text):
+        rules, hits = self._rules, []
+        if rules.words is not None:
+            for match in rules.words.finditer(skel.text):
                 if match.end() > match.start():
                     start, end = skel.span(match.start(), match.end(), len(text))
-                    hits.append(Hit(start, end, self._word_rule[match.group()], match.end(), "skeleton"))
-        if self._regex is not None:
-            for match in self._regex.finditer(folded.text):
+                    hits.append(Hit(start, end, rules.word_rule[match.group()], match.end(), "skeleton"))
+        if rules.regex is not None:
+            for match in rules.regex.finditer(folded.text):
                 if match.end() > match.start():
                     start, end = folded.span(match.start(), match.end(), len(text))
-                    hits.append(Hit(start, end, self._regex_ids[match.lastgroup], match.end(), "folded"))
-        if self._leak_grams:
+                    hits.append(Hit(start, end, rules.regex_ids[match.lastgroup], match.end(), "folded"))
+        if self._leak is not None:
             hits.extend(self._leaks(skel, len(text)))
         hits.sort(key=lambda h: (h.start, -h.end))
-        return hits
+        return hits, self._release_point(folded, skel, len(text))
 
     def _leaks(self, skel: View, length: int) -> list[Hit]:
-        n, text, found = self._leak_chars, skel.text, []
+        n, grams, text, found = self._leak.min_chars, self._leak.grams, skel.text, []
         i = 0
         while i + n <= len(text):
-            if text[i : i + n] in self._leak_grams:
+            if text[i : i + n] in grams:
                 end = i + n
-                while end < len(text) and text[end - n + 1 : end + 1] in self._leak_grams:
+                while end < len(text) and text[end - n + 1 : end + 1] in grams:
                     end += 1  # extend over the whole copied run
                 start, stop = skel.span(i, end, length)
                 found.append(Hit(start, stop, LEAK_RULE, end, "skeleton"))
@@ -235,27 +257,19 @@ class GuardMatcher:
                 i += 1
         return found
 
-    def release_point(self, text: str, released: int) -> int:
-        """Where text may be released up to, holding back just enough that a later character
-        could not complete a match starting before it."""
-        folded, skel = views(text)
-        cut = len(text)
+    def _release_point(self, folded: View, skel: View, length: int) -> int:
+        cut = length
         if self.word_span > 1:
             keep = self.word_span - 1
             cut = min(cut, skel.origin[-keep] if len(skel.origin) >= keep else 0)
         if self.regex_span > 1:
             keep = self.regex_span - 1
             cut = min(cut, folded.origin[-keep] if len(folded.origin) >= keep else 0)
-        return max(cut, released)
-
-
-@lru_cache(maxsize=512)
-def _compiled(rules_key: tuple, leak_source: str | None, leak_min_chars: int) -> GuardMatcher:
-    rules = [GuardRule.model_validate_json(r, context={"stored": True}) for r in rules_key]
-    return GuardMatcher(rules, leak_source, leak_min_chars)
+        return cut
 
 
 def matcher_for(rules: list[GuardRule], direction: str, leak_source: str | None = None, leak_min_chars: int = 40) -> GuardMatcher:
-    """The compiled matcher for these rules in one direction (cached: policies change rarely)."""
-    chosen = tuple(r.model_dump_json() for r in rules if r.applies_to in (direction, "both"))
-    return _compiled(chosen, leak_source, leak_min_chars)
+    """A matcher compiled on the spot (tests, tools). The gateway keeps compiled rule sets on
+    the effective policy instead (`EffectivePolicy.rule_set`)."""
+    chosen = [r for r in rules if r.applies_to in (direction, "both")]
+    return GuardMatcher(RuleSet(chosen), leak_index(leak_source, leak_min_chars) if leak_source else None)

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from .context import RequestContext
 from .errors import GatewayError
-from .guard_rules import matcher_for
+from .guard_rules import GuardMatcher
 from .pipeline import Stage
 from .routes import Operation
 
@@ -55,7 +55,7 @@ class GuardInput(Stage):
         policy = ctx.policy
         if policy is None or not policy.guard_rules or ctx.route.operation is Operation.MODELS:
             return
-        matcher = matcher_for(list(policy.guard_rules), "input")
+        matcher = GuardMatcher(policy.rule_set("input"))
         if matcher.empty:
             return
         for text in request_texts(ctx.route.operation, ctx.body):

@@ -18,7 +18,7 @@ import orjson
 
 from . import sse
 from .context import RequestContext, UpstreamResult
-from .guard_rules import GuardMatcher, matcher_for
+from .guard_rules import GuardMatcher, leak_index
 from .pipeline import Stage
 from .routes import Operation
 
@@ -42,8 +42,9 @@ class GuardedChannel:
         self.text += piece
         start = max(self.released, self._settled)
         region = self.text[start:]
-        hits = self._matcher.find(region) if region else []
-        cut = len(self.text) if final else self._matcher.release_point(self.text, start)
+        # Only the unreleased tail is scanned: a match cannot start in text already released.
+        hits, region_cut = self._matcher.scan(region) if region else ([], 0)
+        cut = len(self.text) if final else start + region_cut
         if not final:
             pending = [h for h in hits if start + h.end > cut]  # could still grow: decide later
             hits = [h for h in hits if start + h.end <= cut]
@@ -95,7 +96,7 @@ class GuardOutput(Stage):
         leak = ctx.system_prompt if policy.leak_protection.enabled else None
         if not policy.guard_rules and not leak:
             return None
-        matcher = matcher_for(list(policy.guard_rules), "output", leak, policy.leak_protection.min_chars)
+        matcher = GuardMatcher(policy.rule_set("output"), leak_index(leak, policy.leak_protection.min_chars) if leak else None)
         return None if matcher.empty else matcher
 
     def _channel(self, ctx: RequestContext, matcher: GuardMatcher, where: str) -> GuardedChannel:

@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .guard_rules import GuardRule, GuardSettings, LeakProtection
+from .guard_rules import GuardRule, GuardSettings, LeakProtection, RuleSet
 
 DEFAULTS_PARTITION = "_defaults"
 DEFAULTS_ID = "defaults"
@@ -100,6 +100,16 @@ class EffectivePolicy(BaseModel):
     output_action: Literal["redact", "block"] = "block"
     redaction: str = "[redacted]"
     leak_protection: LeakProtection = Field(default_factory=LeakProtection)
+    _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
+
+    def rule_set(self, direction: str) -> RuleSet:
+        """This policy's guard rules for one direction, compiled on first use and kept with the
+        policy (which the resolver reuses while its documents are unchanged)."""
+        compiled = self._rule_sets.get(direction)
+        if compiled is None:
+            compiled = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")])
+            self._rule_sets[direction] = compiled
+        return compiled
 
     def allows_deployment(self, deployment: str) -> bool:
         return "*" in self.allowed_deployments or deployment in self.allowed_deployments

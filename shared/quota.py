@@ -22,7 +22,6 @@ from zoneinfo import ZoneInfo
 from .context import RequestContext
 from .errors import GatewayError
 from .pipeline import Stage
-from .policy import Limits
 from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
 from .routes import Operation
 from .store import CounterCharge, Store, StoreUnavailable
@@ -142,6 +141,9 @@ class EnforceQuota(Stage):
         if ctx.route.operation is Operation.MODELS:
             return
         policy = ctx.policy
+        applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
+        if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
+            return  # no limit applies: nothing to reserve (the cost is still computed at the end)
         _, price = await self._pricing.price_for(ctx.deployment)
         prompt = estimate_prompt_tokens(ctx.route.operation.value, ctx.body)
         if ctx.route.operation is Operation.EMBEDDINGS:
@@ -153,8 +155,7 @@ class EnforceQuota(Stage):
         ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
         at = self._windows.now()
         charges, metrics = [], []
-        for subject, scope in subjects(ctx.app_id, ctx.user_id):
-            limits: Limits = policy.app_limits if scope == "app" else policy.user_limits
+        for subject, limits in applicable:
             for metric in METRICS:
                 limit = getattr(limits, metric.name)
                 if limit is None:
