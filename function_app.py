@@ -112,3 +112,15 @@ async def admin_pricing(req: Request) -> Response:
 @app.route(route=f"{ADMIN_PREFIX}/pricing/{{model}}", methods=["PUT", "DELETE"])
 async def admin_price(req: Request) -> Response:
     return await gateway.admin_pricing(req, req.path_params["model"])
+
+
+@app.function_name("admin_cache_app")
+@app.route(route=f"{ADMIN_PREFIX}/cache/apps/{{app_id}}", methods=["GET"])
+async def admin_cache_app(req: Request) -> Response:
+    return await gateway.admin_cache(req, req.path_params["app_id"])
+
+
+@app.function_name("admin_cache_purge")
+@app.route(route=f"{ADMIN_PREFIX}/cache/apps/{{app_id}}/purge", methods=["POST"])
+async def admin_cache_purge(req: Request) -> Response:
+    return await gateway.admin_cache(req, req.path_params["app_id"], purge=True)

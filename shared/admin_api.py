@@ -161,15 +161,37 @@ class PricingService:
         return deleted
 
 
+class CacheService:
+    """Hit rate and savings per app, and purging an app's entries."""
+
+    def __init__(self, store: Store, resolver, cache) -> None:
+        self._store = store
+        self._resolver = resolver
+        self._cache = cache
+
+    async def stats(self, app_id: str) -> dict[str, Any]:
+        check_id(app_id, "app id")
+        return await self._cache.stats(app_id)
+
+    async def purge(self, app_id: str) -> dict[str, Any]:
+        check_id(app_id, "app id")
+        policy = await self._resolver.resolve(app_id, None)
+        scope = policy.cache.shared_scope or app_id
+        purged = await self._store.cache_purge(scope)
+        logger.info("response cache of scope %s purged (%s entries)", scope, purged)
+        return {"scope": scope, "purged": purged}
+
+
 class AdminApi:
     def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
-                 *, resolver=None, pricing=None, windows=None, currency: str = "USD") -> None:
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None) -> None:
         self._authenticator = authenticator
         self._role = admin_role
         self._policies = policies
         self._store = store
         self.usage = UsageService(store, resolver, windows, currency)
         self.prices = PricingService(store, pricing)
+        self.cache = CacheService(store, resolver, cache)
 
     async def _admin(self, request: Request):
         identity = await self._authenticator.authenticate(request)
@@ -231,6 +253,15 @@ class AdminApi:
                     raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
                 return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
             return _json(await self.usage.show(app_id, user_id))
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+
+    async def cache_view(self, request: Request, app_id: str, purge: bool) -> Response:
+        try:
+            await self._admin(request)
+            return _json(await (self.cache.purge(app_id) if purge else self.cache.stats(app_id)))
         except GatewayError as exc:
             return _error(exc)
         except PolicyError as exc:

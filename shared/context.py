@@ -62,6 +62,7 @@ class RequestContext:
     identity: Any = None  # identity.Identity
     policy: Any = None  # policy.EffectivePolicy
     quota: Any = None  # quota.Reservation, when limits apply
+    cache: Any = None  # response_cache.CacheState, when the cache is in play
     system_prompt: str | None = None  # the app's prompt as applied (leak protection compares with it)
     guard_decisions: list[dict[str, Any]] = field(default_factory=list)
     model_response: Any = None  # the upstream's whole answer before the output guard changed it

@@ -29,6 +29,7 @@ from .pipeline import Stage
 from .policy import builtin_defaults
 from .pricing import PricingTable
 from .quota import EnforceQuota, Windows
+from .response_cache import CacheResponses
 from .request_log import LogWriter, build_record
 from .routes import ModelRoute
 from .settings import Settings
@@ -74,6 +75,7 @@ class Gateway:
         self.admin: AdminApi | None = None
         self.pricing: PricingTable | None = None
         self.quota: EnforceQuota | None = None
+        self.cache: CacheResponses | None = None
         self.stages: list[Stage] = []
 
     # Lifecycle -------------------------------------------------------------------
@@ -105,9 +107,10 @@ class Gateway:
             self.pricing = PricingTable(store, settings.policy_cache_seconds)
             windows = Windows(settings.quota_timezone)
             self.quota = EnforceQuota(store, self.pricing, windows, settings.currency)
+            self.cache = CacheResponses(store, self.pricing, windows, settings.cache_max_entry_bytes, settings.currency)
             self.admin = AdminApi(
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
-                resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency,
+                resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency, cache=self.cache,
             )
             self.stages = [
                 Authenticate(authenticator),
@@ -117,6 +120,7 @@ class Gateway:
                 GuardInput(),
                 ApplySystemPrompt(),
                 RequestStreamUsage(),
+                self.cache,
                 self.quota,
                 GuardOutput(),
                 LogRequest(self.log_writer, settings),
@@ -128,6 +132,7 @@ class Gateway:
             return
         self._started = False
         await self.quota.drain()
+        await self.cache.drain()
         await self.log_writer.close()
         await self.upstream.close()
         if self.jwks is not None:
@@ -148,10 +153,10 @@ class Gateway:
         entered: list[Stage] = []
         try:
             for stage in self.stages:
+                # A stage that answers (model list, cache hit) sets ctx.result; the later stages
+                # still run and decide for themselves (the quota counts a hit as a request).
                 entered.append(stage)
                 await stage.before(ctx)
-                if ctx.result is not None:
-                    break
             if ctx.result is None:
                 ctx.result = await self.upstream.send(ctx)
             for stage in reversed(entered):
@@ -221,6 +226,10 @@ class Gateway:
     async def admin_pricing(self, request: Request, model: str | None = None) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.pricing(request, model)
+
+    async def admin_cache(self, request: Request, app_id: str, purge: bool = False) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.cache_view(request, app_id, purge)
 
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()

@@ -50,6 +50,19 @@ class SystemPrompt(BaseModel):
     client_system: Literal["keep", "drop", "reject"] = "keep"
 
 
+class CacheSettings(BaseModel):
+    """The response cache for an app. Entries are exact matches on the final upstream request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1, le=30 * 86400)
+    cache_nondeterministic: bool | None = Field(default=None, description="Also cache requests with temperature > 0 (or unset) or n > 1.")
+    replay_only: bool | None = Field(default=None, description="A miss is refused with 409 cache_miss instead of calling the model.")
+    allow_replay_header: bool | None = Field(default=None, description="Let a request ask for replay-only with x-sekisho-cache: replay-only.")
+    shared_scope: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:\-]{1,64}$", description="Share entries with the apps naming the same scope (default: the app's own).")
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -66,6 +79,7 @@ class PolicySettings(BaseModel):
     quota_on_store_failure: Literal["closed", "open"] | None = Field(default=None, description="closed: refuse with 503; open: count in memory until the store is back.")
     system_prompt: SystemPrompt | None = None
     guards: GuardSettings | None = None
+    cache: CacheSettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -100,6 +114,7 @@ class EffectivePolicy(BaseModel):
     output_action: Literal["redact", "block"] = "block"
     redaction: str = "[redacted]"
     leak_protection: LeakProtection = Field(default_factory=LeakProtection)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
 
     def rule_set(self, direction: str) -> RuleSet:
@@ -120,6 +135,7 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
         enabled=True, allowed_deployments=["*"], trust_user_header=False,
         content_logging=content_logging, retention_days=retention_days,
         app_limits=Limits(), user_limits=Limits(), default_completion_tokens=1024, quota_on_store_failure="closed",
+        cache=CacheSettings(enabled=False, ttl_seconds=86400, cache_nondeterministic=False, replay_only=False, allow_replay_header=False),
     )
 
 
@@ -254,4 +270,5 @@ def effective_policy(
         output_action=guards.get("output_action") or "block",
         redaction=guards.get("redaction") or "[redacted]",
         leak_protection=LeakProtection.model_validate(guards.get("leak_protection") or {}),
+        cache=CacheSettings.model_validate(merged.get("cache") or {}),
     )

@@ -141,12 +141,13 @@ class EnforceQuota(Stage):
         if ctx.route.operation is Operation.MODELS:
             return
         policy = ctx.policy
+        cached = ctx.result is not None  # a cache hit: it counts as a request, costs no tokens
         applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
         if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
             return  # no limit applies: nothing to reserve (the cost is still computed at the end)
         _, price = await self._pricing.price_for(ctx.deployment)
-        prompt = estimate_prompt_tokens(ctx.route.operation.value, ctx.body)
-        if ctx.route.operation is Operation.EMBEDDINGS:
+        prompt = 0 if cached else estimate_prompt_tokens(ctx.route.operation.value, ctx.body)
+        if cached or ctx.route.operation is Operation.EMBEDDINGS:
             completion = 0
         else:
             completion = requested_completion_tokens(ctx.body) or policy.default_completion_tokens
@@ -158,7 +159,7 @@ class EnforceQuota(Stage):
         for subject, limits in applicable:
             for metric in METRICS:
                 limit = getattr(limits, metric.name)
-                if limit is None:
+                if limit is None or (cached and metric.kind != "requests"):
                     continue
                 amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
                 limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)

@@ -44,6 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_DEPLOYMENTS", "", "Deployments the upstream serves (comma-separated), listed by GET /openai/v1/models for apps allowed '*'."),
     Setting("SEKISHO_QUOTA_TIMEZONE", "UTC", "Time zone whose calendar aligns quota windows (minute, day, month), e.g. Asia/Tokyo."),
     Setting("SEKISHO_CURRENCY", "USD", "Currency of prices and spend limits."),
+    Setting("SEKISHO_CACHE_MAX_ENTRY_BYTES", "1048576", "Largest answer the response cache keeps (bigger ones are not cached)."),
     Setting("SEKISHO_LOG_CONTENT", "full", "Content kept in request logs: full, redacted or metadata."),
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
@@ -84,6 +85,7 @@ class Settings:
     deployments: tuple[str, ...]
     quota_timezone: str
     currency: str
+    cache_max_entry_bytes: int
     log_content: str
     log_retention_days: int
     log_flush_interval: float
@@ -163,6 +165,7 @@ class Settings:
             deployments=items("SEKISHO_DEPLOYMENTS"),
             quota_timezone=timezone("SEKISHO_QUOTA_TIMEZONE"),
             currency=get("SEKISHO_CURRENCY").upper(),
+            cache_max_entry_bytes=number("SEKISHO_CACHE_MAX_ENTRY_BYTES", int, 1024),
             log_content=choice("SEKISHO_LOG_CONTENT", ("full", "redacted", "metadata")),
             log_retention_days=number("SEKISHO_LOG_RETENTION_DAYS", int, 1),
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
@@ -212,8 +215,27 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- settings:start (python -m shared.settings --markdown) -->\n"
+README_END = "\n<!-- settings:end -->"
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the settings table between the README's markers."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(path).write_text(head + README_START + markdown_table() + README_END + tail)
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print(markdown_table() if "--markdown" in sys.argv else json.dumps(sample_settings(), indent=2))
+    if "--update-docs" in sys.argv:  # README table and local.settings.sample.json
+        update_readme()
+        with open("local.settings.sample.json", "w") as sample:
+            sample.write(json.dumps(sample_settings(), indent=2) + "\n")
+    else:
+        print(markdown_table() if "--markdown" in sys.argv else json.dumps(sample_settings(), indent=2))

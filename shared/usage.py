@@ -25,6 +25,9 @@ class Usage:
 
 
 def usage_of(ctx: RequestContext) -> Usage:
+    """What the upstream consumed for this request: nothing for a cache hit."""
+    if ctx.cache is not None and ctx.cache.status == "HIT":
+        return Usage(reported=True)
     raw: dict[str, Any] | None = None
     if ctx.stream_summary is not None:
         raw = ctx.stream_summary.usage

@@ -40,6 +40,8 @@ EXPECTED = {
     "admin_usage_user_reset": ("sekisho/admin/usage/apps/{app_id}/users/{user_id}/reset", {"POST"}),
     "admin_pricing": ("sekisho/admin/pricing", {"GET"}),
     "admin_price": ("sekisho/admin/pricing/{model}", {"PUT", "DELETE"}),
+    "admin_cache_app": ("sekisho/admin/cache/apps/{app_id}", {"GET"}),
+    "admin_cache_purge": ("sekisho/admin/cache/apps/{app_id}/purge", {"POST"}),
 }
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sample_lists_every_setting_and_nothing_else():
     sample = json.loads((ROOT / "local.settings.sample.json").read_text())
-    assert sample == sample_settings(), "regenerate it: python -m shared.settings > local.settings.sample.json"
+    assert sample == sample_settings(), "regenerate: python -m shared.settings --update-docs"
     assert set(sample["Values"]) - set(PLATFORM_SAMPLE) == {s.name for s in SETTINGS}
     assert sample["Values"]["PYTHON_ENABLE_INIT_INDEXING"] == "1"  # needed by the HTTP streaming extension
 
@@ -61,8 +61,8 @@ def test_bad_values_are_refused_clearly(env, message):
 
 
 def test_readme_documents_every_setting():
-    from shared.settings import markdown_table
+    from shared.settings import README_END, README_START, markdown_table
 
     readme = (ROOT / "README.md").read_text()
-    table = readme.split("<!-- settings:start (python -m shared.settings --markdown) -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
-    assert table == markdown_table(), "regenerate README's table: python -m shared.settings --markdown"
+    table = readme.split(README_START, 1)[1].split(README_END, 1)[0]
+    assert table == markdown_table(), "regenerate: python -m shared.settings --update-docs"

@@ -176,3 +176,17 @@ async def test_prices(store):
     assert [p["id"] for p in await store.list_prices()] == ["my-model"]
     assert await store.delete_price("my-model") is True
     assert await store.delete_price("my-model") is False
+
+
+# Response cache ---------------------------------------------------------------------------
+async def test_cache_put_get_expire_purge(store):
+    scope = "app-" + uuid.uuid4().hex[:8]
+    entry = {"response": {"choices": [{"message": {"content": "こんにちは"}}]}, "usage": {"total_tokens": 9}}
+    await store.cache_put(scope, "k1", entry, ttl=60)
+    await store.cache_put(scope, "k2", entry, ttl=1)
+    assert await store.cache_get(scope, "k1") == entry
+    assert await store.cache_get("other-scope", "k1") is None  # scopes do not share
+    await asyncio.sleep(1.1)
+    assert await store.cache_get(scope, "k2") is None  # expired (both adapters check on read)
+    assert await store.cache_purge(scope) >= 1
+    assert await store.cache_get(scope, "k1") is None

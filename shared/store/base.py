@@ -23,7 +23,8 @@ REQUEST_LOGS = Container("request_logs", "/app_id", default_ttl=True)
 POLICIES = Container("policies", "/app_id", default_ttl=False)
 QUOTA_COUNTERS = Container("quota_counters", "/subject", default_ttl=True)
 PRICES = Container("prices", "/id", default_ttl=False)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES)
+RESPONSE_CACHE = Container("response_cache", "/scope", default_ttl=True)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE)
 
 
 class StoreError(Exception):
@@ -144,3 +145,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_price(self, model: str) -> bool: ...
+
+    # Response cache ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def cache_get(self, scope: str, key: str) -> dict[str, Any] | None:
+        """The entry, or None when missing or expired."""
+
+    @abc.abstractmethod
+    async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None: ...
+
+    @abc.abstractmethod
+    async def cache_purge(self, scope: str) -> int:
+        """Delete every entry of a scope; returns how many."""

@@ -9,6 +9,7 @@ container so that TTL is on and records without one never expire).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from azure.core import MatchConditions
@@ -17,7 +18,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
 from .base import (
-    CONTAINERS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -279,3 +280,30 @@ class CosmosStore(Store):
         except exceptions.CosmosResourceNotFoundError:
             return False
         return True
+
+    # Response cache ----------------------------------------------------------------------------
+    # One item per entry, partitioned by scope (the app), expiring through its `ttl`. Reads check
+    # the expiry too: Cosmos deletes expired items in the background, not at the second.
+    async def cache_get(self, scope: str, key: str) -> dict[str, Any] | None:
+        container = self._container(RESPONSE_CACHE.name)
+        query = "SELECT * FROM c WHERE c.scope = @scope AND c.id = @id"
+        params = [{"name": "@scope", "value": scope}, {"name": "@id", "value": key}]
+        async for item in container.query_items(query, parameters=params, partition_key=scope):
+            if item.get("expires_at", 0) > time.time():
+                return item.get("entry")
+        return None
+
+    async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None:
+        container = self._container(RESPONSE_CACHE.name)
+        await container.upsert_item({"id": key, "scope": scope, "entry": entry, "ttl": ttl, "expires_at": time.time() + ttl})
+
+    async def cache_purge(self, scope: str) -> int:
+        container = self._container(RESPONSE_CACHE.name)
+        query = "SELECT c.id FROM c WHERE c.scope = @scope"
+        ids = [item["id"] async for item in container.query_items(query, parameters=[{"name": "@scope", "value": scope}], partition_key=scope)]
+        for item_id in ids:
+            try:
+                await container.delete_item(item_id, partition_key=scope)
+            except exceptions.CosmosResourceNotFoundError:
+                pass
+        return len(ids)

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import orjson
 
 from .base import (
-    POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
     ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS {PRICES.name} (
     id TEXT PRIMARY KEY,
     doc BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {RESPONSE_CACHE.name} (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (scope, key)
+);
 """
 
 _PURGE_EVERY_SECONDS = 300
@@ -70,6 +77,7 @@ class SqliteStore(Store):
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
+        self._last_cache_purge = 0.0
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._executor is None:
@@ -320,3 +328,34 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {PRICES.name} WHERE id = ?", (model,)).rowcount > 0
 
         return await self._run(delete)
+
+    # Response cache ----------------------------------------------------------------------------
+    async def cache_get(self, scope: str, key: str) -> dict[str, Any] | None:
+        now = time.time()
+        row = await self._run(lambda conn: conn.execute(
+            f"SELECT doc FROM {RESPONSE_CACHE.name} WHERE scope = ? AND key = ? AND expires_at > ?", (scope, key, now)
+        ).fetchone())
+        return orjson.loads(row[0]) if row else None
+
+    async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None:
+        now = time.time()
+        blob = orjson.dumps(entry)
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc) VALUES (?, ?, ?, ?)",
+                    (scope, key, now + ttl, blob),
+                )
+                if now - self._last_cache_purge > _PURGE_EVERY_SECONDS:
+                    self._last_cache_purge = now
+                    conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE expires_at < ?", (now,))
+
+        await self._run(write)
+
+    async def cache_purge(self, scope: str) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            with conn:
+                return conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE scope = ?", (scope,)).rowcount
+
+        return await self._run(purge)
