@@ -8,6 +8,8 @@
     python -m shared.cli logs list --app-id <app-id> --limit 20
     python -m shared.cli usage show <app-id> [--user <user-id>]
     python -m shared.cli usage reset <app-id> [--user <user-id>] [--metric tokens_per_day]
+    python -m shared.cli cache stats <app-id>
+    python -m shared.cli cache purge <app-id>
     python -m shared.cli pricing list
     python -m shared.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
     python -m shared.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--user")
         if name == "reset":
             command.add_argument("--metric", action="append", help="requests_per_minute, tokens_per_minute, tokens_per_day, spend_per_month (default: all)")
+
+    cache = groups.add_parser("cache", help="the response cache").add_subparsers(dest="command", required=True)
+    cache.add_parser("stats").add_argument("app_id")
+    cache.add_parser("purge").add_argument("app_id")
 
     pricing = groups.add_parser("pricing", help="prices per model").add_subparsers(dest="command", required=True)
     pricing.add_parser("list")
@@ -177,6 +183,15 @@ async def run(args) -> int:
             _print(await _usage_service(store, settings).show(args.app_id, args.user))
         elif args.group == "usage":
             _print({"reset": await _usage_service(store, settings).reset(args.app_id, args.user, args.metric)})
+        elif args.group == "cache":
+            from .admin_api import CacheService
+            from .pricing import PricingTable
+            from .quota import Windows
+            from .response_cache import CacheResponses
+
+            cache = CacheResponses(store, PricingTable(store, 0), Windows(settings.quota_timezone), settings.cache_max_entry_bytes, settings.currency)
+            service = CacheService(store, _usage_service(store, settings)._resolver, cache)
+            _print(await (service.stats(args.app_id) if args.command == "stats" else service.purge(args.app_id)))
         elif args.group == "pricing" and args.command == "list":
             _print(await _pricing_service(store, settings).list())
         elif args.group == "pricing" and args.command == "set":

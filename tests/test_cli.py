@@ -85,3 +85,12 @@ def test_cli_usage_and_pricing(data_dir, sqlite_path):
     listed = json.loads(cli(data_dir, sqlite_path, "pricing", "list").stdout)
     assert next(p for p in listed if p["model"] == "cli-model")["source"] == "store"
     assert cli(data_dir, sqlite_path, "pricing", "delete", "cli-model").returncode == 0
+
+
+def test_cli_cache_stats_and_purge(data_dir, sqlite_path):
+    app_id = str(uuid.uuid4())
+    assert cli(data_dir, sqlite_path, "apps", "create", app_id, "--name", "c").returncode == 0
+    stats = cli(data_dir, sqlite_path, "cache", "stats", app_id)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["hits"] == 0
+    assert json.loads(cli(data_dir, sqlite_path, "cache", "purge", app_id).stdout) == {"scope": app_id, "purged": 0}
