@@ -124,3 +124,15 @@ async def admin_cache_app(req: Request) -> Response:
 @app.route(route=f"{ADMIN_PREFIX}/cache/apps/{{app_id}}/purge", methods=["POST"])
 async def admin_cache_purge(req: Request) -> Response:
     return await gateway.admin_cache(req, req.path_params["app_id"], purge=True)
+
+
+@app.function_name("admin_deployments")
+@app.route(route=f"{ADMIN_PREFIX}/deployments", methods=["GET"])
+async def admin_deployments(req: Request) -> Response:
+    return await gateway.admin_deployments(req)
+
+
+@app.function_name("admin_deployment")
+@app.route(route=f"{ADMIN_PREFIX}/deployments/{{name}}", methods=["GET", "PUT", "DELETE"])
+async def admin_deployment(req: Request) -> Response:
+    return await gateway.admin_deployments(req, req.path_params["name"])

@@ -182,9 +182,46 @@ class CacheService:
         return {"scope": scope, "purged": purged}
 
 
+class DeploymentService:
+    """The deployment catalogue: which backends serve each deployment."""
+
+    def __init__(self, store: Store, pool) -> None:
+        self._store = store
+        self._pool = pool
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._store.list_deployments()
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        return await self._store.get_deployment(name)
+
+    async def put(self, name: str, data: Any) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from .backends import DeploymentSpec
+
+        if not isinstance(data, dict):
+            raise PolicyError("Invalid deployment: the body must be a JSON object")
+        try:
+            spec = DeploymentSpec.model_validate({**data, "id": name})
+        except ValidationError as exc:
+            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid deployment")) from None
+        doc = await self._store.put_deployment(spec.model_dump())
+        if self._pool is not None:
+            self._pool.invalidate(name)
+        logger.info("deployment %s written", name)
+        return doc
+
+    async def delete(self, name: str) -> bool:
+        deleted = await self._store.delete_deployment(name)
+        if self._pool is not None:
+            self._pool.invalidate(name)
+        return deleted
+
+
 class AdminApi:
     def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
-                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None) -> None:
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None) -> None:
         self._authenticator = authenticator
         self._role = admin_role
         self._policies = policies
@@ -192,6 +229,7 @@ class AdminApi:
         self.usage = UsageService(store, resolver, windows, currency)
         self.prices = PricingService(store, pricing)
         self.cache = CacheService(store, resolver, cache)
+        self.catalogue = DeploymentService(store, backends)
 
     async def _admin(self, request: Request):
         identity = await self._authenticator.authenticate(request)
@@ -262,6 +300,29 @@ class AdminApi:
         try:
             await self._admin(request)
             return _json(await (self.cache.purge(app_id) if purge else self.cache.stats(app_id)))
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+
+    async def deployments(self, request: Request, name: str | None = None) -> Response:
+        try:
+            await self._admin(request)
+            if name is None:
+                return _json({"object": "list", "data": await self.catalogue.list(),
+                              "health": self.catalogue._pool.status() if self.catalogue._pool else []})
+            if request.method == "GET":
+                doc = await self.catalogue.get(name)
+                if doc is None:
+                    raise errors.not_found("No such deployment in the catalogue.")
+                return _json(doc)
+            if request.method == "PUT":
+                return _json(await self.catalogue.put(name, await self._json_body(request)))
+            if request.method == "DELETE":
+                if not await self.catalogue.delete(name):
+                    raise errors.not_found("No such deployment in the catalogue.")
+                return Response(status_code=204)
+            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
         except GatewayError as exc:
             return _error(exc)
         except PolicyError as exc:

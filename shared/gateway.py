@@ -35,6 +35,7 @@ from .routes import ModelRoute
 from .settings import Settings
 from .store import Store, open_store
 from .tokens import JwksCache, TokenValidator
+from .backends import BackendPool, Circuit
 from .upstream import UpstreamClient
 from .validation import RequestStreamUsage, ValidateRequest
 
@@ -69,6 +70,7 @@ class Gateway:
         self.settings: Settings | None = None
         self.store: Store | None = None
         self.upstream: UpstreamClient | None = None
+        self.backends: BackendPool | None = None
         self.log_writer: LogWriter | None = None
         self.jwks: JwksCache | None = None
         self.policy_cache: PolicyCache | None = None
@@ -90,7 +92,12 @@ class Gateway:
             settings = Settings.from_env(self._env)
             store = await open_store(settings)
             self.settings, self.store = settings, store
-            self.upstream = UpstreamClient(settings)
+            self.backends = BackendPool(
+                store, settings.azure_openai_endpoint, settings.azure_openai_api_key,
+                Circuit(settings.circuit_failures, settings.circuit_open_seconds), settings.policy_cache_seconds,
+                env=settings.raw,
+            )
+            self.upstream = UpstreamClient(settings, self.backends)
             self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size)
             self.log_writer.start()
             validator = None
@@ -111,6 +118,7 @@ class Gateway:
             self.admin = AdminApi(
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
                 resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency, cache=self.cache,
+                backends=self.backends,
             )
             self.stages = [
                 Authenticate(authenticator),
@@ -165,6 +173,7 @@ class Gateway:
             ctx.error, ctx.status = exc, exc.status
             ctx.finished_at = time.perf_counter()
             await self._finish(ctx)
+            _backend_headers(ctx)
             return _error_response(exc, {**ctx.response_headers, **exc.headers})
         except Exception as exc:
             logger.exception("request %s failed", request_id)
@@ -175,6 +184,7 @@ class Gateway:
             return _error_response(error, ctx.response_headers)
 
         result = ctx.result
+        _backend_headers(ctx)
         if result.is_stream:
             ctx.status = 200
             headers = {**result.headers, **ctx.response_headers}
@@ -231,6 +241,10 @@ class Gateway:
         started = await self._start_or_error()
         return started or await self.admin.cache_view(request, app_id, purge)
 
+    async def admin_deployments(self, request: Request, name: str | None = None) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.deployments(request, name)
+
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.logs(request, request_id)
@@ -257,6 +271,12 @@ def _custom_properties(request: Request) -> dict[str, str]:
         if name.startswith(_PROPERTY_PREFIX) and len(properties) < _MAX_PROPERTIES:
             properties[name[len(_PROPERTY_PREFIX) :][:64]] = value[:256]
     return properties
+
+
+def _backend_headers(ctx: RequestContext) -> None:
+    if ctx.backend:
+        ctx.response_headers["x-sekisho-backend"] = ctx.backend
+        ctx.response_headers["x-sekisho-retries"] = str(ctx.retries)
 
 
 def _error_response(error: GatewayError, headers: dict[str, str]) -> Response:

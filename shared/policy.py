@@ -63,6 +63,17 @@ class CacheSettings(BaseModel):
     shared_scope: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:\-]{1,64}$", description="Share entries with the apps naming the same scope (default: the app's own).")
 
 
+class RetrySettings(BaseModel):
+    """Synchronous retries of 429s, 5xx and connection errors, within a time budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int | None = Field(default=None, ge=1, le=10)
+    time_budget_seconds: float | None = Field(default=None, ge=0, le=600)
+    base_delay_ms: int | None = Field(default=None, ge=1, le=10_000)
+    max_delay_seconds: float | None = Field(default=None, ge=0.01, le=120)
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -80,6 +91,7 @@ class PolicySettings(BaseModel):
     system_prompt: SystemPrompt | None = None
     guards: GuardSettings | None = None
     cache: CacheSettings | None = None
+    retry: RetrySettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -115,6 +127,7 @@ class EffectivePolicy(BaseModel):
     redaction: str = "[redacted]"
     leak_protection: LeakProtection = Field(default_factory=LeakProtection)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
 
     def rule_set(self, direction: str) -> RuleSet:
@@ -136,6 +149,7 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
         content_logging=content_logging, retention_days=retention_days,
         app_limits=Limits(), user_limits=Limits(), default_completion_tokens=1024, quota_on_store_failure="closed",
         cache=CacheSettings(enabled=False, ttl_seconds=86400, cache_nondeterministic=False, replay_only=False, allow_replay_header=False),
+        retry=RetrySettings(max_attempts=4, time_budget_seconds=30, base_delay_ms=500, max_delay_seconds=10),
     )
 
 
@@ -271,4 +285,5 @@ def effective_policy(
         redaction=guards.get("redaction") or "[redacted]",
         leak_protection=LeakProtection.model_validate(guards.get("leak_protection") or {}),
         cache=CacheSettings.model_validate(merged.get("cache") or {}),
+        retry=RetrySettings.model_validate(merged.get("retry") or {}),
     )

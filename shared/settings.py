@@ -25,6 +25,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_UPSTREAM_CONNECT_TIMEOUT_SECONDS", "10", "Time allowed to open a connection to the upstream."),
     Setting("SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS", "220", "Longest silence allowed from the upstream (first byte, or between stream chunks); below the 230 s that Azure allows an HTTP response to start."),
     Setting("SEKISHO_UPSTREAM_MAX_CONNECTIONS", "256", "Size of the pooled upstream connection pool."),
+    Setting("SEKISHO_CIRCUIT_FAILURES", "5", "Consecutive failures (5xx, unreachable, timeout) after which a backend is skipped."),
+    Setting("SEKISHO_CIRCUIT_OPEN_SECONDS", "30", "How long a failing backend is skipped before one request probes it."),
     Setting("SEKISHO_MAX_BODY_BYTES", "8388608", "Largest request body accepted (413 above)."),
     Setting("SEKISHO_STORE", "sqlite", "Store adapter: sqlite or cosmos."),
     Setting("SEKISHO_SQLITE_PATH", ".data/sekisho.db", "SQLite database file (sqlite store)."),
@@ -66,6 +68,8 @@ class Settings:
     upstream_connect_timeout: float
     upstream_read_timeout: float
     upstream_max_connections: int
+    circuit_failures: int
+    circuit_open_seconds: float
     max_body_bytes: int
     store: str
     sqlite_path: str
@@ -146,6 +150,8 @@ class Settings:
             upstream_connect_timeout=number("SEKISHO_UPSTREAM_CONNECT_TIMEOUT_SECONDS", minimum=0.1),
             upstream_read_timeout=number("SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS", minimum=0.1),
             upstream_max_connections=number("SEKISHO_UPSTREAM_MAX_CONNECTIONS", int, 1),
+            circuit_failures=number("SEKISHO_CIRCUIT_FAILURES", int, 1),
+            circuit_open_seconds=number("SEKISHO_CIRCUIT_OPEN_SECONDS", float, 0.1),
             max_body_bytes=number("SEKISHO_MAX_BODY_BYTES", int, 1024),
             store=store,
             sqlite_path=get("SEKISHO_SQLITE_PATH"),

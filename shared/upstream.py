@@ -1,28 +1,41 @@
-"""The call to Azure OpenAI: one pooled aiohttp client, timeouts, and the relay of streams.
+"""The call to Azure OpenAI: backend choice, retries with tenacity, and the relay of streams.
 
-aiohttp was chosen by measurement (GUIDE §7): as a pass-through on this machine it adds about
-0.4 ms and sustains ~10x the throughput of httpx. One session per gateway, created on first use
-inside the running event loop.
+One pooled aiohttp session per gateway (chosen by measurement, GUIDE §7: as a pass-through it
+adds ~0.4 ms and holds ~10x the throughput of httpx), created on first use in the serving loop.
+
+Retries (policy `retry`): on 429, 500, 502, 503, 504, connection errors and timeouts. A backend
+that answered 429 cools down for its `retry-after-ms`/`Retry-After`, one that failed counts
+towards its circuit breaker (backends.py); the next available backend by priority is tried at
+once, and only when none is available does the loop wait — the longer of the soonest cool-down
+and a jittered exponential back-off — while the policy's time budget allows. A stream is retried
+only until its response starts, so nothing is ever sent twice. When the gateway gives up it says
+so with `x-should-retry: false`, so that the openai SDK's own retries do not multiply its work.
 """
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from typing import AsyncIterator
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from . import errors, sse
+from .backends import Backend, BackendPool, Circuit
 from .context import RequestContext, StreamSummary, UpstreamResult
+from .errors import GatewayError
 from .routes import Style
 from .settings import Settings
-from .upstream_auth import auth_from_settings
 
 # Response headers from Azure OpenAI that clients rely on (rate limits, retry hints, request ids).
 _PASSED_HEADERS = {"retry-after", "retry-after-ms", "x-request-id", "apim-request-id", "azureml-model-session"}
 _PASSED_PREFIXES = ("x-ratelimit-", "openai-", "x-ms-")
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+NO_SDK_RETRY = {"x-should-retry": "false"}
 
 
 def passed_headers(headers) -> dict[str, str]:
@@ -34,11 +47,35 @@ def passed_headers(headers) -> dict[str, str]:
     return out
 
 
+def retry_after_seconds(headers) -> float | None:
+    """Azure's hint: `retry-after-ms` (precise) or `Retry-After` (seconds)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+class _Retryable(Exception):
+    """One failed attempt that may be retried; carries what the next decision needs."""
+
+    def __init__(self, kind: str, backend: Backend, planned_wait: float, result: UpstreamResult | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(kind)
+        self.kind = kind  # throttled, server_error, unreachable, timeout
+        self.backend = backend
+        self.planned_wait = planned_wait
+        self.result = result
+        self.retry_after = retry_after
+
+
 class UpstreamClient:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, pool: BackendPool) -> None:
         self._settings = settings
-        self._endpoint = settings.azure_openai_endpoint
-        self._auth = auth_from_settings(settings.azure_openai_api_key)
+        self._pool = pool
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
@@ -54,42 +91,124 @@ class UpstreamClient:
             )
         return self._session
 
-    def url_for(self, ctx: RequestContext) -> str:
+    def url_for(self, ctx: RequestContext, backend: Backend) -> str:
         route = ctx.route
-        path = "/" + route.template.replace("{deployment}", quote(ctx.deployment or "", safe=""))
+        deployment = backend.deployment or ctx.deployment or ""
+        path = "/" + route.template.replace("{deployment}", quote(deployment, safe=""))
         query = ctx.http.url.query
         if route.style is Style.AZURE and "api-version=" not in query:
             extra = "api-version=" + quote(ctx.api_version or self._settings.azure_openai_api_version)
             query = f"{query}&{extra}" if query else extra
-        return f"{self._endpoint}{path}?{query}" if query else f"{self._endpoint}{path}"
+        return f"{backend.endpoint}{path}?{query}" if query else f"{backend.endpoint}{path}"
 
+    def _body_for(self, ctx: RequestContext, backend: Backend) -> bytes:
+        if not ctx.route.deployment_in_path and backend.deployment and backend.deployment != ctx.deployment:
+            return orjson.dumps({**ctx.body, "model": backend.deployment})  # v1 routes name it in the body
+        return orjson.dumps(ctx.body) if ctx.body_modified else ctx.raw_body
+
+    # The retry loop -----------------------------------------------------------------------------
     async def send(self, ctx: RequestContext) -> UpstreamResult:
-        """Send the request; a whole response is read, a stream is returned unread for relaying."""
-        body = orjson.dumps(ctx.body) if ctx.body_modified else ctx.raw_body
+        policy = ctx.policy.retry
+        backends = await self._pool.backends(ctx.deployment)
+        started = time.monotonic()
+        attempts: list[dict] = ctx.extra.setdefault("attempts", [])
+        tried: set[str] = set()  # backends tried since the last wait
+
+        def stop(state: RetryCallState) -> bool:
+            failure = state.outcome.exception()
+            elapsed = time.monotonic() - started
+            return state.attempt_number >= policy.max_attempts or elapsed + failure.planned_wait > policy.time_budget_seconds
+
+        def wait(state: RetryCallState) -> float:
+            planned = state.outcome.exception().planned_wait
+            if planned > 0:
+                tried.clear()  # after a wait every backend may be tried again
+            return planned
+
+        retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception_type(_Retryable), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    backend = self._pool.choose(backends, tried) or self._pool.choose(backends, set())
+                    if backend is None and attempt.retry_state.attempt_number == 1:
+                        backend = self._pool.least_cooling(backends)
+                    if backend is None:  # every backend cooling down or open: wait for the first
+                        raise _Retryable("throttled", backends[0], self._planned_wait(backends, tried, policy, attempt.retry_state.attempt_number),
+                                         retry_after=self._pool.soonest_available(backends))
+                    tried.add(backend.name)
+                    return await self._attempt(ctx, backend, backends, tried, policy, attempt.retry_state.attempt_number, attempts)
+        except _Retryable as failure:
+            raise self._give_up(ctx, failure, backends) from None
+        finally:
+            ctx.retries = max(0, len(attempts) - 1)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _planned_wait(self, backends: list[Backend], tried: set[str], policy, attempt_number: int) -> float:
+        if self._pool.choose_available([b for b in backends if b.name not in tried]):
+            return 0.0  # another backend can take it now
+        backoff = min(policy.max_delay_seconds, policy.base_delay_ms / 1000 * 2 ** (attempt_number - 1))
+        backoff *= random.uniform(0.5, 1.0)  # jitter, so that instances do not retry in step
+        return min(policy.max_delay_seconds, max(backoff, self._pool.soonest_available(backends)))
+
+    async def _attempt(self, ctx, backend: Backend, backends, tried, policy, attempt_number: int, attempts: list) -> UpstreamResult:
+        circuit = self._pool.circuit
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if ctx.stream else "application/json",
             "x-ms-client-request-id": ctx.request_id,
-            **(await self._auth.headers()),
+            **(await backend.auth.headers()),
         }
-        url = ctx.upstream_url = self.url_for(ctx)
-        ctx.backend = self._endpoint
+        url = ctx.upstream_url = self.url_for(ctx, backend)
+        ctx.backend = backend.name
         ctx.upstream_started = time.perf_counter()
-        session = self._session_for_loop()
+        began = time.monotonic()
         try:
-            response = await session.post(url, data=body, headers=headers)
-        except asyncio.TimeoutError:
-            raise errors.upstream_timeout("The upstream did not answer in time.") from None
-        except aiohttp.ClientError as exc:
-            raise errors.upstream_error(f"The upstream could not be reached ({type(exc).__name__}).") from None
+            response = await self._session_for_loop().post(url, data=self._body_for(ctx, backend), headers=headers)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "unreachable"
+            attempts.append({"backend": backend.name, "error": kind, "ms": round((time.monotonic() - began) * 1000, 1)})
+            circuit.on_failure(backend)
+            raise _Retryable(kind, backend, self._planned_wait(backends, tried, policy, attempt_number)) from None
         ctx.upstream_headers_at = time.perf_counter()
+        attempts.append({"backend": backend.name, "status": response.status, "ms": round((time.monotonic() - began) * 1000, 1)})
+        if response.status in RETRYABLE_STATUS:
+            result = await self._read_whole(ctx, response)
+            hint = retry_after_seconds(response.headers)
+            if response.status == 429:
+                circuit.on_throttled(backend, hint if hint is not None else policy.base_delay_ms / 1000)
+                raise _Retryable("throttled", backend, self._planned_wait(backends, tried, policy, attempt_number), result, hint)
+            circuit.on_failure(backend)
+            raise _Retryable("server_error", backend, self._planned_wait(backends, tried, policy, attempt_number), result)
+        circuit.on_success(backend)
+        return await self._result(ctx, response)
+
+    def _give_up(self, ctx: RequestContext, failure: _Retryable, backends: list[Backend]) -> GatewayError:
+        tries = len(ctx.extra.get("attempts", []))
+        if failure.kind == "throttled":
+            wait = max(failure.retry_after or 0.0, self._pool.soonest_available(backends), 1.0)
+            seconds = math.ceil(wait)
+            return GatewayError(
+                429, "upstream_rate_limited",
+                f"Azure OpenAI is rate limiting this deployment; {tries} attempt(s) within the retry budget did not get through. Retry after {seconds} seconds.",
+                error_type="rate_limit_error",
+                headers={"Retry-After": str(seconds), "retry-after-ms": str(int(wait * 1000)), **NO_SDK_RETRY},
+            )
+        if failure.kind == "timeout":
+            return GatewayError(504, "upstream_timeout", f"Azure OpenAI did not answer in time ({tries} attempt(s)).", headers=NO_SDK_RETRY)
+        if failure.kind == "unreachable":
+            return GatewayError(502, "upstream_error", f"Azure OpenAI could not be reached ({tries} attempt(s)).", headers=NO_SDK_RETRY)
+        status = failure.result.status if failure.result else 502
+        detail = ""
+        if failure.result is not None and isinstance(failure.result.json, dict) and isinstance(failure.result.json.get("error"), dict):
+            detail = f": {failure.result.json['error'].get('message')}"
+        return GatewayError(502, "upstream_error", f"Azure OpenAI answered {status} ({tries} attempt(s)){detail}", headers=NO_SDK_RETRY)
+
+    # Responses ------------------------------------------------------------------------------------
+    async def _read_whole(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> UpstreamResult:
         headers_out = passed_headers(response.headers)
         ctx.upstream_request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
         content_type = response.headers.get("Content-Type", "application/json")
         headers_out["content-type"] = content_type
-        if ctx.stream and response.status == 200 and content_type.startswith("text/event-stream"):
-            ctx.stream_summary = StreamSummary()
-            return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response))
         try:
             raw = await response.read()
         except asyncio.TimeoutError:
@@ -107,6 +226,16 @@ class UpstreamClient:
             except orjson.JSONDecodeError:
                 parsed = None
         return UpstreamResult(status=response.status, headers=headers_out, body=raw, json=parsed)
+
+    async def _result(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> UpstreamResult:
+        content_type = response.headers.get("Content-Type", "application/json")
+        if ctx.stream and response.status == 200 and content_type.startswith("text/event-stream"):
+            headers_out = passed_headers(response.headers)
+            ctx.upstream_request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
+            headers_out["content-type"] = content_type
+            ctx.stream_summary = StreamSummary()
+            return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response))
+        return await self._read_whole(ctx, response)
 
     async def _relay(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Yield the upstream's SSE events as they arrive, reading usage and text on the way.
@@ -145,4 +274,4 @@ class UpstreamClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-        await self._auth.close()
+        await self._pool.close()

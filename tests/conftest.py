@@ -18,7 +18,7 @@ from .servers import COSMOS_KEY, start_cosmos_server, start_local_host, start_si
 # Short timeouts so that the timeout tests are quick; streams in the tests pause less than this.
 UPSTREAM_READ_TIMEOUT = "1.5"
 MAX_BODY_BYTES = 65536
-TEST_APP_ID = "0f5c4a1e-7d2b-4c61-9a57-3b1e2f4d5a60"  # registered, any deployment, trusted to name users
+TEST_APP_ID = "0f5c4a1e-7d2b-4c61-9a57-3b1e2f4d5a60"  # registered, any deployment, trusted to name users, no retries
 ADMIN_APP_ID = "a0a0a0a0-1111-4222-8333-944445555666"  # not registered for models; holds the admin role
 
 
@@ -69,6 +69,9 @@ def _gateway_env(simulator, **extra) -> dict[str, str]:
         "SEKISHO_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         "SEKISHO_LOG_FLUSH_INTERVAL_MS": "20",
         "SEKISHO_DEPLOYMENTS": "gpt-4o-mini,text-embedding-3-small",
+        # Tests inject failures on purpose: keep the shared gateways' circuit closed (its own test
+        # uses a gateway of its own).
+        "SEKISHO_CIRCUIT_FAILURES": "1000",
         **extra,
     }
 
@@ -83,7 +86,8 @@ def run_async(coroutine):
 async def _seed(store) -> None:
     await store.open()
     try:
-        data = {"name": "Test app", "settings": {"allowed_deployments": ["*"], "trust_user_header": True}}
+        # No gateway retries for the test app: error tests see each upstream answer at once.
+        data = {"name": "Test app", "settings": {"allowed_deployments": ["*"], "trust_user_header": True, "retry": {"max_attempts": 1}}}
         await PolicyService(store).put("app", TEST_APP_ID, None, data, actor="tests")
     finally:
         await store.close()

@@ -102,19 +102,27 @@ def test_sdk_raises_its_usual_exceptions(gateway, token):
     assert caught.value.code == "DeploymentNotFound"
 
 
-async def test_upstream_429_passes_through_with_retry_headers(logged_gateway):
+async def test_upstream_429_after_the_retry_budget(logged_gateway):
     body = {"messages": [{"role": "user", "content": "x"}], "x_sim": {"fail": 429, "retry_after_ms": 2500}}
     status, headers, answer = await _post(logged_gateway.url + CHAT_PATH, json=body)
     assert status == 429
     assert headers["Retry-After"] == "3" and headers["retry-after-ms"] == "2500"
-    assert answer["error"]["code"] == "429"
+    assert headers["x-should-retry"] == "false"  # the SDK must not retry what the gateway gave up on
+    assert answer["error"]["code"] == "upstream_rate_limited"
     record = await logged_gateway.log(headers["x-sekisho-request-id"])
-    assert record["status"] == 429 and record["error"]["source"] == "upstream"
+    assert record["status"] == 429 and record["attempts"] == [{"backend": "default", "status": 429, "ms": record["attempts"][0]["ms"]}]
 
 
-async def test_upstream_500_passes_through(gateway):
-    status, _, answer = await _post(gateway.url + CHAT_PATH, json={"messages": [{"role": "user", "content": "x"}], "x_sim": {"fail": 500}})
-    assert status == 500 and answer["error"]["code"] == "InternalServerError"
+async def test_upstream_5xx_after_the_retry_budget_is_502(gateway):
+    status, headers, answer = await _post(gateway.url + CHAT_PATH, json={"messages": [{"role": "user", "content": "x"}], "x_sim": {"fail": 500}})
+    assert status == 502 and answer["error"]["code"] == "upstream_error"
+    assert "answered 500" in answer["error"]["message"] and headers["x-sekisho-backend"] == "default"
+
+
+async def test_upstream_4xx_passes_through(gateway):
+    status, _, answer = await _post(gateway.url + "/openai/deployments/nope/chat/completions?api-version=2024-10-21",
+                                    json={"messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and answer["error"]["code"] == "DeploymentNotFound"
 
 
 async def test_upstream_too_slow_is_504(logged_gateway):

@@ -42,6 +42,8 @@ EXPECTED = {
     "admin_price": ("sekisho/admin/pricing/{model}", {"PUT", "DELETE"}),
     "admin_cache_app": ("sekisho/admin/cache/apps/{app_id}", {"GET"}),
     "admin_cache_purge": ("sekisho/admin/cache/apps/{app_id}/purge", {"POST"}),
+    "admin_deployments": ("sekisho/admin/deployments", {"GET"}),
+    "admin_deployment": ("sekisho/admin/deployments/{name}", {"GET", "PUT", "DELETE"}),
 }
 
 

@@ -108,10 +108,10 @@ async def test_streams_settle_with_real_usage(logged_gateway, admin_token, issue
 
 
 async def test_failed_upstream_call_releases_its_tokens(logged_gateway, admin_token, issuer):
-    app_id = await _register(logged_gateway, admin_token, {"app_limits": {"tokens_per_day": 10_000, "requests_per_minute": 100}})
+    app_id = await _register(logged_gateway, admin_token, {"app_limits": {"tokens_per_day": 10_000, "requests_per_minute": 100}, "retry": {"max_attempts": 1}})
     token = issuer.mint(app_id)
     status, headers, _ = await _chat(logged_gateway, token, body={"messages": [{"role": "user", "content": "x"}], "x_sim": {"fail": 500}})
-    assert status == 500
+    assert status == 502
     await _settled(logged_gateway, admin_token, app_id, "tokens_per_day", 0)
     record = await logged_gateway.log(headers["x-sekisho-request-id"])
     assert record["cost"]["amount"] == 0

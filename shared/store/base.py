@@ -24,7 +24,8 @@ POLICIES = Container("policies", "/app_id", default_ttl=False)
 QUOTA_COUNTERS = Container("quota_counters", "/subject", default_ttl=True)
 PRICES = Container("prices", "/id", default_ttl=False)
 RESPONSE_CACHE = Container("response_cache", "/scope", default_ttl=True)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE)
+DEPLOYMENTS = Container("deployments", "/id", default_ttl=False)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS)
 
 
 class StoreError(Exception):
@@ -157,3 +158,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def cache_purge(self, scope: str) -> int:
         """Delete every entry of a scope; returns how many."""
+
+    # Deployment catalogue (backends per deployment) -----------------------------------------
+    @abc.abstractmethod
+    async def get_deployment(self, name: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def list_deployments(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def delete_deployment(self, name: str) -> bool: ...

@@ -18,7 +18,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
 from .base import (
-    CONTAINERS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, DEPLOYMENTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -307,3 +307,25 @@ class CosmosStore(Store):
             except exceptions.CosmosResourceNotFoundError:
                 pass
         return len(ids)
+
+    # Deployment catalogue ----------------------------------------------------------------------
+    async def get_deployment(self, name: str) -> dict[str, Any] | None:
+        container = self._container(DEPLOYMENTS.name)
+        query = "SELECT * FROM c WHERE c.id = @id"
+        async for item in container.query_items(query, parameters=[{"name": "@id", "value": name}], partition_key=name):
+            return _clean(item)
+        return None
+
+    async def list_deployments(self) -> list[dict[str, Any]]:
+        container = self._container(DEPLOYMENTS.name)
+        return [_clean(item) async for item in container.query_items("SELECT * FROM c ORDER BY c.id")]
+
+    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return _clean(await self._container(DEPLOYMENTS.name).upsert_item(doc))
+
+    async def delete_deployment(self, name: str) -> bool:
+        try:
+            await self._container(DEPLOYMENTS.name).delete_item(name, partition_key=name)
+        except exceptions.CosmosResourceNotFoundError:
+            return False
+        return True

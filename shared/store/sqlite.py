@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import orjson
 
 from .base import (
-    POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    DEPLOYMENTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
     ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS {QUOTA_COUNTERS.name} (
     PRIMARY KEY (subject, counter)
 );
 CREATE TABLE IF NOT EXISTS {PRICES.name} (
+    id TEXT PRIMARY KEY,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {DEPLOYMENTS.name} (
     id TEXT PRIMARY KEY,
     doc BLOB NOT NULL
 );
@@ -359,3 +363,27 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE scope = ?", (scope,)).rowcount
 
         return await self._run(purge)
+
+    # Deployment catalogue ----------------------------------------------------------------------
+    async def get_deployment(self, name: str) -> dict[str, Any] | None:
+        row = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {DEPLOYMENTS.name} WHERE id = ?", (name,)).fetchone())
+        return orjson.loads(row[0]) if row else None
+
+    async def list_deployments(self) -> list[dict[str, Any]]:
+        rows = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {DEPLOYMENTS.name} ORDER BY id").fetchall())
+        return [orjson.loads(r[0]) for r in rows]
+
+    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]:
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(f"INSERT OR REPLACE INTO {DEPLOYMENTS.name} (id, doc) VALUES (?, ?)", (doc["id"], orjson.dumps(doc)))
+
+        await self._run(write)
+        return doc
+
+    async def delete_deployment(self, name: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with conn:
+                return conn.execute(f"DELETE FROM {DEPLOYMENTS.name} WHERE id = ?", (name,)).rowcount > 0
+
+        return await self._run(delete)
