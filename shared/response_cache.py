@@ -38,7 +38,7 @@ logger = logging.getLogger("sekisho.cache")
 CACHE_HEADER = "x-sekisho-cache"
 TTL_HEADER = "x-sekisho-cache-ttl"
 _MAX_TTL = 30 * 86400
-_COALESCE_WAIT_SECONDS = 60.0
+_COALESCE_WAIT_SECONDS = 30.0
 _STATS_TTL = 400 * 86400
 _KEY_EXCLUDED = ("stream", "stream_options", "user")
 
@@ -83,6 +83,9 @@ class CacheResponses(Stage):
         self._currency = currency
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
         self._writes: set[asyncio.Task] = set()
+        # Entries being written in the background: served from here until the store has them,
+        # so "record, then replay at once" works on this instance.
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}
 
     # Lookup -------------------------------------------------------------------------------------
     async def before(self, ctx: RequestContext) -> None:
@@ -128,6 +131,9 @@ class CacheResponses(Stage):
         return int(text)
 
     async def _lookup(self, state: CacheState) -> dict[str, Any] | None:
+        pending = self._pending.get((state.scope, state.key))
+        if pending is not None:
+            return pending
         try:
             return await self._store.cache_get(state.scope, state.key)
         except StoreError as exc:
@@ -168,17 +174,29 @@ class CacheResponses(Stage):
                                   "saved_cost": saved / 1e9, "currency": self._currency}
             self._count(ctx.app_id, {"hits": 1, "saved_cost": saved, "saved_tokens": usage.total_tokens})
             return
-        entry = entry_from(ctx)
-        size = len(orjson.dumps(entry)) if entry else 0
-        stored = entry is not None and size <= self._max_bytes
-        ctx.extra["cache"] = {"status": "MISS", "stored": stored, **({"too_large": size} if entry and not stored else {})}
-        if state.leader is not None:
-            self._inflight.pop((state.scope, state.key), None)
-            if not state.leader.done():
-                state.leader.set_result(entry if stored else None)
-        self._count(ctx.app_id, {"misses": 1})
-        if stored:
-            self._spawn(self._store.cache_put(state.scope, state.key, entry, state.ttl))
+        entry, stored = None, False
+        try:
+            entry = entry_from(ctx)
+            size = len(orjson.dumps(entry)) if entry else 0
+            stored = entry is not None and size <= self._max_bytes
+            ctx.extra["cache"] = {"status": "MISS", "stored": stored, **({"too_large": size} if entry and not stored else {})}
+            self._count(ctx.app_id, {"misses": 1})
+            if stored:
+                self._pending[(state.scope, state.key)] = entry
+                self._spawn(self._write(state, entry))
+        finally:
+            # Whatever happened, release the requests waiting on this one.
+            if state.leader is not None:
+                self._inflight.pop((state.scope, state.key), None)
+                if not state.leader.done():
+                    state.leader.set_result(entry if stored else None)
+
+    async def _write(self, state: CacheState, entry: dict[str, Any]) -> None:
+        try:
+            await self._store.cache_put(state.scope, state.key, entry, state.ttl)
+        finally:
+            if self._pending.get((state.scope, state.key)) is entry:
+                del self._pending[(state.scope, state.key)]
 
     def _count(self, app_id: str, amounts: dict[str, int]) -> None:
         month = self._windows.key("month", self._windows.now())

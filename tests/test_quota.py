@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -19,11 +24,13 @@ ADMIN = "/sekisho/admin"
 CHAT = "/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
 
 
-async def _request(method: str, url: str, token: str, json=None, headers=None):
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, json=json, headers={"Authorization": f"Bearer {token}", **(headers or {})}) as response:
-            body = await response.json(content_type=None) if response.status != 204 else None
-            return response.status, response.headers, body
+async def _request(method: str, url: str, token: str, json=None, headers=None, session: aiohttp.ClientSession | None = None):
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await _request(method, url, token, json, headers, own)
+    async with session.request(method, url, json=json, headers={"Authorization": f"Bearer {token}", **(headers or {})}) as response:
+        body = await response.json(content_type=None) if response.status != 204 else None
+        return response.status, response.headers, body
 
 
 async def _register(gw, admin_token, settings: dict) -> str:
@@ -33,9 +40,9 @@ async def _register(gw, admin_token, settings: dict) -> str:
     return app_id
 
 
-async def _chat(gw, token, deployment="gpt-4o-mini", body=None, headers=None):
+async def _chat(gw, token, deployment="gpt-4o-mini", body=None, headers=None, session=None):
     body = body or {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-    return await _request("POST", gw.url + CHAT.format(deployment=deployment), token, body, headers)
+    return await _request("POST", gw.url + CHAT.format(deployment=deployment), token, body, headers, session)
 
 
 async def _usage(gw, admin_token, app_id, user=None):
@@ -67,7 +74,23 @@ async def test_race_admits_exactly_the_limit(logged_gateway, admin_token, issuer
     app_id = await _register(logged_gateway, admin_token, {"app_limits": {"requests_per_minute": 50}})
     token = issuer.mint(app_id)
     _away_from_minute_boundary()
-    results = await asyncio.gather(*(_chat(logged_gateway, token) for _ in range(200)))
+    # 200 client threads, each with its own connection, released together.
+    url = logged_gateway.url + CHAT.format(deployment="gpt-4o-mini")
+    payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}).encode()
+    barrier = threading.Barrier(200)
+
+    def call() -> tuple[int, dict, dict]:
+        request = urllib.request.Request(url, data=payload, method="POST",
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        barrier.wait()
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), json.loads(error.read())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+        results = await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(pool, call) for _ in range(200)))
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 50 and statuses.count(429) == 150
     refusal = next(body for status, _, body in results if status == 429)

@@ -114,6 +114,20 @@ Press Ctrl+C to stop.
 """
 
 
+def _dump_tasks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every pending asyncio task's stack: for diagnosing a stuck request."""
+    import asyncio
+    import signal
+
+    def dump(signum, frame) -> None:
+        loop = asyncio._get_running_loop()
+        print(f"=== {len(asyncio.all_tasks(loop)) if loop else 0} tasks", file=sys.stderr, flush=True)
+        for task in asyncio.all_tasks(loop) if loop else ():
+            task.print_stack(file=sys.stderr)
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve Sekisho's functions locally")
     parser.add_argument("--host", default="127.0.0.1")
@@ -125,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-seed", action="store_true", help="do not register the demo app")
     parser.add_argument("--quiet", action="store_true", help="do not print the how-to banner")
     args = parser.parse_args(argv)
+    _dump_tasks_on_sigusr1()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP call at INFO
     os.chdir(PROJECT_ROOT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import quote
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
@@ -23,7 +24,15 @@ from .base import (
 )
 
 _WRITE_CONCURRENCY = 16
+_MAX_IN_FLIGHT = 48
 _COSMOS_FIELDS = ("_rid", "_self", "_etag", "_attachments", "_ts", "_lsn")
+
+
+async def _first(items) -> dict[str, Any] | None:
+    """The first result of a query, reading the pager to its end: leaving an async pager
+    half-read keeps its HTTP connection out of the pool, and enough of them exhaust it."""
+    found = [item async for item in items]
+    return found[0] if found else None
 
 
 def _clean(doc: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +52,9 @@ class CosmosStore(Store):
         self._client: CosmosClient | None = None
         self._credential = None
         self._containers: dict[str, Any] = {}
+        # Bounds the requests in flight from this instance: under a burst the SDK's own
+        # connection pool otherwise fills up with requests whose retries need it too.
+        self._in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
 
     async def open(self) -> None:
         if self._client is not None:
@@ -102,9 +114,8 @@ class CosmosStore(Store):
     async def get_log(self, request_id: str) -> dict[str, Any] | None:
         container = self._container(REQUEST_LOGS.name)
         query = "SELECT * FROM c WHERE c.id = @id"
-        async for item in container.query_items(query, parameters=[{"name": "@id", "value": request_id}]):
-            return _clean(item)
-        return None
+        item = await _first(container.query_items(query, parameters=[{"name": "@id", "value": request_id}]))
+        return _clean(item) if item else None
 
     async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]:
         container = self._container(REQUEST_LOGS.name)
@@ -141,9 +152,8 @@ class CosmosStore(Store):
         # (The test server also wants the partition key named in the filter.)
         query = "SELECT * FROM c WHERE c.app_id = @app AND c.id = @id"
         params = [{"name": "@app", "value": app_id}, {"name": "@id", "value": doc_id}]
-        async for item in container.query_items(query, parameters=params, partition_key=app_id):
-            return self._with_etag(item)
-        return None
+        item = await _first(container.query_items(query, parameters=params, partition_key=app_id))
+        return self._with_etag(item) if item else None
 
     async def list_policies(self, app_id: str | None = None) -> list[dict[str, Any]]:
         container = self._container(POLICIES.name)
@@ -191,21 +201,31 @@ class CosmosStore(Store):
     # One document per subject and window ("tpm:2026-11-24T10:05" in partition "app:<id>"), so
     # there is no single hot document; an atomic `incr` patch with a filter predicate admits a
     # charge only while it fits. Documents expire through TTL after their window.
+    @staticmethod
+    def _counter_id(subject: str, counter: str) -> str:
+        # Unique across partitions, not only within one: the Cosmos test server evaluates a patch's
+        # filter predicate across the whole container, and ids reused per subject would let
+        # another subject's counter satisfy it. (Cosmos ids may not contain / \ ? #.)
+        return quote(subject, safe=":@._-") + "|" + counter
+
     async def _charge(self, container, charge: CounterCharge, conditional: bool) -> int | None:
         """Apply one charge; returns the new value, or None if the limit refused it."""
+        item_id = self._counter_id(charge.subject, charge.counter)
         operations = [{"op": "incr", "path": "/used", "value": charge.amount}]
         kwargs: dict[str, Any] = {}
         if conditional and charge.limit is not None:
             kwargs["filter_predicate"] = f"FROM c WHERE c.used <= {charge.limit - charge.amount}"
         for _ in range(3):
             try:
-                item = await container.patch_item(charge.counter, partition_key=charge.subject, patch_operations=operations, **kwargs)
+                async with self._in_flight:
+                    item = await container.patch_item(item_id, partition_key=charge.subject, patch_operations=operations, **kwargs)
                 return int(item["used"])
             except exceptions.CosmosAccessConditionFailedError:
                 return None
             except exceptions.CosmosResourceNotFoundError:
                 try:  # first charge of this window: create the counter, then patch it
-                    await container.create_item({"id": charge.counter, "subject": charge.subject, "used": 0, "ttl": charge.ttl})
+                    async with self._in_flight:
+                        await container.create_item({"id": item_id, "counter": charge.counter, "subject": charge.subject, "used": 0, "ttl": charge.ttl})
                 except exceptions.CosmosResourceExistsError:
                     pass  # another request created it first
         raise StoreUnavailable(f"counter {charge.subject}/{charge.counter} could not be charged")
@@ -255,8 +275,8 @@ class CosmosStore(Store):
         found = {c: 0 for c in counters}
         query = "SELECT * FROM c WHERE c.subject = @subject"
         async for item in container.query_items(query, parameters=[{"name": "@subject", "value": subject}], partition_key=subject):
-            if item["id"] in found:
-                found[item["id"]] = int(item["used"])
+            if item.get("counter") in found:
+                found[item["counter"]] = int(item["used"])
         return found
 
     async def reset_counters(self, subject: str, counters: list[str]) -> None:
@@ -288,9 +308,9 @@ class CosmosStore(Store):
         container = self._container(RESPONSE_CACHE.name)
         query = "SELECT * FROM c WHERE c.scope = @scope AND c.id = @id"
         params = [{"name": "@scope", "value": scope}, {"name": "@id", "value": key}]
-        async for item in container.query_items(query, parameters=params, partition_key=scope):
-            if item.get("expires_at", 0) > time.time():
-                return item.get("entry")
+        item = await _first(container.query_items(query, parameters=params, partition_key=scope))
+        if item is not None and item.get("expires_at", 0) > time.time():
+            return item.get("entry")
         return None
 
     async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None:
@@ -312,9 +332,8 @@ class CosmosStore(Store):
     async def get_deployment(self, name: str) -> dict[str, Any] | None:
         container = self._container(DEPLOYMENTS.name)
         query = "SELECT * FROM c WHERE c.id = @id"
-        async for item in container.query_items(query, parameters=[{"name": "@id", "value": name}], partition_key=name):
-            return _clean(item)
-        return None
+        item = await _first(container.query_items(query, parameters=[{"name": "@id", "value": name}], partition_key=name))
+        return _clean(item) if item else None
 
     async def list_deployments(self) -> list[dict[str, Any]]:
         container = self._container(DEPLOYMENTS.name)
