@@ -5,6 +5,7 @@ the HTTP handlers here and the CLI both go through it, so both validate input th
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -219,6 +220,25 @@ class DeploymentService:
         return deleted
 
 
+def _answers_with_errors(handler):
+    """Admin handlers raise; this turns what they raise into OpenAI-shaped error answers."""
+
+    @functools.wraps(handler)
+    async def answer(self, request: Request, *args, **kwargs) -> Response:
+        try:
+            return await handler(self, request, *args, **kwargs)
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+        except PreconditionFailed as exc:
+            return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
+        except AlreadyExists as exc:
+            return _error(GatewayError(409, "conflict", str(exc)))
+
+    return answer
+
+
 class AdminApi:
     def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
                  *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None) -> None:
@@ -236,41 +256,33 @@ class AdminApi:
         require_admin(identity, self._role)
         return identity
 
+    @_answers_with_errors
     async def policies(self, request: Request, kind: str | None, app_id: str | None = None, user_id: str | None = None) -> Response:
         """kind None: list; else GET/PUT/DELETE one layer (defaults, app, user)."""
-        try:
-            identity = await self._admin(request)
-            actor = identity.user_oid or identity.app_id
-            if kind is None:
-                app_filter = request.query_params.get("app_id")
-                return _json({"object": "list", "data": await self._policies.list(app_filter)})
-            if request.method == "GET":
-                doc = await self._policies.get(kind, app_id, user_id)
-                if doc is None:
-                    raise errors.not_found("No such policy.")
-                return _json(doc, headers={"ETag": doc["etag"]})
-            if_match = request.headers.get("if-match")
-            if request.method == "PUT":
-                try:
-                    data = orjson.loads(await request.body())
-                except orjson.JSONDecodeError as exc:
-                    raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
-                create_only = request.headers.get("if-none-match") == "*"
-                doc, created = await self._policies.put(kind, app_id, user_id, data, actor=actor, if_match=if_match, create_only=create_only)
-                return _json(doc, 201 if created else 200, headers={"ETag": doc["etag"]})
-            if request.method == "DELETE":
-                if not await self._policies.delete(kind, app_id, user_id, actor=actor, if_match=if_match):
-                    raise errors.not_found("No such policy.")
-                return Response(status_code=204)
-            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
-        except GatewayError as exc:
-            return _error(exc)
-        except PolicyError as exc:
-            return _error(errors.invalid_request(str(exc)))
-        except PreconditionFailed as exc:
-            return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
-        except AlreadyExists as exc:
-            return _error(GatewayError(409, "conflict", str(exc)))
+        identity = await self._admin(request)
+        actor = identity.user_oid or identity.app_id
+        if kind is None:
+            app_filter = request.query_params.get("app_id")
+            return _json({"object": "list", "data": await self._policies.list(app_filter)})
+        if request.method == "GET":
+            doc = await self._policies.get(kind, app_id, user_id)
+            if doc is None:
+                raise errors.not_found("No such policy.")
+            return _json(doc, headers={"ETag": doc["etag"]})
+        if_match = request.headers.get("if-match")
+        if request.method == "PUT":
+            try:
+                data = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+            create_only = request.headers.get("if-none-match") == "*"
+            doc, created = await self._policies.put(kind, app_id, user_id, data, actor=actor, if_match=if_match, create_only=create_only)
+            return _json(doc, 201 if created else 200, headers={"ETag": doc["etag"]})
+        if request.method == "DELETE":
+            if not await self._policies.delete(kind, app_id, user_id, actor=actor, if_match=if_match):
+                raise errors.not_found("No such policy.")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
 
     async def _json_body(self, request: Request) -> Any:
         raw = await request.body()
@@ -281,91 +293,73 @@ class AdminApi:
         except orjson.JSONDecodeError as exc:
             raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
 
+    @_answers_with_errors
     async def usage_view(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
-        try:
-            await self._admin(request)
-            if reset:
-                body = await self._json_body(request) or {}
-                metrics = body.get("metrics") if isinstance(body, dict) else None
-                if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
-                    raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
-                return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
-            return _json(await self.usage.show(app_id, user_id))
-        except GatewayError as exc:
-            return _error(exc)
-        except PolicyError as exc:
-            return _error(errors.invalid_request(str(exc)))
+        await self._admin(request)
+        if reset:
+            body = await self._json_body(request) or {}
+            metrics = body.get("metrics") if isinstance(body, dict) else None
+            if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+                raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
+            return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
+        return _json(await self.usage.show(app_id, user_id))
 
+    @_answers_with_errors
     async def cache_view(self, request: Request, app_id: str, purge: bool) -> Response:
-        try:
-            await self._admin(request)
-            return _json(await (self.cache.purge(app_id) if purge else self.cache.stats(app_id)))
-        except GatewayError as exc:
-            return _error(exc)
-        except PolicyError as exc:
-            return _error(errors.invalid_request(str(exc)))
+        await self._admin(request)
+        return _json(await (self.cache.purge(app_id) if purge else self.cache.stats(app_id)))
 
+    @_answers_with_errors
     async def deployments(self, request: Request, name: str | None = None) -> Response:
-        try:
-            await self._admin(request)
-            if name is None:
-                return _json({"object": "list", "data": await self.catalogue.list(),
-                              "health": self.catalogue._pool.status() if self.catalogue._pool else []})
-            if request.method == "GET":
-                doc = await self.catalogue.get(name)
-                if doc is None:
-                    raise errors.not_found("No such deployment in the catalogue.")
-                return _json(doc)
-            if request.method == "PUT":
-                return _json(await self.catalogue.put(name, await self._json_body(request)))
-            if request.method == "DELETE":
-                if not await self.catalogue.delete(name):
-                    raise errors.not_found("No such deployment in the catalogue.")
-                return Response(status_code=204)
-            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
-        except GatewayError as exc:
-            return _error(exc)
-        except PolicyError as exc:
-            return _error(errors.invalid_request(str(exc)))
+        await self._admin(request)
+        if name is None:
+            return _json({"object": "list", "data": await self.catalogue.list(),
+                          "health": self.catalogue._pool.status() if self.catalogue._pool else []})
+        if request.method == "GET":
+            doc = await self.catalogue.get(name)
+            if doc is None:
+                raise errors.not_found("No such deployment in the catalogue.")
+            return _json(doc)
+        if request.method == "PUT":
+            return _json(await self.catalogue.put(name, await self._json_body(request)))
+        if request.method == "DELETE":
+            if not await self.catalogue.delete(name):
+                raise errors.not_found("No such deployment in the catalogue.")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
 
+    @_answers_with_errors
     async def pricing(self, request: Request, model: str | None = None) -> Response:
-        try:
-            await self._admin(request)
-            if model is None:
-                return _json({"object": "list", "data": await self.prices.list()})
-            if request.method == "PUT":
-                return _json(await self.prices.put(model, await self._json_body(request)))
-            if request.method == "DELETE":
-                if not await self.prices.delete(model):
-                    raise errors.not_found("No stored price for that model (built-in prices cannot be deleted).")
-                return Response(status_code=204)
-            raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
-        except GatewayError as exc:
-            return _error(exc)
-        except PolicyError as exc:
-            return _error(errors.invalid_request(str(exc)))
+        await self._admin(request)
+        if model is None:
+            return _json({"object": "list", "data": await self.prices.list()})
+        if request.method == "PUT":
+            return _json(await self.prices.put(model, await self._json_body(request)))
+        if request.method == "DELETE":
+            if not await self.prices.delete(model):
+                raise errors.not_found("No stored price for that model (built-in prices cannot be deleted).")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
 
+    @_answers_with_errors
     async def logs(self, request: Request, request_id: str | None = None) -> Response:
-        try:
-            await self._admin(request)
-            if request_id is not None:
-                record = await self._store.get_log(request_id)
-                if record is None:
-                    raise errors.not_found("No log record with that request id.")
-                return _json(record)
-            params = request.query_params
-            status = params.get("status")
-            limit = params.get("limit", "100")
-            if (status is not None and not status.isdigit()) or not limit.isdigit():
-                raise errors.invalid_request("status and limit must be whole numbers.")
-            query = LogQuery(
-                app_id=params.get("app_id"), user_id=params.get("user_id"), deployment=params.get("deployment"),
-                status=int(status) if status else None, since=params.get("since"), until=params.get("until"),
-                limit=min(int(limit), 1000),
-            )
-            return _json({"object": "list", "data": await self._store.query_logs(query)})
-        except GatewayError as exc:
-            return _error(exc)
+        await self._admin(request)
+        if request_id is not None:
+            record = await self._store.get_log(request_id)
+            if record is None:
+                raise errors.not_found("No log record with that request id.")
+            return _json(record)
+        params = request.query_params
+        status = params.get("status")
+        limit = params.get("limit", "100")
+        if (status is not None and not status.isdigit()) or not limit.isdigit():
+            raise errors.invalid_request("status and limit must be whole numbers.")
+        query = LogQuery(
+            app_id=params.get("app_id"), user_id=params.get("user_id"), deployment=params.get("deployment"),
+            status=int(status) if status else None, since=params.get("since"), until=params.get("until"),
+            limit=min(int(limit), 1000),
+        )
+        return _json({"object": "list", "data": await self._store.query_logs(query)})
 
 
 __all__ = ["AdminApi", "PolicyService", "forbidden"]

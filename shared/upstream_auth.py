@@ -48,6 +48,3 @@ class EntraTokenAuth:
         if self._credential is not None and hasattr(self._credential, "close"):
             await self._credential.close()
 
-
-def auth_from_settings(api_key: str):
-    return ApiKeyAuth(api_key) if api_key else EntraTokenAuth()
