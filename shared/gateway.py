@@ -175,6 +175,16 @@ class Gateway:
             await self._finish(ctx)
             _backend_headers(ctx)
             return _error_response(exc, {**ctx.response_headers, **exc.headers})
+        except asyncio.CancelledError:
+            # The client went away (or the host timed out) before the answer: finish anyway, so
+            # the log, the quota and the cache's waiting requests are not left hanging.
+            ctx.status = ctx.status or 499
+            ctx.extra["client_disconnected"] = True
+            ctx.finished_at = time.perf_counter()
+            if ctx.result is not None and ctx.result.events is not None:
+                await asyncio.shield(ctx.result.events.aclose())
+            await asyncio.shield(self._finish(ctx))
+            raise
         except Exception as exc:
             logger.exception("request %s failed", request_id)
             error = GatewayError(500, "server_error", "The gateway failed to handle the request.")

@@ -133,6 +133,8 @@ class GuardOutput(Stage):
         channel = self._channel(ctx, matcher, f"choice {choice.get('index', 0)}")
         channel.feed(text, final=True)
         field_owner[field] = channel.text
+        if channel.text != text:
+            choice["logprobs"] = None  # they would carry what was redacted or cut
         if channel.blocked:
             choice["finish_reason"] = "content_filter"
             choice["content_filter_results"] = {**(choice.get("content_filter_results") or {}), **_filter_result(channel.blocked)}
@@ -188,6 +190,7 @@ class GuardOutput(Stage):
                     if finishing and not channel.blocked:
                         released += channel.flush()
                     choice = dict(choice)
+                    choice.pop("logprobs", None)  # logprobs carry the raw tokens the guard may hold back
                     if channel.blocked:
                         choice["finish_reason"] = "content_filter"
                         choice["content_filter_results"] = _filter_result(channel.blocked)

@@ -126,7 +126,8 @@ class CacheResponses(Stage):
         text = ctx.http.headers.get(TTL_HEADER)
         if text is None:
             return default
-        if not text.strip().isdigit() or not 1 <= int(text) <= _MAX_TTL:
+        text = text.strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_TTL:
             raise GatewayError(400, "invalid_request", f"{TTL_HEADER} must be a whole number of seconds from 1 to {_MAX_TTL}.", param=TTL_HEADER)
         return int(text)
 
@@ -147,6 +148,8 @@ class CacheResponses(Stage):
         try:
             entry = await asyncio.wait_for(asyncio.shield(leader), timeout=_COALESCE_WAIT_SECONDS)
         except asyncio.TimeoutError:
+            if self._inflight.get((state.scope, state.key)) is leader:
+                del self._inflight[(state.scope, state.key)]  # a leader that never finished
             return None
         state.coalesced = entry is not None
         return entry

@@ -96,14 +96,18 @@ class JwksCache:
             async with self._session.get(jwks_uri) as response:
                 response.raise_for_status()
                 jwks = await response.json(content_type=None)
+            published = jwks.get("keys", []) if isinstance(jwks, dict) else []
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError, TypeError) as exc:
             raise KeyFetchError(f"could not fetch signing keys for tenant {tenant_id}: {exc}") from exc
         finally:
             tenant.fetched_at = time.monotonic()  # failures are rate-limited too
         keys = {}
-        for jwk in jwks.get("keys", []):
-            if jwk.get("kty") == "RSA" and jwk.get("kid") and jwk.get("use", "sig") == "sig":
-                keys[jwk["kid"]] = RSAAlgorithm.from_jwk(jwk)
+        for jwk in published:
+            if isinstance(jwk, dict) and jwk.get("kty") == "RSA" and jwk.get("kid") and jwk.get("use", "sig") == "sig":
+                try:
+                    keys[jwk["kid"]] = RSAAlgorithm.from_jwk(jwk)
+                except (jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+                    continue  # one malformed key must not discard the others
         tenant.keys = keys
 
     async def close(self) -> None:
@@ -191,10 +195,11 @@ class TokenValidator:
         tenant_id = unverified.get("tid")
         if not isinstance(tenant_id, str) or tenant_id.lower() not in self._tenants:
             raise invalid_token("The token was issued by a tenant that this gateway does not accept.")
+        tenant_id = tenant_id.lower()  # one key cache per tenant, whatever the spelling
         issuer = unverified.get("iss")
-        if issuer == v2_issuer(tenant_id):
+        if issuer == v2_issuer(unverified["tid"]) or issuer == v2_issuer(tenant_id):
             version = "2.0"
-        elif issuer == v1_issuer(tenant_id):
+        elif issuer == v1_issuer(unverified["tid"]) or issuer == v1_issuer(tenant_id):
             version = "1.0"
         else:
             raise invalid_token("The token issuer is not the Entra ID issuer of its tenant.")

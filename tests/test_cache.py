@@ -160,8 +160,9 @@ async def test_ttl_expiry(cached_app):
     assert (await _chat(client, messages))[0] == "HIT"
     await asyncio.sleep(1.2)
     assert (await _chat(client, messages))[0] == "MISS"
-    with pytest.raises(openai.BadRequestError):
-        await _chat(client, messages, {"x-sekisho-cache-ttl": "soon"})
+    for bad in ("soon", "-5", "0"):
+        with pytest.raises(openai.BadRequestError):
+            await _chat(client, messages, {"x-sekisho-cache-ttl": bad})
 
 
 async def test_apps_do_not_share_entries_unless_scoped_together(cached_app):

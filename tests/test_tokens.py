@@ -103,3 +103,14 @@ async def test_a_remembered_token_still_expires(key_server):
         await validator.validate(token)
     assert "expired" in caught.value.message
     await cache.close()
+
+
+async def test_tenant_spelling_does_not_multiply_key_caches(key_server):
+    issuer, authority, counts = key_server
+    cache, validator = _validator(issuer, authority, 60)
+    await validator.validate(issuer.mint("app-1"))
+    upper = issuer.tenant_id.upper()
+    token = issuer.mint("app-1", tid=upper, iss=f"https://login.microsoftonline.com/{upper}/v2.0")
+    assert (await validator.validate(token)).app_id == "app-1"
+    assert counts["keys"] == 1  # the same tenant, the same cached keys
+    await cache.close()
