@@ -213,6 +213,10 @@ class DeploymentService:
         logger.info("deployment %s written", name)
         return doc
 
+    def health(self) -> list[dict[str, Any]]:
+        """This instance's view of each backend (circuit, cool-down)."""
+        return self._pool.status() if self._pool is not None else []
+
     async def delete(self, name: str) -> bool:
         deleted = await self._store.delete_deployment(name)
         if self._pool is not None:
@@ -314,7 +318,7 @@ class AdminApi:
         await self._admin(request)
         if name is None:
             return _json({"object": "list", "data": await self.catalogue.list(),
-                          "health": self.catalogue._pool.status() if self.catalogue._pool else []})
+                          "health": self.catalogue.health()})
         if request.method == "GET":
             doc = await self.catalogue.get(name)
             if doc is None:

@@ -95,8 +95,6 @@ def quota_unavailable() -> GatewayError:
 class Reservation:
     charges: list[CounterCharge]
     metrics: list[Metric]
-    estimated_tokens: int
-    estimated_cost: int
     degraded: bool
 
 
@@ -182,7 +180,7 @@ class EnforceQuota(Stage):
             ctx.extra["quota_degraded"] = True
         if not outcome.admitted:
             self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
-        ctx.quota = Reservation(charges, metrics, tokens, cost, degraded)
+        ctx.quota = Reservation(charges, metrics, degraded)
         self._remaining_headers(ctx, charges, metrics, outcome.used)
 
     def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:

@@ -24,13 +24,11 @@ ADMIN = "/sekisho/admin"
 CHAT = "/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
 
 
-async def _request(method: str, url: str, token: str, json=None, headers=None, session: aiohttp.ClientSession | None = None):
-    if session is None:
-        async with aiohttp.ClientSession() as own:
-            return await _request(method, url, token, json, headers, own)
-    async with session.request(method, url, json=json, headers={"Authorization": f"Bearer {token}", **(headers or {})}) as response:
-        body = await response.json(content_type=None) if response.status != 204 else None
-        return response.status, response.headers, body
+async def _request(method: str, url: str, token: str, json=None, headers=None):
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, json=json, headers={"Authorization": f"Bearer {token}", **(headers or {})}) as response:
+            body = await response.json(content_type=None) if response.status != 204 else None
+            return response.status, response.headers, body
 
 
 async def _register(gw, admin_token, settings: dict) -> str:
@@ -40,9 +38,9 @@ async def _register(gw, admin_token, settings: dict) -> str:
     return app_id
 
 
-async def _chat(gw, token, deployment="gpt-4o-mini", body=None, headers=None, session=None):
+async def _chat(gw, token, deployment="gpt-4o-mini", body=None, headers=None):
     body = body or {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-    return await _request("POST", gw.url + CHAT.format(deployment=deployment), token, body, headers, session)
+    return await _request("POST", gw.url + CHAT.format(deployment=deployment), token, body, headers)
 
 
 async def _usage(gw, admin_token, app_id, user=None):

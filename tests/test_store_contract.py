@@ -190,3 +190,14 @@ async def test_cache_put_get_expire_purge(store):
     assert await store.cache_get(scope, "k2") is None  # expired (both adapters check on read)
     assert await store.cache_purge(scope) >= 1
     assert await store.cache_get(scope, "k1") is None
+
+
+async def test_deployment_catalogue(store):
+    doc = {"id": "gpt-4o-mini", "backends": [{"name": "a", "endpoint": "https://a.example"}]}
+    assert await store.get_deployment("gpt-4o-mini") is None
+    await store.put_deployment(doc)
+    await store.put_deployment({**doc, "id": "gpt-4o"})
+    assert await store.get_deployment("gpt-4o-mini") == doc
+    assert [d["id"] for d in await store.list_deployments()] == ["gpt-4o", "gpt-4o-mini"]
+    assert await store.delete_deployment("gpt-4o") is True
+    assert await store.delete_deployment("gpt-4o") is False

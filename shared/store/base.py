@@ -137,15 +137,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def reset_counters(self, subject: str, counters: list[str]) -> None: ...
 
+    # Documents keyed by id alone: adapters provide these four, prices and the catalogue use them
+    @abc.abstractmethod
+    async def _get_doc(self, container: str, doc_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def _list_docs(self, container: str) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def _put_doc(self, container: str, doc: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def _delete_doc(self, container: str, doc_id: str) -> bool: ...
+
     # Prices --------------------------------------------------------------------------
-    @abc.abstractmethod
-    async def list_prices(self) -> list[dict[str, Any]]: ...
+    async def list_prices(self) -> list[dict[str, Any]]:
+        return await self._list_docs(PRICES.name)
 
-    @abc.abstractmethod
-    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]: ...
+    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return await self._put_doc(PRICES.name, doc)
 
-    @abc.abstractmethod
-    async def delete_price(self, model: str) -> bool: ...
+    async def delete_price(self, model: str) -> bool:
+        return await self._delete_doc(PRICES.name, model)
 
     # Response cache ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -160,14 +173,14 @@ class Store(abc.ABC):
         """Delete every entry of a scope; returns how many."""
 
     # Deployment catalogue (backends per deployment) -----------------------------------------
-    @abc.abstractmethod
-    async def get_deployment(self, name: str) -> dict[str, Any] | None: ...
+    async def get_deployment(self, name: str) -> dict[str, Any] | None:
+        return await self._get_doc(DEPLOYMENTS.name, name)
 
-    @abc.abstractmethod
-    async def list_deployments(self) -> list[dict[str, Any]]: ...
+    async def list_deployments(self) -> list[dict[str, Any]]:
+        return await self._list_docs(DEPLOYMENTS.name)
 
-    @abc.abstractmethod
-    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]: ...
+    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return await self._put_doc(DEPLOYMENTS.name, doc)
 
-    @abc.abstractmethod
-    async def delete_deployment(self, name: str) -> bool: ...
+    async def delete_deployment(self, name: str) -> bool:
+        return await self._delete_doc(DEPLOYMENTS.name, name)

@@ -19,7 +19,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
 from .base import (
-    CONTAINERS, DEPLOYMENTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -238,7 +238,7 @@ class CosmosStore(Store):
                 used = await self._charge(container, charge, conditional=True)
                 if used is None:
                     await self._undo(container, [c for c, _ in applied])
-                    now = await self.read_counters_for(charges)
+                    now = [(await self.read_counters(c.subject, [c.counter]))[c.counter] for c in charges]
                     return ReserveOutcome(False, now, index)
                 applied.append((charge, used))
         except (exceptions.CosmosHttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
@@ -254,12 +254,6 @@ class CosmosStore(Store):
                 import logging
 
                 logging.getLogger("sekisho.store").exception("could not undo a quota charge on %s/%s", charge.subject, charge.counter)
-
-    async def read_counters_for(self, charges: list[CounterCharge]) -> list[int]:
-        values = []
-        for charge in charges:
-            values.append((await self.read_counters(charge.subject, [charge.counter]))[charge.counter])
-        return values
 
     async def adjust(self, charges: list[CounterCharge]) -> None:
         container = self._container(QUOTA_COUNTERS.name)
@@ -286,17 +280,21 @@ class CosmosStore(Store):
             if used:
                 await self._charge(container, CounterCharge(subject, counter, -used, None, 0), conditional=False)
 
-    # Prices ----------------------------------------------------------------------------------
-    async def list_prices(self) -> list[dict[str, Any]]:
-        container = self._container(PRICES.name)
-        return [_clean(item) async for item in container.query_items("SELECT * FROM c ORDER BY c.id")]
+    # Documents keyed by id alone (prices, the deployment catalogue; partition key /id) ----------
+    async def _get_doc(self, container_name: str, doc_id: str) -> dict[str, Any] | None:
+        query = "SELECT * FROM c WHERE c.id = @id"
+        item = await _first(self._container(container_name).query_items(query, parameters=[{"name": "@id", "value": doc_id}], partition_key=doc_id))
+        return _clean(item) if item else None
 
-    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]:
-        return _clean(await self._container(PRICES.name).upsert_item(doc))
+    async def _list_docs(self, container_name: str) -> list[dict[str, Any]]:
+        return [_clean(item) async for item in self._container(container_name).query_items("SELECT * FROM c ORDER BY c.id")]
 
-    async def delete_price(self, model: str) -> bool:
+    async def _put_doc(self, container_name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        return _clean(await self._container(container_name).upsert_item(doc))
+
+    async def _delete_doc(self, container_name: str, doc_id: str) -> bool:
         try:
-            await self._container(PRICES.name).delete_item(model, partition_key=model)
+            await self._container(container_name).delete_item(doc_id, partition_key=doc_id)
         except exceptions.CosmosResourceNotFoundError:
             return False
         return True
@@ -327,24 +325,3 @@ class CosmosStore(Store):
             except exceptions.CosmosResourceNotFoundError:
                 pass
         return len(ids)
-
-    # Deployment catalogue ----------------------------------------------------------------------
-    async def get_deployment(self, name: str) -> dict[str, Any] | None:
-        container = self._container(DEPLOYMENTS.name)
-        query = "SELECT * FROM c WHERE c.id = @id"
-        item = await _first(container.query_items(query, parameters=[{"name": "@id", "value": name}], partition_key=name))
-        return _clean(item) if item else None
-
-    async def list_deployments(self) -> list[dict[str, Any]]:
-        container = self._container(DEPLOYMENTS.name)
-        return [_clean(item) async for item in container.query_items("SELECT * FROM c ORDER BY c.id")]
-
-    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]:
-        return _clean(await self._container(DEPLOYMENTS.name).upsert_item(doc))
-
-    async def delete_deployment(self, name: str) -> bool:
-        try:
-            await self._container(DEPLOYMENTS.name).delete_item(name, partition_key=name)
-        except exceptions.CosmosResourceNotFoundError:
-            return False
-        return True

@@ -313,23 +313,27 @@ class SqliteStore(Store):
 
         await self._run(reset)
 
-    # Prices ----------------------------------------------------------------------------------
-    async def list_prices(self) -> list[dict[str, Any]]:
-        rows = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {PRICES.name} ORDER BY id").fetchall())
+    # Documents keyed by id alone (prices, the deployment catalogue) ----------------------------
+    async def _get_doc(self, table: str, doc_id: str) -> dict[str, Any] | None:
+        row = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {table} WHERE id = ?", (doc_id,)).fetchone())
+        return orjson.loads(row[0]) if row else None
+
+    async def _list_docs(self, table: str) -> list[dict[str, Any]]:
+        rows = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {table} ORDER BY id").fetchall())
         return [orjson.loads(r[0]) for r in rows]
 
-    async def put_price(self, doc: dict[str, Any]) -> dict[str, Any]:
+    async def _put_doc(self, table: str, doc: dict[str, Any]) -> dict[str, Any]:
         def write(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.execute(f"INSERT OR REPLACE INTO {PRICES.name} (id, doc) VALUES (?, ?)", (doc["id"], orjson.dumps(doc)))
+                conn.execute(f"INSERT OR REPLACE INTO {table} (id, doc) VALUES (?, ?)", (doc["id"], orjson.dumps(doc)))
 
         await self._run(write)
         return doc
 
-    async def delete_price(self, model: str) -> bool:
+    async def _delete_doc(self, table: str, doc_id: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
             with conn:
-                return conn.execute(f"DELETE FROM {PRICES.name} WHERE id = ?", (model,)).rowcount > 0
+                return conn.execute(f"DELETE FROM {table} WHERE id = ?", (doc_id,)).rowcount > 0
 
         return await self._run(delete)
 
@@ -363,27 +367,3 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE scope = ?", (scope,)).rowcount
 
         return await self._run(purge)
-
-    # Deployment catalogue ----------------------------------------------------------------------
-    async def get_deployment(self, name: str) -> dict[str, Any] | None:
-        row = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {DEPLOYMENTS.name} WHERE id = ?", (name,)).fetchone())
-        return orjson.loads(row[0]) if row else None
-
-    async def list_deployments(self) -> list[dict[str, Any]]:
-        rows = await self._run(lambda conn: conn.execute(f"SELECT doc FROM {DEPLOYMENTS.name} ORDER BY id").fetchall())
-        return [orjson.loads(r[0]) for r in rows]
-
-    async def put_deployment(self, doc: dict[str, Any]) -> dict[str, Any]:
-        def write(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.execute(f"INSERT OR REPLACE INTO {DEPLOYMENTS.name} (id, doc) VALUES (?, ?)", (doc["id"], orjson.dumps(doc)))
-
-        await self._run(write)
-        return doc
-
-    async def delete_deployment(self, name: str) -> bool:
-        def delete(conn: sqlite3.Connection) -> bool:
-            with conn:
-                return conn.execute(f"DELETE FROM {DEPLOYMENTS.name} WHERE id = ?", (name,)).rowcount > 0
-
-        return await self._run(delete)
