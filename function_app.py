@@ -9,14 +9,21 @@ Two rules of the Functions host shape the routes: a route may not start with `ad
 `runtime` (reserved for the host's own APIs; such a function is refused at indexing), and the
 host takes the first registered route that matches, not the most specific one — so no two
 routes here may match the same path, and there is no catch-all route.
+
+Async jobs (`Prefer: respond-async`) run as a Durable Functions orchestration; the HTTP function
+stores the job and enqueues it, and a queue-triggered starter with the durable client binding
+starts the orchestration (why the queue: shared/job_orchestration.py).
 """
+import azure.durable_functions as df
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
+from shared.async_jobs import JOB_ROUTE
 from shared.gateway import Gateway
+from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, START_QUEUE, decode, encode, orchestrate_job
 from shared.routes import ADMIN_PREFIX, HEALTH_ROUTE, ROUTES_BY_FUNCTION
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 gateway = Gateway()  # the one application context; opens its connections on first use
 
 
@@ -39,6 +46,44 @@ for _name in ROUTES_BY_FUNCTION:
 @app.route(route=HEALTH_ROUTE, methods=["GET"])
 async def health(req: Request) -> Response:
     return await gateway.health()
+
+
+# Async jobs ---------------------------------------------------------------------------------
+@app.function_name("job_status")
+@app.route(route=JOB_ROUTE, methods=["GET"])
+async def job_status(req: Request) -> Response:
+    return await gateway.job_status(req, req.path_params["job_id"])
+
+
+@app.function_name("job_starter")
+@app.queue_trigger(arg_name="msg", queue_name=START_QUEUE, connection="AzureWebJobsStorage")
+@app.durable_client_input(client_name="client")
+async def job_starter(msg: func.QueueMessage, client) -> None:
+    """Starts the job's orchestration; the job id is the instance id, so a redelivered message
+    finds the instance and starts nothing."""
+    start = decode(msg.get_body().decode("utf-8"))
+    existing = await client.get_status(start["job_id"])
+    if existing is not None and existing.runtime_status is not None:
+        return
+    await client.start_new(ORCHESTRATOR, instance_id=start["job_id"], client_input=encode(start))
+
+
+@app.function_name(ORCHESTRATOR)
+@app.orchestration_trigger(context_name="context")
+def sekisho_job(context: df.DurableOrchestrationContext):
+    return (yield from orchestrate_job(context))
+
+
+@app.function_name(ATTEMPT_ACTIVITY)
+@app.activity_trigger(input_name="task")
+async def sekisho_job_attempt(task: str) -> str:
+    return encode(await gateway.run_job_attempt(decode(task)))
+
+
+@app.function_name(GIVE_UP_ACTIVITY)
+@app.activity_trigger(input_name="task")
+async def sekisho_job_give_up(task: str) -> str:
+    return encode(await gateway.give_up_job(decode(task)))
 
 
 # Admin API (admin app role required; see shared/admin_api.py) ----------------------------

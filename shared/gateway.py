@@ -15,12 +15,15 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from . import errors
+from . import async_jobs, errors
 from .access import ApplyPolicy, PolicyCache, PolicyResolver
 from .admin_api import AdminApi, PolicyService
 from .context import RequestContext, UpstreamResult
 from .errors import GatewayError
 from .identity import Authenticate, Authenticator
+from .job_launch import JobLauncher, QueueJobLauncher
+from .policy import effective_policy
+from .routes import Operation
 from .input_guard import GuardInput
 from .output_guard import GuardOutput
 from .system_prompt import ApplySystemPrompt
@@ -78,6 +81,10 @@ class Gateway:
         self.pricing: PricingTable | None = None
         self.quota: EnforceQuota | None = None
         self.cache: CacheResponses | None = None
+        self.authenticator: Authenticator | None = None
+        self.resolver: PolicyResolver | None = None
+        # Async jobs: a storage queue in Azure; the local host sets its in-process runtime here.
+        self.job_launcher: JobLauncher | None = None
         self.stages: list[Stage] = []
 
     # Lifecycle -------------------------------------------------------------------
@@ -104,13 +111,12 @@ class Gateway:
             if settings.auth_tenant_ids:
                 self.jwks = JwksCache(settings.auth_authority, settings.jwks_min_refresh_seconds)
                 validator = TokenValidator(self.jwks, settings.auth_tenant_ids, settings.auth_audiences, settings.auth_leeway_seconds)
-            authenticator = Authenticator(validator, settings.easy_auth_enabled)
+            authenticator = self.authenticator = Authenticator(validator, settings.easy_auth_enabled)
             self.policy_cache = PolicyCache(store, settings.policy_cache_seconds)
-            resolver = PolicyResolver(
-                self.policy_cache,
-                builtin_defaults(settings.log_content, settings.log_retention_days),
-                settings.allow_unregistered_apps,
-            )
+            self._builtin_policy = builtin_defaults(settings.log_content, settings.log_retention_days)
+            resolver = self.resolver = PolicyResolver(self.policy_cache, self._builtin_policy, settings.allow_unregistered_apps)
+            if self.job_launcher is None:
+                self.job_launcher = QueueJobLauncher.from_settings(settings)
             self.pricing = PricingTable(store, settings.policy_cache_seconds)
             windows = Windows(settings.quota_timezone)
             self.quota = EnforceQuota(store, self.pricing, windows, settings.currency)
@@ -139,6 +145,8 @@ class Gateway:
         if not self._started:
             return
         self._started = False
+        if self.job_launcher is not None:
+            await self.job_launcher.close()  # first: running jobs still write logs and settle quotas
         await self.quota.drain()
         await self.cache.drain()
         await self.log_writer.close()
@@ -165,8 +173,16 @@ class Gateway:
                 # still run and decide for themselves (the quota counts a hit as a request).
                 entered.append(stage)
                 await stage.before(ctx)
+            if ctx.result is None and self._takes_job(ctx, async_jobs.prefers_async(request)):
+                return await self._submit_job(ctx, "prefer")
             if ctx.result is None:
-                ctx.result = await self.upstream.send(ctx)
+                try:
+                    ctx.result = await self.upstream.send(ctx)
+                except GatewayError as exc:
+                    # The policy may turn "still 429 when the retry budget ran out" into a job.
+                    if exc.code == "upstream_rate_limited" and self._takes_job(ctx, ctx.policy.async_jobs.on_budget_exhausted):
+                        return await self._submit_job(ctx, "retry_budget")
+                    raise
             for stage in reversed(entered):
                 ctx.result = stage.after(ctx, ctx.result)
         except GatewayError as exc:
@@ -227,6 +243,114 @@ class Gateway:
                 await aclose()
             await asyncio.shield(self._finish(ctx))
 
+    # Async jobs (async_jobs.py, job_orchestration.py) ----------------------------------------
+    def _takes_job(self, ctx: RequestContext, wanted: bool) -> bool:
+        # A preference, not an order (RFC 7240): without a job runner, for streams, or when
+        # the policy says no, the request is answered synchronously.
+        return (wanted and self.job_launcher is not None and not ctx.stream and ctx.route.operation is not Operation.MODELS
+                and ctx.policy.async_jobs.enabled)
+
+    async def _submit_job(self, ctx: RequestContext, reason: str) -> Response:
+        async_jobs.check_size(ctx)
+        job = async_jobs.new_job(ctx, reason)
+        try:
+            await self.store.put_job(job)
+            await self.job_launcher.launch(job)
+        except Exception:
+            logger.exception("job %s could not be queued", ctx.request_id)
+            raise GatewayError(503, "async_unavailable", "The job could not be queued; try again, or call without 'Prefer: respond-async'.",
+                               error_type="server_error") from None
+        ctx.quota = None  # the job owns the reservation now and settles it when it ends
+        ctx.extra["job"] = async_jobs.job_summary(job)
+        ctx.status = 202
+        ctx.finished_at = time.perf_counter()
+        await self._finish(ctx)
+        headers = dict(ctx.response_headers)
+        if reason == "prefer":
+            headers["Preference-Applied"] = "respond-async"
+        return async_jobs.accepted_response(job, async_jobs.status_url(ctx.http, job["id"]), headers)
+
+    async def job_status(self, request: Request, job_id: str) -> Response:
+        """GET on a job's status URL, by the app (and, for delegated tokens, the user) that owns it."""
+        started = await self._start_or_error()
+        if started is not None:
+            return started
+        try:
+            identity = await self.authenticator.authenticate(request)
+            job = await self.store.get_job(identity.app_id, job_id)
+            if job is None or (identity.delegated and job["user_id"] != identity.user_oid):
+                raise errors.not_found(f"No job {job_id!r} for this application (jobs are kept for their retention time).")
+        except GatewayError as exc:
+            return _error_response(exc, {})
+        return async_jobs.status_response(job, async_jobs.status_url(request, job_id))
+
+    async def _load_job(self, task: dict) -> tuple[dict | None, RequestContext | None]:
+        job = await self.store.get_job(task["app_id"], task["job_id"])
+        if job is None or job["status"] in async_jobs.FINISHED:
+            return job, None  # expired, or finished by an earlier run of this activity (replay)
+        try:
+            policy = await self.resolver.resolve(job["app_id"], job["user_id"])
+        except GatewayError:
+            # The app was removed meanwhile; finish the job under the built-in defaults.
+            policy = effective_policy(job["app_id"], self._builtin_policy, None, None, None)
+        return job, async_jobs.restore_context(job, policy)
+
+    async def run_job_attempt(self, task: dict) -> dict:
+        """The attempt activity: one upstream call (failing over, never sleeping). Finishes the
+        job, or reports how long to wait before the next attempt."""
+        await self.start()
+        job, ctx = await self._load_job(task)
+        if ctx is None:
+            return {"state": job["status"] if job else "missing"}
+        async_jobs.mark(job, async_jobs.RUNNING, attempts=task["attempt"], waited_seconds=task["waited_seconds"])
+        await self.store.put_job(job)
+        ctx.extra["job"] = async_jobs.job_summary(job)
+        try:
+            result = await self.upstream.send(ctx, may_wait=False)
+        except GatewayError as exc:
+            if exc.code in ("upstream_rate_limited", "upstream_error", "upstream_timeout"):
+                wait = upstream_wait(exc, task["attempt"])
+                async_jobs.mark(job, async_jobs.WAITING)
+                await self.store.put_job(job)
+                return {"state": "retry", "retry_after_seconds": wait, "error": {"status": exc.status, "code": exc.code}}
+            return await self._end_job(job, ctx, error=exc)
+        for stage in reversed(self.stages):
+            result = stage.after(ctx, result)
+        return await self._end_job(job, ctx, result=result)
+
+    async def give_up_job(self, task: dict) -> dict:
+        """The give-up activity: attempts or waiting time used up."""
+        await self.start()
+        job, ctx = await self._load_job(task)
+        if ctx is None:
+            return {"state": job["status"] if job else "missing"}
+        async_jobs.mark(job, job["status"], attempts=task["attempt"], waited_seconds=task["waited_seconds"])
+        last = task.get("last_error") or {}
+        if last.get("code") == "upstream_rate_limited":
+            error = GatewayError(429, "upstream_rate_limited",
+                                 f"Azure OpenAI kept rate limiting this deployment: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s of waiting did not get through.",
+                                 error_type="rate_limit_error")
+        else:
+            error = GatewayError(last.get("status") or 502, last.get("code") or "upstream_error",
+                                 f"Azure OpenAI kept failing: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s did not get an answer.")
+        return await self._end_job(job, ctx, error=error)
+
+    async def _end_job(self, job: dict, ctx: RequestContext, *, result: UpstreamResult | None = None, error: GatewayError | None = None) -> dict:
+        """Finish the job's request like the synchronous path would, and keep its outcome."""
+        if error is not None:
+            ctx.error, ctx.status = error, error.status
+            async_jobs.record_error(job, error)
+        else:
+            ctx.result, ctx.status = result, result.status
+            async_jobs.record_result(job, ctx, result)
+        ctx.finished_at = ctx.first_byte_at = time.perf_counter()
+        ctx.extra["job"] = async_jobs.job_summary(job)
+        await self._finish(ctx)  # settles the reservation, writes the log record under the job's id
+        if job.get("result") and "x-sekisho-cost" in ctx.response_headers:
+            job["result"]["headers"]["x-sekisho-cost"] = ctx.response_headers["x-sekisho-cost"]
+        await self.store.put_job(job)
+        return {"state": job["status"]}
+
     async def _finish(self, ctx: RequestContext) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
         for stage in self.stages:
@@ -273,6 +397,17 @@ class Gateway:
         except Exception as exc:
             return Response(content=errors.error_body(f"unhealthy: {exc}", "server_error", "server_error"), status_code=503, media_type="application/json")
         return Response(content=b'{"status":"ok"}', media_type="application/json")
+
+
+def upstream_wait(error: GatewayError, attempt: int) -> float:
+    """Seconds to wait before the next attempt of a job: the upstream's hint, else back-off."""
+    hint = error.headers.get("retry-after-ms")
+    if hint and hint.isdigit():
+        return int(hint) / 1000
+    hint = error.headers.get("Retry-After")
+    if hint and hint.isdigit():
+        return float(hint)
+    return float(min(300, 2 ** attempt))
 
 
 def _custom_properties(request: Request) -> dict[str, str]:

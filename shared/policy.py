@@ -74,6 +74,18 @@ class RetrySettings(BaseModel):
     max_delay_seconds: float | None = Field(default=None, ge=0.01, le=120)
 
 
+class AsyncJobSettings(BaseModel):
+    """Async mode: requests that wait out 429s in a Durable Functions orchestration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = Field(default=None, description="Accept `Prefer: respond-async` (202 and a status URL).")
+    on_budget_exhausted: bool | None = Field(default=None, description="Turn a request whose synchronous retry budget ran out on 429s into a job instead of answering 429.")
+    max_attempts: int | None = Field(default=None, ge=1, le=100, description="Upstream attempts per job (each attempt may itself fail over across backends).")
+    max_wait_seconds: int | None = Field(default=None, ge=1, le=86_400, description="Total time a job may spend waiting on Retry-After timers.")
+    retention_hours: int | None = Field(default=None, ge=1, le=720, description="How long a job and its result stay readable.")
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -92,6 +104,7 @@ class PolicySettings(BaseModel):
     guards: GuardSettings | None = None
     cache: CacheSettings | None = None
     retry: RetrySettings | None = None
+    async_jobs: AsyncJobSettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -128,6 +141,7 @@ class EffectivePolicy(BaseModel):
     leak_protection: LeakProtection = Field(default_factory=LeakProtection)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings)
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
 
     def rule_set(self, direction: str) -> RuleSet:
@@ -150,6 +164,7 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
         app_limits=Limits(), user_limits=Limits(), default_completion_tokens=1024, quota_on_store_failure="closed",
         cache=CacheSettings(enabled=False, ttl_seconds=86400, cache_nondeterministic=False, replay_only=False, allow_replay_header=False),
         retry=RetrySettings(max_attempts=4, time_budget_seconds=30, base_delay_ms=500, max_delay_seconds=10),
+        async_jobs=AsyncJobSettings(enabled=True, on_budget_exhausted=False, max_attempts=10, max_wait_seconds=1800, retention_hours=24),
     )
 
 
@@ -286,4 +301,5 @@ def effective_policy(
         leak_protection=LeakProtection.model_validate(guards.get("leak_protection") or {}),
         cache=CacheSettings.model_validate(merged.get("cache") or {}),
         retry=RetrySettings.model_validate(merged.get("retry") or {}),
+        async_jobs=AsyncJobSettings.model_validate(merged.get("async_jobs") or {}),
     )

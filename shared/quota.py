@@ -239,7 +239,7 @@ class EnforceQuota(Stage):
         else:
             cost = 0
         ctx.extra["cost"] = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
-        if succeeded or cost:
+        if (succeeded or cost) and ctx.status != 202:  # 202: an async job, priced when it ends
             ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"
         reservation: Reservation | None = getattr(ctx, "quota", None)
         if reservation is None:

@@ -51,6 +51,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
     Setting("SEKISHO_LOG_BATCH_SIZE", "200", "Most log records written in one batch."),
+    Setting("AzureWebJobsStorage", "", "Functions host storage as a connection string (local: UseDevelopmentStorage=true for Azurite). Async jobs are queued on its `sekisho-jobs` queue."),
+    Setting("AzureWebJobsStorage__accountName", "", "Functions host storage account for identity-based access (Azure; no keys). Async jobs are queued on its `sekisho-jobs` queue."),
+    Setting("AzureWebJobsStorage__clientId", "", "Client id of the user-assigned identity used for the host storage (identity-based access)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -94,6 +97,9 @@ class Settings:
     log_retention_days: int
     log_flush_interval: float
     log_batch_size: int
+    webjobs_storage: str = ""
+    webjobs_storage_account: str = ""
+    webjobs_storage_client_id: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -176,6 +182,9 @@ class Settings:
             log_retention_days=number("SEKISHO_LOG_RETENTION_DAYS", int, 1),
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
             log_batch_size=number("SEKISHO_LOG_BATCH_SIZE", int, 1),
+            webjobs_storage=get("AzureWebJobsStorage"),
+            webjobs_storage_account=get("AzureWebJobsStorage__accountName"),
+            webjobs_storage_client_id=get("AzureWebJobsStorage__clientId"),
             raw=dict(env),
         )
         if store == "cosmos" and not settings.cosmos_endpoint:
@@ -194,13 +203,13 @@ class Settings:
 # Functions platform settings that the sample carries beside Sekisho's own.
 PLATFORM_SAMPLE = {
     "FUNCTIONS_WORKER_RUNTIME": "python",
-    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
     "PYTHON_ENABLE_INIT_INDEXING": "1",  # needed by the HTTP streaming extension on Python <= 3.12
 }
 _SAMPLE_VALUES = {
     "AZURE_OPENAI_ENDPOINT": "https://<your-resource>.openai.azure.com",
     "SEKISHO_AUTH_TENANT_IDS": "<your-tenant-id>",
     "SEKISHO_AUTH_AUDIENCES": "<gateway-client-id>,api://<gateway-client-id>",
+    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
 }
 
 

@@ -107,7 +107,10 @@ class UpstreamClient:
         return orjson.dumps(ctx.body) if ctx.body_modified else ctx.raw_body
 
     # The retry loop -----------------------------------------------------------------------------
-    async def send(self, ctx: RequestContext) -> UpstreamResult:
+    async def send(self, ctx: RequestContext, may_wait: bool = True) -> UpstreamResult:
+        """Call the upstream, retrying within the policy's budget. `may_wait=False` (async jobs)
+        still fails over to another backend at once but never sleeps: the caller waits on a
+        durable timer instead, for the Retry-After that the give-up error carries."""
         policy = ctx.policy.retry
         backends = await self._pool.backends(ctx.deployment)
         started = time.monotonic()
@@ -117,6 +120,8 @@ class UpstreamClient:
         def stop(state: RetryCallState) -> bool:
             failure = state.outcome.exception()
             elapsed = time.monotonic() - started
+            if not may_wait and failure.planned_wait > 0:
+                return True
             return state.attempt_number >= policy.max_attempts or elapsed + failure.planned_wait > policy.time_budget_seconds
 
         def wait(state: RetryCallState) -> float:

@@ -28,6 +28,7 @@ EXPECTED = {
     "azure_models": ("openai/models", {"GET"}),
     "v1_models": ("openai/v1/models", {"GET"}),
     "health": ("health", {"GET"}),
+    "job_status": ("sekisho/jobs/{job_id}", {"GET"}),
     "admin_policies": ("sekisho/admin/policies", {"GET"}),
     "admin_policy_defaults": ("sekisho/admin/policies/defaults", {"GET", "PUT", "DELETE"}),
     "admin_policy_app": ("sekisho/admin/policies/apps/{app_id}", {"GET", "PUT", "DELETE"}),
@@ -56,8 +57,29 @@ def _registered():
     return out
 
 
-def test_registered_functions_routes_and_methods():
+# Async jobs: the queue-triggered starter (durable client), the orchestrator and its activities.
+DURABLE_EXPECTED = {
+    "job_starter": {"queueTrigger", "durableClient"},
+    "sekisho_job": {"orchestrationTrigger"},
+    "sekisho_job_attempt": {"activityTrigger"},
+    "sekisho_job_give_up": {"activityTrigger"},
+}
+
+
+def test_durable_functions_are_registered():
     registered = _registered()
+    durable = {name: {b["type"] for b in bindings} for name, (_, bindings, _) in registered.items() if name not in EXPECTED}
+    assert durable == DURABLE_EXPECTED
+    queue = next(b for b in registered["job_starter"][1] if b["type"] == "queueTrigger")
+    assert queue["queueName"] == "sekisho-jobs" and queue["connection"] == "AzureWebJobsStorage"
+    # The activity names the orchestrator calls are the registered function names.
+    from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR
+
+    assert {ORCHESTRATOR, ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY} <= set(registered)
+
+
+def test_registered_functions_routes_and_methods():
+    registered = {name: value for name, value in _registered().items() if value[0]["type"] == "httpTrigger"}
     assert set(registered) == set(EXPECTED)
     for name, (route, methods) in EXPECTED.items():
         trigger, bindings, handler = registered[name]

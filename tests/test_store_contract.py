@@ -201,3 +201,16 @@ async def test_deployment_catalogue(store):
     assert [d["id"] for d in await store.list_deployments()] == ["gpt-4o", "gpt-4o-mini"]
     assert await store.delete_deployment("gpt-4o") is True
     assert await store.delete_deployment("gpt-4o") is False
+
+
+async def test_jobs_are_kept_per_app_and_replaced_whole(store):
+    job = {"id": uuid.uuid4().hex, "app_id": "app-a", "user_id": "u1", "status": "queued", "ttl": 3600,
+           "request": {"body": {"messages": [{"role": "user", "content": "こんにちは"}]}}, "result": None}
+    await store.put_job(job)
+    assert await store.get_job("app-a", job["id"]) == job
+    assert await store.get_job("app-b", job["id"]) is None  # another app's partition
+    await store.put_job({**job, "status": "succeeded", "result": {"status": 200, "body": {"ok": True}}})
+    assert (await store.get_job("app-a", job["id"]))["status"] == "succeeded"
+    expired = {**job, "id": uuid.uuid4().hex, "ttl": -1}  # already past its retention
+    await store.put_job(expired)
+    assert await store.get_job("app-a", expired["id"]) is None

@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 
 from ..local_issuer import LocalIssuer
+from .durable_runtime import LocalDurableRuntime
 from .functions_host import FunctionsAsgiApp
 from .issuer_routes import IssuerRoutes
 
@@ -63,7 +64,11 @@ def load_function_app(module_name: str = "function_app"):
 
 def build_asgi_app(module_name: str = "function_app") -> FunctionsAsgiApp:
     module = load_function_app(module_name)
-    hooks = [module.gateway.aclose] if hasattr(module, "gateway") else []
+    hooks = []
+    if hasattr(module, "gateway"):
+        # Async jobs run in-process here: the local host plays the queue and Durable Functions.
+        module.gateway.job_launcher = LocalDurableRuntime(module.app)
+        hooks.append(module.gateway.aclose)
     return FunctionsAsgiApp(module.app, on_shutdown=hooks)
 
 

@@ -25,7 +25,8 @@ QUOTA_COUNTERS = Container("quota_counters", "/subject", default_ttl=True)
 PRICES = Container("prices", "/id", default_ttl=False)
 RESPONSE_CACHE = Container("response_cache", "/scope", default_ttl=True)
 DEPLOYMENTS = Container("deployments", "/id", default_ttl=False)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS)
+JOBS = Container("jobs", "/app_id", default_ttl=True)
+CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS)
 
 
 class StoreError(Exception):
@@ -184,3 +185,12 @@ class Store(abc.ABC):
 
     async def delete_deployment(self, name: str) -> bool:
         return await self._delete_doc(DEPLOYMENTS.name, name)
+
+    # Async jobs (one document per job, partitioned by the app that owns it) -------------------
+    @abc.abstractmethod
+    async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
+        """The job, or None when missing, expired, or owned by another app."""
+
+    @abc.abstractmethod
+    async def put_job(self, doc: dict[str, Any]) -> None:
+        """Create or replace a job document; it expires `doc["ttl"]` seconds after this write."""

@@ -19,7 +19,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
 from .base import (
-    CONTAINERS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, JOBS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -325,3 +325,15 @@ class CosmosStore(Store):
             except exceptions.CosmosResourceNotFoundError:
                 pass
         return len(ids)
+
+    # Async jobs: one item per job in its app's partition, expiring through its `ttl` -----------
+    async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
+        query = "SELECT * FROM c WHERE c.app_id = @app AND c.id = @id"
+        params = [{"name": "@app", "value": app_id}, {"name": "@id", "value": job_id}]
+        item = await _first(self._container(JOBS.name).query_items(query, parameters=params, partition_key=app_id))
+        if item is None or item.pop("expires_at", 0) <= time.time():
+            return None
+        return _clean(item)
+
+    async def put_job(self, doc: dict[str, Any]) -> None:
+        await self._container(JOBS.name).upsert_item({**doc, "expires_at": time.time() + doc["ttl"]})

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import orjson
 
 from .base import (
-    DEPLOYMENTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    DEPLOYMENTS, JOBS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
     ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS {RESPONSE_CACHE.name} (
     expires_at REAL NOT NULL,
     doc BLOB NOT NULL,
     PRIMARY KEY (scope, key)
+);
+CREATE TABLE IF NOT EXISTS {JOBS.name} (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (app_id, id)
 );
 """
 
@@ -367,3 +374,25 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE scope = ?", (scope,)).rowcount
 
         return await self._run(purge)
+
+    # Async jobs --------------------------------------------------------------------------------
+    async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
+        now = time.time()
+        row = await self._run(lambda conn: conn.execute(
+            f"SELECT doc FROM {JOBS.name} WHERE app_id = ? AND id = ? AND expires_at > ?", (app_id, job_id, now)
+        ).fetchone())
+        return orjson.loads(row[0]) if row else None
+
+    async def put_job(self, doc: dict[str, Any]) -> None:
+        now = time.time()
+        blob = orjson.dumps(doc)
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    f"INSERT OR REPLACE INTO {JOBS.name} (app_id, id, expires_at, doc) VALUES (?, ?, ?, ?)",
+                    (doc["app_id"], doc["id"], now + doc["ttl"], blob),
+                )
+                conn.execute(f"DELETE FROM {JOBS.name} WHERE expires_at < ?", (now,))
+
+        await self._run(write)

@@ -1,0 +1,233 @@
+"""Async mode: `Prefer: respond-async` → 202 → a Durable orchestration waits out 429s → poll.
+
+The orchestrator is driven step by step here, and end to end through the local host, which
+runs the very functions registered in function_app.py (queue starter, orchestrator,
+activities) in-process."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import aiohttp
+import pytest
+
+from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, decode, orchestrate_job
+from shared.localhost.durable_runtime import ActivityCall, LocalOrchestrationContext, Timer
+
+from .conftest import _gateway_env
+from .servers import start_local_host, start_simulator, stop
+
+ADMIN = "/sekisho/admin"
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+ASYNC = {"Prefer": "respond-async"}
+
+
+# The orchestrator, step by step ---------------------------------------------------------------
+def _context(max_attempts=3, max_wait_seconds=60):
+    return LocalOrchestrationContext("job-1", '{"job_id": "job-1", "app_id": "app", "max_attempts": %d, "max_wait_seconds": %d}' % (max_attempts, max_wait_seconds))
+
+
+def test_orchestrator_waits_the_retry_after_the_activity_reports():
+    context = _context()
+    steps = orchestrate_job(context)
+    first = next(steps)
+    assert isinstance(first, ActivityCall) and first.name == ATTEMPT_ACTIVITY
+    assert decode(first.input) == {"job_id": "job-1", "app_id": "app", "max_attempts": 3, "max_wait_seconds": 60, "attempt": 1, "waited_seconds": 0.0}
+    timer = steps.send('{"state": "retry", "retry_after_seconds": 7.5, "error": {"status": 429, "code": "upstream_rate_limited"}}')
+    assert isinstance(timer, Timer) and timer.fire_at == context.current_utc_datetime + timedelta(seconds=7.5)
+    assert context.custom_status == {"attempt": 1, "waiting_seconds": 7.5, "waited_seconds": 7.5}
+    second = steps.send(None)
+    assert decode(second.input)["attempt"] == 2 and decode(second.input)["waited_seconds"] == 7.5
+    with pytest.raises(StopIteration) as done:
+        steps.send('{"state": "succeeded"}')
+    assert done.value.value == {"state": "succeeded"}
+
+
+def test_orchestrator_gives_up_after_its_attempts():
+    steps = orchestrate_job(_context(max_attempts=2))
+    next(steps)
+    steps.send('{"state": "retry", "retry_after_seconds": 1}')
+    steps.send(None)
+    give_up = steps.send('{"state": "retry", "retry_after_seconds": 1, "error": {"status": 429, "code": "upstream_rate_limited"}}')
+    assert isinstance(give_up, ActivityCall) and give_up.name == GIVE_UP_ACTIVITY
+    assert decode(give_up.input)["last_error"]["code"] == "upstream_rate_limited" and decode(give_up.input)["attempt"] == 2
+    with pytest.raises(StopIteration) as done:
+        steps.send('{"state": "failed"}')
+    assert done.value.value == {"state": "failed"}
+
+
+def test_orchestrator_gives_up_when_the_wait_would_pass_its_limit():
+    steps = orchestrate_job(_context(max_attempts=10, max_wait_seconds=30))
+    next(steps)
+    give_up = steps.send('{"state": "retry", "retry_after_seconds": 31}')
+    assert give_up.name == GIVE_UP_ACTIVITY and decode(give_up.input)["waited_seconds"] == 0.0
+
+
+def test_orchestrator_counts_a_failed_activity_as_an_attempt_and_waits_at_least_a_second():
+    context = _context()
+    steps = orchestrate_job(context)
+    next(steps)
+    timer = steps.throw(RuntimeError("store down"))
+    assert isinstance(timer, Timer) and timer.fire_at - context.current_utc_datetime == timedelta(seconds=10)
+    steps.send(None)
+    timer = steps.send('{"state": "retry", "retry_after_seconds": 0}')
+    assert timer.fire_at - context.current_utc_datetime == timedelta(seconds=1)
+
+
+def test_orchestrator_is_deterministic_on_replay():
+    """Durable replays the generator from its history: the same results give the same actions."""
+    def run():
+        context = _context()
+        context.current_utc_datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        steps = orchestrate_job(context)
+        actions = [next(steps)]
+        actions.append(steps.send('{"state": "retry", "retry_after_seconds": 3}'))
+        actions.append(steps.send(None))
+        return actions
+
+    assert run() == run()
+
+
+# End to end through the local host -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jobs_setup(tmp_path_factory, data_dir):
+    sim = start_simulator()
+    path = str(tmp_path_factory.mktemp("jobs") / "j.db")
+    host = start_local_host(_gateway_env(sim, SEKISHO_SQLITE_PATH=path, SEKISHO_POLICY_CACHE_SECONDS="0.2"), data_dir)
+    yield host, sim
+    stop(host.process)
+    stop(sim.process)
+
+
+async def _call(method, url, token, body=None, headers=None):
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}", **(headers or {})}) as session:
+        async with session.request(method, url, json=body) as response:
+            return response.status, response.headers, await response.json(content_type=None)
+
+
+async def _app(host, admin_token, issuer, **settings):
+    app_id = str(uuid.uuid4())
+    base = {"retry": {"max_attempts": 1}, "async_jobs": {"max_attempts": 4, "max_wait_seconds": 60}}
+    status, _, _ = await _call("PUT", f"{host.url}{ADMIN}/policies/apps/{app_id}", admin_token, {"name": "async", "settings": {**base, **settings}})
+    assert status == 201
+    return app_id, issuer.mint(app_id)
+
+
+async def _poll(url, token, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, headers, body = await _call("GET", url, token)
+        if status != 202 or time.monotonic() > deadline:
+            return status, headers, body
+        await asyncio.sleep(0.1)
+
+
+async def _log(host, admin_token, request_id, want_status, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, record = await _call("GET", f"{host.url}{ADMIN}/logs/{request_id}", admin_token)
+        if (status == 200 and record["status"] == want_status) or time.monotonic() > deadline:
+            return record
+        await asyncio.sleep(0.1)
+
+
+def _chat_body(text="hello"):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 50}
+
+
+async def test_respond_async_202_then_the_completion_in_the_normal_shape(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    app_id, token = await _app(host, admin_token, issuer)
+    status, headers, job = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+    assert status == 202, job
+    assert headers["Preference-Applied"] == "respond-async" and headers["Retry-After"]
+    assert job["object"] == "sekisho.job" and job["status"] == "queued" and job["id"] == headers["x-sekisho-request-id"]
+    assert headers["Location"] == job["status_url"] == f"{host.url}/sekisho/jobs/{job['id']}"
+    status, headers, completion = await _poll(job["status_url"], token)
+    assert status == 200 and headers["x-sekisho-job-status"] == "succeeded"
+    assert completion["object"] == "chat.completion" and completion["choices"][0]["message"]["content"]
+    assert float(headers["x-sekisho-cost"]) > 0
+    record = await _log(host, admin_token, job["id"], 200)  # one record per logical request, completed
+    assert record["status"] == 200 and record["job"]["status"] == "succeeded" and record["app_id"] == app_id
+    assert record["usage"]["total_tokens"] == completion["usage"]["total_tokens"] and record["prompt"]["messages"][0]["content"] == "hello"
+
+
+async def test_job_waits_out_429s_with_the_upstream_retry_after_and_reserves_quota_once(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    sim.reset()
+    app_id, token = await _app(host, admin_token, issuer, app_limits={"requests_per_minute": 100, "tokens_per_minute": 100000})
+    sim.inject(429, count=2, retry_after_ms=1200)
+    since = time.time()
+    status, _, job = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+    assert status == 202
+    waiting = await _call("GET", job["status_url"], token)
+    assert waiting[0] == 202 and waiting[2]["status"] in ("queued", "running", "waiting")
+    status, _, completion = await _poll(job["status_url"], token)
+    assert status == 200
+    calls = [r for r in sim.received() if r["t"] >= since]
+    assert [c["status"] for c in calls] == [429, 429, 200]
+    assert calls[1]["t"] - calls[0]["t"] >= 1.19 and calls[2]["t"] - calls[1]["t"] >= 1.19  # measured at the simulator
+    record = await _log(host, admin_token, job["id"], 200)
+    assert record["job"]["attempts"] == 3 and record["job"]["waited_seconds"] == pytest.approx(2.4)
+    await asyncio.sleep(0.3)  # settlement runs off the answer's path
+    _, _, usage = await _call("GET", f"{host.url}{ADMIN}/usage/apps/{app_id}", admin_token)
+    assert usage["metrics"]["requests_per_minute"]["used"] == 1  # reserved once for the logical request
+    assert usage["metrics"]["tokens_per_minute"]["used"] == completion["usage"]["total_tokens"]  # settled to the real usage
+
+
+async def test_job_gives_up_as_upstream_rate_limited_and_releases_its_reservation(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    sim.reset()
+    app_id, token = await _app(host, admin_token, issuer, app_limits={"tokens_per_minute": 100000},
+                               async_jobs={"max_attempts": 2, "max_wait_seconds": 60})
+    sim.inject(429, count=5, retry_after_ms=300)
+    status, _, job = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+    assert status == 202
+    status, headers, error = await _poll(job["status_url"], token)
+    assert status == 429 and error["error"]["code"] == "upstream_rate_limited" and headers["x-sekisho-job-status"] == "failed"
+    assert headers["x-should-retry"] == "false"
+    record = await _log(host, admin_token, job["id"], 429)
+    assert record["status"] == 429 and record["error"]["code"] == "upstream_rate_limited" and record["job"]["attempts"] == 2
+    await asyncio.sleep(0.3)
+    _, _, usage = await _call("GET", f"{host.url}{ADMIN}/usage/apps/{app_id}", admin_token)
+    assert usage["metrics"]["tokens_per_minute"]["used"] == 0  # released: nothing reached the model
+    sim.reset()
+
+
+async def test_policy_turns_an_exhausted_retry_budget_into_a_job(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    sim.reset()
+    _, token = await _app(host, admin_token, issuer, async_jobs={"on_budget_exhausted": True, "max_attempts": 3, "max_wait_seconds": 60})
+    sim.inject(429, count=1, retry_after_ms=500)
+    status, headers, job = await _call("POST", host.url + CHAT, token, _chat_body())  # no Prefer header
+    assert status == 202 and "Preference-Applied" not in headers and job["reason"] == "retry_budget"
+    status, _, completion = await _poll(job["status_url"], token)
+    assert status == 200 and completion["choices"]
+
+
+async def test_jobs_belong_to_their_app(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    _, token = await _app(host, admin_token, issuer)
+    _, other = await _app(host, admin_token, issuer)
+    status, _, job = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+    assert status == 202
+    status, _, body = await _call("GET", job["status_url"], other)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, _, body = await _call("GET", job["status_url"], "not-a-token")
+    assert status == 401 and body["error"]["code"] == "invalid_token"
+
+
+async def test_streams_models_and_disabled_policies_are_answered_synchronously(jobs_setup, admin_token, issuer):
+    host, sim = jobs_setup
+    _, token = await _app(host, admin_token, issuer)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}", **ASYNC}) as session:
+        async with session.post(host.url + CHAT, json={**_chat_body(), "stream": True}) as response:
+            assert response.status == 200 and "Preference-Applied" not in response.headers
+            assert (await response.read()).endswith(b"data: [DONE]\n\n")
+        async with session.get(host.url + "/openai/v1/models") as response:
+            assert response.status == 200
+    _, token = await _app(host, admin_token, issuer, async_jobs={"enabled": False})
+    status, headers, completion = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+    assert status == 200 and completion["object"] == "chat.completion"
