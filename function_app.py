@@ -87,6 +87,24 @@ async def sekisho_job_give_up(task: str) -> str:
 
 
 # Admin API (admin app role required; see shared/admin_api.py) ----------------------------
+@app.function_name("admin_page")
+@app.route(route=ADMIN_PREFIX, methods=["GET"])
+async def admin_page(req: Request) -> Response:
+    return await gateway.admin_page(req)
+
+
+@app.function_name("admin_login")
+@app.route(route=f"{ADMIN_PREFIX}/login", methods=["GET"])
+async def admin_login(req: Request) -> Response:
+    return await gateway.admin_login(req)
+
+
+@app.function_name("admin_reports")
+@app.route(route=f"{ADMIN_PREFIX}/reports/{{report}}", methods=["GET"])
+async def admin_reports(req: Request) -> Response:
+    return await gateway.admin_reports(req, req.path_params["report"])
+
+
 @app.function_name("admin_policies")
 @app.route(route=f"{ADMIN_PREFIX}/policies", methods=["GET"])
 async def admin_policies(req: Request) -> Response:

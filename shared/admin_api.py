@@ -9,12 +9,15 @@ import functools
 import logging
 from typing import Any
 
+from pathlib import Path
+
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
-from . import errors
+from . import admin_sessions, errors, rollups
 from .access import PolicyCache, forbidden, require_admin
+from .charts import bar_chart
 from .errors import GatewayError
 from .identity import Authenticator
 from .policy import (
@@ -250,12 +253,22 @@ class AdminApi:
         self._role = admin_role
         self._policies = policies
         self._store = store
+        self._currency = currency
         self.usage = UsageService(store, resolver, windows, currency)
         self.prices = PricingService(store, pricing)
         self.cache = CacheService(store, resolver, cache)
         self.catalogue = DeploymentService(store, backends)
 
     async def _admin(self, request: Request):
+        session = request.cookies.get(admin_sessions.COOKIE)
+        if session and "authorization" not in request.headers and "x-ms-client-principal" not in request.headers:
+            # The admin page's own session (local sign-in): read-only, so GET only.
+            if request.method != "GET":
+                raise forbidden("An admin page session can only read; changes need a bearer token with the admin role.")
+            actor = await admin_sessions.session_actor(self._store, session)
+            if actor is None:
+                raise GatewayError(401, "invalid_token", "The admin session has expired; sign in again.")
+            return admin_sessions.SessionIdentity(actor, self._role)
         identity = await self._authenticator.authenticate(request)
         require_admin(identity, self._role)
         return identity
@@ -358,12 +371,97 @@ class AdminApi:
         limit = params.get("limit", "100")
         if (status is not None and not status.isdigit()) or not limit.isdigit():
             raise errors.invalid_request("status and limit must be whole numbers.")
+        cache, guard = params.get("cache") or None, params.get("guard") or None
+        if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
+            raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
+        if guard is not None and guard not in ("true", "false"):
+            raise errors.invalid_request("guard must be true or false.", "guard")
         query = LogQuery(
-            app_id=params.get("app_id"), user_id=params.get("user_id"), deployment=params.get("deployment"),
-            status=int(status) if status else None, since=params.get("since"), until=params.get("until"),
-            limit=min(int(limit), 1000),
+            app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
+            status=int(status) if status else None, since=params.get("since") or None, until=params.get("until") or None,
+            cache=cache, guard=None if guard is None else guard == "true", limit=min(int(limit), 1000),
         )
         return _json({"object": "list", "data": await self._store.query_logs(query)})
+
+    # Reports from the usage roll-ups ------------------------------------------------------------
+    async def _report_rows(self, request: Request) -> tuple[list[dict[str, Any]], str]:
+        params = request.query_params
+        by = params.get("by", "app")
+        if by not in rollups.GROUPS:
+            raise errors.invalid_request(f"by must be one of {', '.join(rollups.GROUPS)}.", "by")
+        since, until = params.get("since") or None, params.get("until") or None
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not _is_day(value):
+                raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
+        rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        return rollups.group(rows, by), by
+
+    @_answers_with_errors
+    async def reports(self, request: Request, report: str) -> Response:
+        await self._admin(request)
+        rows, by = await self._report_rows(request)
+        if report == "usage":
+            if request.query_params.get("format") == "csv":
+                return Response(rollups.to_csv(rows, by), media_type="text/csv; charset=utf-8",
+                                headers={"Content-Disposition": f'attachment; filename="sekisho-usage-by-{by}.csv"'})
+            return _json({"object": "list", "by": by, "currency": self._currency, "data": rows})
+        if report == "chart":
+            metric = request.query_params.get("metric", "cost")
+            if metric not in ("cost", "requests", "total_tokens", "errors", "cache_hits"):
+                raise errors.invalid_request("metric must be cost, requests, total_tokens, errors or cache_hits.", "metric")
+            label = {"app": "app_id", "user": "user_id", "deployment": "deployment", "model": "model", "day": "day"}[by]
+            points = [(str(row[label]), float(row[metric])) for row in rows[:60]]
+            title = f"{metric.replace('_', ' ')} by {by}" + (f" ({self._currency})" if metric == "cost" else "")
+            return Response(bar_chart(points, title), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+        raise errors.not_found(f"No report {report!r}: usage or chart.")
+
+    # The admin page ---------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        """The page (admins only). Without any credentials: how to sign in, as a 401 page."""
+        signed_in = any(h in request.headers for h in ("authorization", "x-ms-client-principal")) or admin_sessions.COOKIE in request.cookies
+        if not signed_in:
+            return HTMLResponse(_SIGN_IN_PAGE, status_code=401)
+        try:
+            await self._admin(request)
+        except GatewayError as exc:
+            return HTMLResponse(_message_page(exc.message), status_code=exc.status)
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+    async def login(self, request: Request) -> Response:
+        """Redeem a one-time login code (from `python -m shared.cli admin-login`) for a session."""
+        code = request.query_params.get("code", "")
+        session = await admin_sessions.redeem_login_code(self._store, code) if code else None
+        if session is None:
+            return HTMLResponse(_message_page("This login link is invalid, used or expired. Run `python -m shared.cli admin-login` for a new one."), status_code=401)
+        secure = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        return Response(status_code=303, headers={"Location": admin_sessions.COOKIE_PATH, "Set-Cookie": admin_sessions.cookie_header(session, secure),
+                                                  "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+def _is_day(value: str) -> bool:
+    import re
+
+    return re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is not None
+
+
+_PAGE = Path(__file__).parent / "admin_ui" / "index.html"
+# The page loads nothing from elsewhere and runs only its own script.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
+_SIGN_IN_PAGE = """<!doctype html><meta charset="utf-8"><title>Sekisho admin: sign in</title>
+<body style="font-family:system-ui,sans-serif;max-width:40em;margin:3em auto">
+<h1>Sekisho admin</h1><p>Sign in first.</p>
+<ul><li>In Azure: <a href="/.auth/login/aad?post_login_redirect_uri=/sekisho/admin">sign in with Microsoft Entra ID</a>
+(App Service Authentication; your account needs the gateway's admin app role).</li>
+<li>Locally: run <code>python -m shared.cli admin-login</code> and open the link it prints.</li></ul></body>"""
+
+
+def _message_page(message: str) -> str:
+    from html import escape
+
+    return f'<!doctype html><meta charset="utf-8"><title>Sekisho admin</title><body style="font-family:system-ui,sans-serif;max-width:40em;margin:3em auto"><h1>Sekisho admin</h1><p>{escape(message)}</p></body>'
 
 
 __all__ = ["AdminApi", "PolicyService", "forbidden"]

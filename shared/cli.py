@@ -12,6 +12,8 @@
     python -m shared.cli cache purge <app-id>
     python -m shared.cli pricing list
     python -m shared.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
+    python -m shared.cli report --by app|user|deployment|model|day [--app-id X] [--since D] [--until D] [--csv FILE|-]
+    python -m shared.cli admin-login [--url http://127.0.0.1:7071]
     python -m shared.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
     python -m shared.cli issuer rotate
 
@@ -38,6 +40,16 @@ from .store import AlreadyExists, LogQuery, PreconditionFailed, open_store
 
 def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_table(rows: list[dict[str, Any]], by: str, currency: str) -> None:
+    keys = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "day": ("day",)}[by]
+    header = (*keys, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", f"cost ({currency})")
+    lines = [header] + [(*(str(r[k]) for k in keys), str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
+                         str(r["completion_tokens"]), str(r["total_tokens"]), f"{r['cost']:.6f}") for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) if i < len(keys) else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
 
 
 def _layer_args(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--role", action="append", default=[], help="app role, e.g. Sekisho.Admin (repeatable)")
     mint.add_argument("--v1", action="store_true", help="a v1.0 token (sts.windows.net issuer, appid claim)")
     mint.add_argument("--minutes", type=int, default=60)
+    report = groups.add_parser("report", help="usage and cost from the roll-ups (chargeback)")
+    report.add_argument("--by", choices=("app", "user", "deployment", "model", "day"), default="app")
+    report.add_argument("--app-id")
+    report.add_argument("--since", help="first day, YYYY-MM-DD (quota time zone)")
+    report.add_argument("--until", help="last day, YYYY-MM-DD, inclusive")
+    report.add_argument("--csv", metavar="FILE", help="write CSV to FILE (- for standard output) instead of a table")
+
+    login = groups.add_parser("admin-login", help="a one-time link that signs a browser in to the admin page (local mode)")
+    login.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SEKISHO_LOCAL_PORT', '7071')}", help="the gateway's base URL")
+
     groups.add_parser("issuer", help="the local issuer").add_subparsers(dest="command", required=True).add_parser("rotate")
     return parser
 
@@ -200,6 +222,25 @@ async def run(args) -> int:
         elif args.group == "pricing":
             if not await _pricing_service(store, settings).delete(args.model):
                 raise LookupError("no stored price for that model")
+        elif args.group == "report":
+            from .rollups import group, to_csv
+
+            rows = group(await store.query_rollups(args.app_id, args.since, args.until), args.by)
+            if args.csv:
+                text = to_csv(rows, args.by)
+                if args.csv == "-":
+                    sys.stdout.write(text)
+                else:
+                    with open(args.csv, "w", encoding="utf-8", newline="") as out:
+                        out.write(text)
+            else:
+                _print_table(rows, args.by, settings.currency)
+        elif args.group == "admin-login":
+            from .admin_sessions import LOGIN_CODE_SECONDS, create_login_code
+
+            code = await create_login_code(store, actor)
+            print(f"{args.url.rstrip('/')}/sekisho/admin/login?code={code}")
+            print(f"(works once, for {LOGIN_CODE_SECONDS // 60} minutes)", file=sys.stderr)
         elif args.group == "logs" and args.command == "get":
             record = await store.get_log(args.request_id)
             if record is None:

@@ -11,11 +11,12 @@ import logging
 import time
 import uuid
 from typing import AsyncIterator
+from zoneinfo import ZoneInfo
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from . import async_jobs, errors
+from . import async_jobs, errors, telemetry
 from .access import ApplyPolicy, PolicyCache, PolicyResolver
 from .admin_api import AdminApi, PolicyService
 from .context import RequestContext, UpstreamResult
@@ -62,7 +63,9 @@ class LogRequest(Stage):
         policy = ctx.policy
         content = policy.content_logging if policy else self._settings.log_content
         retention = policy.retention_days if policy else self._settings.log_retention_days
-        self._writer.submit(build_record(ctx, content, retention))
+        record = build_record(ctx, content, retention)
+        self._writer.submit(record)
+        telemetry.emit(record)
 
 
 class Gateway:
@@ -105,7 +108,8 @@ class Gateway:
                 env=settings.raw,
             )
             self.upstream = UpstreamClient(settings, self.backends)
-            self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size)
+            self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size, ZoneInfo(settings.quota_timezone))
+            telemetry.configure(settings)
             self.log_writer.start()
             validator = None
             if settings.auth_tenant_ids:
@@ -378,6 +382,18 @@ class Gateway:
     async def admin_deployments(self, request: Request, name: str | None = None) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.deployments(request, name)
+
+    async def admin_reports(self, request: Request, report: str) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.reports(request, report)
+
+    async def admin_page(self, request: Request) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.page(request)
+
+    async def admin_login(self, request: Request) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.login(request)
 
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()

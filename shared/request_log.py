@@ -17,6 +17,7 @@ import orjson
 
 from . import sse
 from .context import RequestContext
+from .rollups import rollup_deltas
 from .routes import Operation
 from .store import Store, StoreError
 from .usage import usage_of
@@ -131,8 +132,9 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
 class LogWriter:
     """Batches log records in memory and writes them from one background task."""
 
-    def __init__(self, store: Store, flush_interval: float, batch_size: int) -> None:
+    def __init__(self, store: Store, flush_interval: float, batch_size: int, zone=None) -> None:
         self._store = store
+        self._zone = zone  # the roll-ups' day boundaries; None: no roll-ups (tests of the writer alone)
         self._interval = flush_interval
         self._batch_size = batch_size
         self._queue: list[dict[str, Any]] = []
@@ -145,6 +147,7 @@ class LogWriter:
         self.written = 0
         self.failed_attempts = 0
         self.spilled = 0
+        self.rollup_failures = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -205,6 +208,18 @@ class LogWriter:
                 backoff = self._interval
                 del self._queue[: len(batch)]
                 self.written += len(batch)
+                await self._roll_up(batch)
+
+    async def _roll_up(self, batch: list[dict[str, Any]]) -> None:
+        """Add a written batch to the usage roll-ups. Not retried: a retry after a partial
+        failure would count twice; failures are counted and logged (a recount repairs them)."""
+        if self._zone is None:
+            return
+        try:
+            await self._store.add_rollups(rollup_deltas(batch, self._zone))
+        except Exception:
+            self.rollup_failures += 1
+            logger.exception("usage roll-up update failed for %s records", len(batch))
 
     async def flush(self) -> None:
         """Wait until every queued record has been written (or spilled)."""

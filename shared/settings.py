@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
     Setting("SEKISHO_LOG_BATCH_SIZE", "200", "Most log records written in one batch."),
+    Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Application Insights connection string: usage events (one per request) are exported there. Empty = no telemetry (local)."),
+    Setting("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "`Authorization=AAD;ClientId=<identity client id>` when the Application Insights component has local auth off."),
     Setting("AzureWebJobsStorage", "", "Functions host storage as a connection string (local: UseDevelopmentStorage=true for Azurite). Async jobs are queued on its `sekisho-jobs` queue."),
     Setting("AzureWebJobsStorage__accountName", "", "Functions host storage account for identity-based access (Azure; no keys). Async jobs are queued on its `sekisho-jobs` queue."),
     Setting("AzureWebJobsStorage__clientId", "", "Client id of the user-assigned identity used for the host storage (identity-based access)."),
@@ -98,6 +100,8 @@ class Settings:
     log_flush_interval: float
     log_batch_size: int
     webjobs_storage: str = ""
+    appinsights_connection_string: str = ""
+    appinsights_authentication_string: str = ""
     webjobs_storage_account: str = ""
     webjobs_storage_client_id: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -183,6 +187,8 @@ class Settings:
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
             log_batch_size=number("SEKISHO_LOG_BATCH_SIZE", int, 1),
             webjobs_storage=get("AzureWebJobsStorage"),
+            appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+            appinsights_authentication_string=get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
             webjobs_storage_account=get("AzureWebJobsStorage__accountName"),
             webjobs_storage_client_id=get("AzureWebJobsStorage__clientId"),
             raw=dict(env),

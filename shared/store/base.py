@@ -26,7 +26,11 @@ PRICES = Container("prices", "/id", default_ttl=False)
 RESPONSE_CACHE = Container("response_cache", "/scope", default_ttl=True)
 DEPLOYMENTS = Container("deployments", "/id", default_ttl=False)
 JOBS = Container("jobs", "/app_id", default_ttl=True)
-CONTAINERS: tuple[Container, ...] = (REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS)
+USAGE_ROLLUPS = Container("usage_rollups", "/app_id", default_ttl=False)
+ADMIN_SESSIONS = Container("admin_sessions", "/id", default_ttl=True)
+CONTAINERS: tuple[Container, ...] = (
+    REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS,
+)
 
 
 class StoreError(Exception):
@@ -74,6 +78,8 @@ class LogQuery:
     status: int | None = None
     since: str | None = None  # ISO-8601 UTC timestamp, inclusive
     until: str | None = None  # exclusive
+    cache: str | None = None  # HIT, MISS or BYPASS
+    guard: bool | None = None  # True: a guard acted (blocked or redacted); False: none did
     limit: int = 100
 
 
@@ -194,3 +200,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put_job(self, doc: dict[str, Any]) -> None:
         """Create or replace a job document; it expires `doc["ttl"]` seconds after this write."""
+
+    # Usage roll-ups (rollups.py) -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_rollups(self, deltas: list[Any]) -> None:
+        """Add each RollupDelta's counts to its document (created at zero when missing)."""
+
+    @abc.abstractmethod
+    async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
+        """Roll-up documents of one app (or all), for days from `since` to `until` inclusive."""
+
+    # Admin page sign-in: one-time login codes and sessions, by the hash of their secret -----------
+    async def put_admin_session(self, doc: dict[str, Any]) -> None:
+        await self._put_doc(ADMIN_SESSIONS.name, doc)
+
+    async def get_admin_session(self, doc_id: str) -> dict[str, Any] | None:
+        return await self._get_doc(ADMIN_SESSIONS.name, doc_id)
+
+    async def delete_admin_session(self, doc_id: str) -> bool:
+        return await self._delete_doc(ADMIN_SESSIONS.name, doc_id)

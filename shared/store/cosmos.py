@@ -18,8 +18,9 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
+from ..rollups import ROLLUP_COUNTERS
 from .base import (
-    CONTAINERS, JOBS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, JOBS, POLICIES, USAGE_ROLLUPS, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -131,6 +132,11 @@ class CosmosStore(Store):
         if query.until:
             clauses.append("c.timestamp < @until")
             params.append({"name": "@until", "value": query.until})
+        if query.cache:
+            clauses.append("c.cache.status = @cache")
+            params.append({"name": "@cache", "value": query.cache})
+        if query.guard is not None:
+            clauses.append("ARRAY_LENGTH(c.guard) > 0" if query.guard else "(NOT IS_DEFINED(c.guard) OR ARRAY_LENGTH(c.guard) = 0)")
         limit = max(1, min(query.limit, 1000))
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT TOP {limit} * FROM c{where} ORDER BY c.timestamp DESC"
@@ -337,3 +343,44 @@ class CosmosStore(Store):
 
     async def put_job(self, doc: dict[str, Any]) -> None:
         await self._container(JOBS.name).upsert_item({**doc, "expires_at": time.time() + doc["ttl"]})
+
+    # Usage roll-ups: one item per (day, user, deployment, model) in the app's partition, summed with
+    # `incr` patches (atomic on the server); created on first use, a lost creation race patched.
+    async def add_rollups(self, deltas: list[Any]) -> None:
+        container = self._container(USAGE_ROLLUPS.name)
+
+        async def add(delta) -> None:
+            operations = [{"op": "incr", "path": f"/{name}", "value": value} for name, value in delta.counts.items() if value]
+            async with self._in_flight:
+                for _ in range(3):
+                    try:
+                        if operations:
+                            await container.patch_item(delta.id, partition_key=delta.app_id, patch_operations=operations)
+                        return
+                    except exceptions.CosmosResourceNotFoundError:
+                        pass
+                    try:
+                        item = {c: 0 for c in ROLLUP_COUNTERS}
+                        item.update(delta.counts, id=delta.id, app_id=delta.app_id, day=delta.day, user_id=delta.user_id, deployment=delta.deployment, model=delta.model)
+                        await container.create_item(item)
+                        return
+                    except exceptions.CosmosResourceExistsError:
+                        continue  # created meanwhile by another writer: patch it
+                raise StoreError(f"roll-up {delta.app_id}/{delta.id} could not be updated")
+
+        results = await asyncio.gather(*(add(d) for d in deltas), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise StoreUnavailable(f"{len(failed)} roll-up update(s) failed: {failed[0]}")
+
+    async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
+        clauses, params = [], []
+        for clause, name, value in (("c.app_id = @app", "@app", app_id), ("c.day >= @since", "@since", since), ("c.day <= @until", "@until", until)):
+            if value is not None:
+                clauses.append(clause)
+                params.append({"name": name, "value": value})
+        query = "SELECT * FROM c" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+        container = self._container(USAGE_ROLLUPS.name)
+        items = container.query_items(query, parameters=params, partition_key=app_id) if app_id else container.query_items(query, parameters=params)
+        rows = [_clean(item) async for item in items]
+        return sorted(rows, key=lambda r: r["day"])

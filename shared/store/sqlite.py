@@ -17,8 +17,10 @@ from typing import Any, Callable, TypeVar
 
 import orjson
 
+from ..rollups import ROLLUP_COUNTERS
+
 from .base import (
-    DEPLOYMENTS, JOBS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, POLICIES, USAGE_ROLLUPS, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
     ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -68,6 +70,21 @@ CREATE TABLE IF NOT EXISTS {RESPONSE_CACHE.name} (
     doc BLOB NOT NULL,
     PRIMARY KEY (scope, key)
 );
+CREATE TABLE IF NOT EXISTS {ADMIN_SESSIONS.name} (
+    id TEXT PRIMARY KEY,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {USAGE_ROLLUPS.name} (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    model TEXT NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in ROLLUP_COUNTERS)},
+    PRIMARY KEY (app_id, id)
+);
+CREATE INDEX IF NOT EXISTS ix_rollups_day ON {USAGE_ROLLUPS.name}(day);
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -195,6 +212,11 @@ class SqliteStore(Store):
         if query.until:
             clauses.append("timestamp < ?")
             params.append(query.until)
+        if query.cache:
+            clauses.append("json_extract(CAST(doc AS TEXT), '$.cache.status') = ?")
+            params.append(query.cache)
+        if query.guard is not None:
+            clauses.append(f"COALESCE(json_array_length(CAST(doc AS TEXT), '$.guard'), 0) {'>' if query.guard else '='} 0")
         params.append(max(1, min(query.limit, 1000)))
         sql = (
             f"SELECT doc FROM {REQUEST_LOGS.name} WHERE {' AND '.join(clauses)}"
@@ -396,3 +418,33 @@ class SqliteStore(Store):
                 conn.execute(f"DELETE FROM {JOBS.name} WHERE expires_at < ?", (now,))
 
         await self._run(write)
+
+    # Usage roll-ups ----------------------------------------------------------------------------
+    async def add_rollups(self, deltas: list[Any]) -> None:
+        columns = ", ".join(ROLLUP_COUNTERS)
+        updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_COUNTERS)
+        sql = (f"INSERT INTO {USAGE_ROLLUPS.name} (app_id, id, day, user_id, deployment, model, {columns}) "
+               f"VALUES (?, ?, ?, ?, ?, ?, {', '.join('?' for _ in ROLLUP_COUNTERS)}) ON CONFLICT (app_id, id) DO UPDATE SET {updates}")
+        rows = [(d.app_id, d.id, d.day, d.user_id, d.deployment, d.model, *(d.counts.get(c, 0) for c in ROLLUP_COUNTERS)) for d in deltas]
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany(sql, rows)
+
+        if rows:
+            await self._run(write)
+
+    async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
+        clauses, params = [], []
+        for clause, value in (("app_id = ?", app_id), ("day >= ?", since), ("day <= ?", until)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = conn.execute(f"SELECT app_id, id, day, user_id, deployment, model, {', '.join(ROLLUP_COUNTERS)} FROM {USAGE_ROLLUPS.name} {where} ORDER BY day", params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+        return await self._run(read)

@@ -1,0 +1,123 @@
+"""Usage roll-ups: per app, user, deployment, model and day, maintained when log records are written.
+
+Admin views and reports read these instead of scanning the request log: a month of a busy
+gateway is millions of records, and Cosmos DB has no cheap cross-partition GROUP BY. The log
+writer adds each written batch's sums (`rollup_deltas`) in one store call; the same function over
+all records recounts them (the tests compare the two). Days follow SEKISHO_QUOTA_TIMEZONE, like
+the daily quota windows, so "today" means the same thing everywhere in the gateway.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable
+from zoneinfo import ZoneInfo
+
+from .telemetry import is_final
+
+# Summed counters of a roll-up document (money in nano-units, as in pricing, to stay exact).
+ROLLUP_COUNTERS: tuple[str, ...] = (
+    "requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
+    "cached_tokens", "total_tokens", "cost_nanos", "saved_cost_nanos", "latency_ms_sum",
+)
+GROUPS = ("app", "user", "deployment", "model", "day")
+_GROUP_FIELDS = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "day": ("day",)}
+REPORT_COLUMNS = ("requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
+                  "cached_tokens", "total_tokens", "cost", "saved_cost", "avg_latency_ms")
+
+
+@dataclass
+class RollupDelta:
+    app_id: str
+    day: str  # YYYY-MM-DD in the quota time zone
+    user_id: str
+    deployment: str
+    model: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return rollup_id(self.day, self.user_id, self.deployment, self.model)
+
+
+def rollup_id(day: str, user_id: str, deployment: str, model: str) -> str:
+    # One document per (day, user, deployment, model) inside the app's partition. "|" cannot
+    # appear in a day; the other parts are escaped so that they stay apart.
+    return "|".join((day, *(part.replace("%", "%25").replace("|", "%7C") for part in (user_id, deployment, model))))
+
+
+def _nanos(amount: Any) -> int:
+    return round(float(amount or 0) * 1e9)
+
+
+def record_counts(record: dict[str, Any]) -> dict[str, int]:
+    usage = record.get("usage") or {}
+    status = record.get("status") or 0
+    cache = record.get("cache") or {}
+    return {
+        "requests": 1,
+        "errors": 1 if status >= 400 else 0,
+        "throttled": 1 if status == 429 else 0,
+        "blocked": 1 if any(d.get("action") == "block" for d in record.get("guard") or ()) else 0,
+        "cache_hits": 1 if cache.get("status") == "HIT" else 0,
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "cached_tokens": int(usage.get("cached_tokens") or 0),
+        "total_tokens": int(usage.get("total_tokens") or 0),
+        "cost_nanos": _nanos((record.get("cost") or {}).get("amount")),
+        "saved_cost_nanos": _nanos(cache.get("saved_cost")),
+        "latency_ms_sum": round(record.get("latency_ms") or 0),
+    }
+
+
+def record_day(record: dict[str, Any], zone: ZoneInfo) -> str:
+    stamp = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+    return stamp.astimezone(zone).strftime("%Y-%m-%d")
+
+
+def rollup_deltas(records: Iterable[dict[str, Any]], zone: ZoneInfo) -> list[RollupDelta]:
+    """The sums that `records` add to the roll-ups, one delta per document."""
+    found: dict[tuple[str, str], RollupDelta] = {}
+    for record in records:
+        if not is_final(record) or record.get("operation") in (None, "models.list"):
+            continue  # refused before a model route was known, model lists, submitted jobs
+        app_id = record.get("app_id") or "anonymous"
+        delta = RollupDelta(app_id, record_day(record, zone), record.get("user_id") or app_id, record.get("deployment") or "-",
+                            record.get("model") or record.get("deployment") or "-")
+        known = found.setdefault((app_id, delta.id), delta)
+        for name, value in record_counts(record).items():
+            known.counts[name] = known.counts.get(name, 0) + value
+    return list(found.values())
+
+
+def group(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Sum roll-up documents by app, user, deployment, model or day; biggest cost first (days: in order)."""
+    names = _GROUP_FIELDS[by]
+    totals: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(row[n] for n in names)
+        total = totals.setdefault(key, {**dict(zip(names, key)), **{c: 0 for c in ROLLUP_COUNTERS}})
+        for counter in ROLLUP_COUNTERS:
+            total[counter] += int(row.get(counter) or 0)
+    result = list(totals.values())
+    for row in result:
+        row["cost"] = row["cost_nanos"] / 1e9
+        row["saved_cost"] = row["saved_cost_nanos"] / 1e9
+        row["avg_latency_ms"] = round(row["latency_ms_sum"] / row["requests"], 1) if row["requests"] else None
+    if by == "day":
+        return sorted(result, key=lambda r: r["day"])
+    return sorted(result, key=lambda r: (-r["cost_nanos"], -r["requests"], tuple(str(r[n]) for n in names)))
+
+
+def to_csv(rows: list[dict[str, Any]], by: str) -> str:
+    """Chargeback export: one line per group, money in the gateway's currency."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = (*_GROUP_FIELDS[by], *REPORT_COLUMNS)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([f"{row[c]:.9f}".rstrip("0").rstrip(".") if c in ("cost", "saved_cost") else ("" if row[c] is None else row[c]) for c in columns])
+    return out.getvalue()
