@@ -29,7 +29,7 @@ def _format(value: float) -> str:
         return f"{value:,.0f}"
     if abs(value) >= 1:
         return f"{value:.2f}".rstrip("0").rstrip(".")
-    return f"{value:.4f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"  # small amounts (a request costs fractions of a cent): keep the digits
 
 
 def bar_chart(points: list[tuple[str, float]], title: str, unit: str = "") -> str:
