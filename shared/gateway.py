@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import AsyncIterator
 from zoneinfo import ZoneInfo
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -46,6 +49,8 @@ from .validation import RequestStreamUsage, ValidateRequest
 logger = logging.getLogger("sekisho.gateway")
 
 REQUEST_ID_HEADER = "x-sekisho-request-id"
+# Which instance answered (health): host name and process, so several workers can be told apart.
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 _PROPERTY_PREFIX = "x-sekisho-property-"
 _MAX_PROPERTIES = 20
 
@@ -412,7 +417,7 @@ class Gateway:
             await self.start()
         except Exception as exc:
             return Response(content=errors.error_body(f"unhealthy: {exc}", "server_error", "server_error"), status_code=503, media_type="application/json")
-        return Response(content=b'{"status":"ok"}', media_type="application/json")
+        return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE}), media_type="application/json")
 
 
 def upstream_wait(error: GatewayError, attempt: int) -> float:

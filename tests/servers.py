@@ -94,13 +94,13 @@ class LocalHost:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_local_host(env: dict[str, str], data_dir: str | Path) -> LocalHost:
+def start_local_host(env: dict[str, str], data_dir: str | Path, workers: int = 1) -> LocalHost:
     """The local host on a free port, trusting the local issuer in `data_dir`; no demo app."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     full_env.update(env)
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.localhost", "--port", str(port), "--quiet", "--no-seed", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "shared.localhost", "--port", str(port), "--quiet", "--no-seed", "--data-dir", str(data_dir), "--workers", str(workers)],
         cwd=ROOT, env=full_env,
     )
     wait_for_port(port, process)

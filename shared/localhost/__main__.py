@@ -72,6 +72,17 @@ def build_asgi_app(module_name: str = "function_app") -> FunctionsAsgiApp:
     return FunctionsAsgiApp(module.app, on_shutdown=hooks)
 
 
+_ISSUER_DIR_ENV = "SEKISHO_LOCAL_ISSUER_DIR"  # set by main() for worker processes
+
+
+def worker_app():
+    """The ASGI app of one worker process (uvicorn calls this factory in each worker when
+    --workers > 1; the parent has set the environment: upstream, issuer, store path)."""
+    app = build_asgi_app()
+    issuer_dir = os.environ.get(_ISSUER_DIR_ENV)
+    return IssuerRoutes(app, LocalIssuer(issuer_dir)) if issuer_dir else app
+
+
 def demo_app_id(issuer: LocalIssuer) -> str:
     import uuid
 
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=".data", help="SQLite database and local issuer keys")
     parser.add_argument("--no-seed", action="store_true", help="do not register the demo app")
     parser.add_argument("--quiet", action="store_true", help="do not print the how-to banner")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("SEKISHO_LOCAL_WORKERS", "1")),
+                        help="worker processes (they share the SQLite store; quotas and the cache stay correct across them)")
     args = parser.parse_args(argv)
     _dump_tasks_on_sigusr1()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -159,12 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("SEKISHO_DEPLOYMENTS", ",".join(DEMO_DEPLOYMENTS))
         upstream = f"built-in simulator at {endpoint}"
 
-    app = build_asgi_app()
     token_file = None
     if not os.environ.get("SEKISHO_AUTH_TENANT_IDS"):
         issuer = LocalIssuer(data_dir)
         os.environ.update(issuer.gateway_settings(f"http://127.0.0.1:{args.port}"))
-        app = IssuerRoutes(app, issuer)
+        os.environ[_ISSUER_DIR_ENV] = str(data_dir)
         if not args.no_seed:
             import asyncio
 
@@ -175,11 +187,13 @@ def main(argv: list[str] | None = None) -> None:
             os.chmod(token_file, 0o600)
     if not args.quiet:
         print(banner(args.port, upstream, token_file), flush=True)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=False, log_level="warning", timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()
+    options = dict(host=args.host, port=args.port, loop="uvloop", http="httptools", lifespan="on",
+                   access_log=False, log_level="warning", timeout_graceful_shutdown=10)
+    if args.workers > 1:
+        # Each worker imports function_app and builds its own gateway, as Functions instances do.
+        uvicorn.run("shared.localhost.__main__:worker_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.Server(uvicorn.Config(worker_app(), **options)).run()
 
 
 if __name__ == "__main__":
