@@ -417,7 +417,10 @@ class Gateway:
             await self.start()
         except Exception as exc:
             return Response(content=errors.error_body(f"unhealthy: {exc}", "server_error", "server_error"), status_code=503, media_type="application/json")
-        return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE}), media_type="application/json")
+        writer = self.log_writer
+        log = {"queued": writer.queued, "written": writer.written, "failed_writes": writer.failed_attempts,
+               "spilled_to_fallback": writer.spilled, "rollup_failures": writer.rollup_failures}
+        return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE, "request_log": log}), media_type="application/json")
 
 
 def upstream_wait(error: GatewayError, attempt: int) -> float:

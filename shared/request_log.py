@@ -153,6 +153,10 @@ class LogWriter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sekisho-log-writer")
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks, never raises."""
         self._queue.append(record)

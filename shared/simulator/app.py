@@ -60,7 +60,8 @@ class Simulator:
 
     # Helpers -----------------------------------------------------------------------
     def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
-        self.received.append({"t": time.time(), "path": request.path, "deployment": deployment, "status": status})
+        self.received.append({"t": time.time(), "path": request.path, "deployment": deployment, "status": status,
+                              "client_request_id": request.headers.get("x-ms-client-request-id")})
         if len(self.received) > 10_000:
             del self.received[:5_000]
 
@@ -151,6 +152,7 @@ class Simulator:
         await response.prepare(request)
         interval = float(controls.get("chunk_interval_ms", self.config.chunk_interval_ms)) / 1000.0
         break_after = controls.get("break_after_chunks")
+        number = 0
         try:
             for number, event in enumerate(events):
                 if break_after is not None and number >= int(break_after):
@@ -160,9 +162,21 @@ class Simulator:
                     await asyncio.sleep(interval)
                 await response.write(event)
             await response.write_eof()
+            self._stream_ended(request, "complete", len(events))
         except ConnectionError:
-            pass  # the caller went away mid-stream: nothing left to do
+            self._stream_ended(request, "caller_left", number)  # the caller went away mid-stream
+        except asyncio.CancelledError:
+            self._stream_ended(request, "caller_left", number)
+            raise
         return response
+
+    def _stream_ended(self, request: web.Request, how: str, events_sent: int) -> None:
+        """Tests check that a stream the gateway gave up on was really cut at the upstream."""
+        client_id = request.headers.get("x-ms-client-request-id")
+        for entry in reversed(self.received):
+            if entry.get("client_request_id") == client_id:
+                entry.update(stream_end=how, events_sent=events_sent)
+                break
 
     async def _chat(self, request, deployment, body, controls, request_id):
         messages = body.get("messages") or []

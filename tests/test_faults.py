@@ -1,0 +1,142 @@
+"""Faults: the store unavailable for a while, the client leaving mid-stream. For each: the
+gateway answers as documented, recovers, and loses no log record. (Upstream hanging, unreachable
+and breaking mid-stream are in test_errors.py and test_streaming.py.)"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from shared.store import LogQuery
+from shared.store.cosmos import CosmosStore
+from shared.store.sqlite import SqliteStore
+
+from .conftest import _gateway_env
+from .servers import COSMOS_KEY, start_cosmos_server, start_local_host, stop
+
+ADMIN = "/sekisho/admin"
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+
+async def _register(url, admin_token) -> str:
+    app_id = str(uuid.uuid4())
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
+        async with session.put(f"{url}{ADMIN}/policies/apps/{app_id}", json={"name": "faults", "settings": {}}) as response:
+            assert response.status == 201
+    return app_id
+
+
+async def _chats(url, token, count, tag) -> list[tuple[int, float, str]]:
+    async def one(session):
+        started = time.monotonic()
+        async with session.post(url + CHAT, json={"messages": [{"role": "user", "content": tag}]}) as response:
+            await response.read()
+            return response.status, time.monotonic() - started, response.headers["x-sekisho-request-id"]
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        return [await one(session) for _ in range(count)]
+
+
+async def _all_logged(store, app_id, ids, timeout=30.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = await store.query_logs(LogQuery(app_id=app_id, limit=1000))
+        if {r["id"] for r in records} >= set(ids) or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.2)
+
+
+async def _health(url) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/health") as response:
+            return await response.json()
+
+
+async def test_sqlite_locked_for_a_while_answers_go_on_and_no_record_is_lost(simulator, tmp_path, data_dir, admin_token, issuer):
+    path = str(tmp_path / "locked.db")
+    host = start_local_host(_gateway_env(simulator, SEKISHO_SQLITE_PATH=path), data_dir)
+    try:
+        app_id = await _register(host.url, admin_token)
+        token = issuer.mint(app_id)
+        await _chats(host.url, token, 1, "warm")  # the policy is in the gateway's cache now
+        # Another process holds the write lock for 3 s: the store cannot be written meanwhile.
+        release = threading.Event()
+
+        def hold_lock():
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            release.wait(3.0)
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        locker = threading.Thread(target=hold_lock)
+        locker.start()
+        await asyncio.sleep(0.2)
+        during = await _chats(host.url, token, 15, "during")
+        locker.join()
+        assert all(status == 200 for status, _, _ in during)
+        assert max(seconds for _, seconds, _ in during) < 1.0  # logging is off the answer's path
+        after = await _chats(host.url, token, 3, "after")
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            records = await _all_logged(store, app_id, [i for *_, i in during + after])
+        finally:
+            await store.close()
+        assert {r["id"] for r in records} >= {i for *_, i in during + after}
+        assert (await _health(host.url))["request_log"]["spilled_to_fallback"] == 0
+    finally:
+        stop(host.process)
+
+
+async def test_cosmos_unreachable_for_a_while_answers_go_on_and_no_record_is_lost(simulator, data_dir, admin_token, issuer):
+    cosmos = start_cosmos_server()
+    database = "faults_" + uuid.uuid4().hex[:8]
+    env = _gateway_env(simulator, SEKISHO_STORE="cosmos", SEKISHO_COSMOS_ENDPOINT=cosmos.endpoint, SEKISHO_COSMOS_KEY=COSMOS_KEY,
+                       SEKISHO_COSMOS_DATABASE=database, SEKISHO_COSMOS_VERIFY_TLS="false", SEKISHO_POLICY_CACHE_SECONDS="30")
+    host = start_local_host(env, data_dir)
+    try:
+        app_id = await _register(host.url, admin_token)
+        token = issuer.mint(app_id)
+        await _chats(host.url, token, 1, "warm")
+        os.kill(cosmos.process.pid, signal.SIGSTOP)  # the store stops answering (connections hang)
+        try:
+            during = await _chats(host.url, token, 10, "during")
+            await asyncio.sleep(2.0)
+        finally:
+            os.kill(cosmos.process.pid, signal.SIGCONT)
+        assert all(status == 200 for status, _, _ in during)
+        after = await _chats(host.url, token, 3, "after")
+        store = CosmosStore(cosmos.endpoint, COSMOS_KEY, database, verify_tls=False)
+        await store.open()
+        try:
+            records = await _all_logged(store, app_id, [i for *_, i in during + after])
+        finally:
+            await store.close()
+        assert {r["id"] for r in records} >= {i for *_, i in during + after}
+    finally:
+        stop(host.process)
+        stop(cosmos.process)
+
+
+async def test_client_leaving_mid_stream_cuts_the_upstream_stream(gateway, simulator, token):
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True,
+            "x_sim": {"reply": " ".join(["word"] * 40), "chunk_interval_ms": 100}}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        async with session.post(gateway.url + CHAT, json=body) as response:
+            request_id = response.headers["x-sekisho-request-id"]
+            await response.content.readuntil(b"\n\n")  # the first event, then hang up
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entry = next((r for r in simulator.received() if r.get("client_request_id") == request_id), None)
+        if entry and "stream_end" in entry:
+            break
+        await asyncio.sleep(0.1)
+    assert entry["stream_end"] == "caller_left" and entry["events_sent"] < 10  # cut at once, not relayed to the end
