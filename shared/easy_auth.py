@@ -42,6 +42,12 @@ def claims_from_principal(header_value: str) -> dict[str, Any]:
             claims["roles"].append(value)
         else:
             claims.setdefault(_CLAIM_NAMES.get(kind, kind), value)
+    if not (claims.get("azp") or claims.get("appid")) and claims.get("aud") and claims.get("oid"):
+        # A browser sign-in (the admin page): Easy Auth passes the ID token's claims, which name
+        # no client application — the user signed in to the gateway's own app registration.
+        # Treat it as that app acting for that user, so the user's app roles apply.
+        claims["azp"] = claims["aud"]
+        claims.setdefault("scp", "openid")
     if not claims.get("tid") or not (claims.get("azp") or claims.get("appid")):
         raise invalid_token("The client principal names no tenant or client application.")
     return claims

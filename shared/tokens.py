@@ -147,6 +147,20 @@ def _b64json(segment: str) -> dict[str, Any]:
     return value
 
 
+_STRING_CLAIMS = ("azp", "appid", "oid", "scp")
+
+
+def _check_claim_types(claims: dict[str, Any]) -> None:
+    """The identity claims the gateway reads have Entra's types (a signed token can still carry
+    anything: `roles` as an object would otherwise read as the list of its keys)."""
+    for name in _STRING_CLAIMS:
+        if claims.get(name) is not None and not isinstance(claims[name], str):  # null reads as absent
+            raise invalid_token(f"The token's {name!r} claim must be a string.")
+    roles = claims.get("roles")
+    if roles is not None and not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
+        raise invalid_token("The token's 'roles' claim must be a list of strings.")
+
+
 _VERIFIED_CACHE_SIZE = 10_000
 _VERIFIED_REUSE_SECONDS = 600.0
 
@@ -231,6 +245,7 @@ class TokenValidator:
             raise invalid_token(f"The token lacks the required claim {exc.claim!r}.") from None
         except jwt.InvalidTokenError as exc:
             raise invalid_token(f"The token is invalid: {exc}.") from None
+        _check_claim_types(claims)
         token_info = ValidatedToken(claims=claims, version=version)
         if not token_info.app_id:
             raise invalid_token("The token names no client application (azp/appid).")

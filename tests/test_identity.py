@@ -192,6 +192,17 @@ async def test_easy_auth_principal_when_enabled(simulator, tmp_path, issuer, dat
         assert status == 200
         status, _, body = await _call(host.url, None, headers={"X-MS-CLIENT-PRINCIPAL": "bm90IGpzb24="})
         assert status == 401 and "client principal" in body["error"]["message"]
+        # A browser sign-in to the admin page: ID-token claims (aud, oid, roles), no client app.
+        def browser(roles):
+            return base64.b64encode(json.dumps({"auth_typ": "aad", "role_typ": "roles", "claims": [
+                {"typ": "aud", "val": "gateway-client-id"}, {"typ": "tid", "val": issuer.tenant_id},
+                {"typ": "http://schemas.microsoft.com/identity/claims/objectidentifier", "val": user},
+                *({"typ": "roles", "val": r} for r in roles)]}).encode()).decode()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{host.url}/sekisho/admin", headers={"X-MS-CLIENT-PRINCIPAL": browser(["Sekisho.Admin"])}) as response:
+                assert response.status == 200 and "Sekisho admin" in await response.text()
+            async with session.get(f"{host.url}/sekisho/admin", headers={"X-MS-CLIENT-PRINCIPAL": browser([])}) as response:
+                assert response.status == 403
     finally:
         stop(host.process)
     store = SqliteStore(path)
