@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench soak setup clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP) $(NODE_STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/gateway_vs_direct.py
+
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) node_modules .data .pytest_cache
