@@ -32,6 +32,9 @@ class PolicyCache:
         self._store = store
         self._ttl = ttl_seconds
         self._entries: dict[tuple[str, str], tuple[float, PolicyDocument | None]] = {}
+        # Bumped by every invalidation: a read that was in flight across one must not cache what
+        # it read (it may be the version the admin just replaced).
+        self._generation = 0
 
     async def get(self, app_id: str, doc_id: str) -> PolicyDocument | None:
         key = (app_id, doc_id)
@@ -39,13 +42,16 @@ class PolicyCache:
         now = time.monotonic()
         if entry is not None and entry[0] > now:
             return entry[1]
+        generation = self._generation
         doc = document_from_store(await self._store.get_policy(app_id, doc_id))
-        if len(self._entries) >= _MAX_CACHED:
-            self._entries.clear()  # crude but bounded; the store is the truth
-        self._entries[key] = (now + self._ttl, doc)
+        if generation == self._generation:
+            if len(self._entries) >= _MAX_CACHED:
+                self._entries.clear()  # crude but bounded; the store is the truth
+            self._entries[key] = (now + self._ttl, doc)
         return doc
 
     def invalidate(self, app_id: str | None = None) -> None:
+        self._generation += 1
         if app_id is None:
             self._entries.clear()
         else:
