@@ -125,3 +125,29 @@ def start_cosmos_server() -> CosmosServer:
     process = subprocess.Popen([str(binary), "-p", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_for_port(port, process)
     return CosmosServer(process, port)
+
+
+# Azurite (Azure Storage emulator, npm) for the async jobs' queue: the real azure-storage-queue SDK.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # Azurite's documented dev key
+
+
+@dataclass
+class AzuriteQueue:
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+                f"QueueEndpoint=http://127.0.0.1:{self.port}/devstoreaccount1;")
+
+
+def start_azurite_queue(location: str | Path) -> AzuriteQueue:
+    binary = ROOT / "node_modules" / ".bin" / "azurite-queue"
+    if not binary.exists():
+        raise RuntimeError("node_modules is missing: run `make test` (it runs `npm ci`)")
+    port = free_port()
+    process = subprocess.Popen([str(binary), "--queueHost", "127.0.0.1", "--queuePort", str(port), "--location", str(location),
+                                "--silent", "--skipApiVersionCheck", "--loose"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_for_port(port, process)
+    return AzuriteQueue(process, port)

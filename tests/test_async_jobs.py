@@ -231,3 +231,61 @@ async def test_streams_models_and_disabled_policies_are_answered_synchronously(j
     _, token = await _app(host, admin_token, issuer, async_jobs={"enabled": False})
     status, headers, completion = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
     assert status == 200 and completion["object"] == "chat.completion"
+
+
+# The Azure path of the start: azure-storage-queue → the queue-triggered starter -----------------
+async def test_queue_launcher_enqueues_what_the_registered_starter_reads(tmp_path):
+    """QueueJobLauncher against Azurite (the real SDK and wire protocol); the message it sends is
+    decoded as the Functions queue trigger does (base64) and handed to function_app's starter."""
+    import base64
+
+    import azure.functions as func
+    from azure.storage.queue.aio import QueueClient
+
+    import function_app
+    from shared.job_launch import QueueJobLauncher
+    from shared.job_orchestration import ORCHESTRATOR, START_QUEUE
+    from shared.localhost.durable_runtime import InstanceStatus
+    from shared.settings import Settings
+
+    from .servers import start_azurite_queue
+
+    azurite = start_azurite_queue(tmp_path)
+    try:
+        queue = QueueClient.from_connection_string(azurite.connection_string, START_QUEUE)
+        await queue.create_queue()
+        settings = Settings.from_env({"AzureWebJobsStorage": azurite.connection_string}, serving=False)
+        launcher = QueueJobLauncher.from_settings(settings)
+        job = {"id": "job-42", "app_id": "app-7", "max_attempts": 5, "max_wait_seconds": 600}
+        await launcher.launch(job)
+        await launcher.close()
+        messages = [m async for m in queue.receive_messages()]
+        await queue.close()
+        assert len(messages) == 1
+        body = base64.b64decode(messages[0].content)  # the trigger's default messageEncoding
+        assert decode(body) == {"job_id": "job-42", "app_id": "app-7", "max_attempts": 5, "max_wait_seconds": 600}
+
+        class Client:
+            def __init__(self, status):
+                self.status, self.started = status, []
+
+            async def get_status(self, instance_id):
+                return self.status
+
+            async def start_new(self, name, instance_id=None, client_input=None):
+                self.started.append((name, instance_id, decode(client_input)))
+                return instance_id
+
+        from shared.localhost.functions_host import registered_functions
+
+        (registered,) = [f for f in registered_functions(function_app.app) if f.get_function_name() == "job_starter"]
+        starter = registered.get_user_function().client_function  # the user code inside the durable client wrapper
+        fresh = Client(InstanceStatus(None))
+        await starter(msg=func.QueueMessage(body=body), client=fresh)
+        assert fresh.started == [(ORCHESTRATOR, "job-42", decode(body))]
+        redelivered = Client(InstanceStatus("Running"))  # the same message again: nothing new starts
+        await starter(msg=func.QueueMessage(body=body), client=redelivered)
+        assert redelivered.started == []
+    finally:
+        azurite.process.kill()  # an emulator with throwaway data: no graceful stop needed (it takes ~10 s)
+        azurite.process.wait()
