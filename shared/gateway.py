@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import uuid
 from typing import AsyncIterator
@@ -37,7 +35,7 @@ from .policy import builtin_defaults
 from .pricing import PricingTable
 from .quota import EnforceQuota, Windows
 from .response_cache import CacheResponses
-from .request_log import LogWriter, build_record
+from .request_log import INSTANCE, LogWriter, build_record
 from .routes import ModelRoute
 from .settings import Settings
 from .store import Store, open_store
@@ -49,8 +47,6 @@ from .validation import RequestStreamUsage, ValidateRequest
 logger = logging.getLogger("sekisho.gateway")
 
 REQUEST_ID_HEADER = "x-sekisho-request-id"
-# Which instance answered (health): host name and process, so several workers can be told apart.
-INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 _PROPERTY_PREFIX = "x-sekisho-property-"
 _MAX_PROPERTIES = 20
 

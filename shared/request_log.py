@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from typing import Any
 
 import orjson
@@ -23,6 +25,9 @@ from .store import Store, StoreError
 from .usage import usage_of
 
 logger = logging.getLogger("sekisho.request_log")
+
+# Which instance served a request: host name and process (Function App instances, local workers).
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 
 # Body fields that carry content (prompt) rather than parameters.
 _CONTENT_FIELDS = {
@@ -118,6 +123,7 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
         "time_to_first_byte_ms": ctx.elapsed_ms(ctx.started, ctx.first_byte_at),
         "upstream_request_id": ctx.upstream_request_id,
         "backend": ctx.backend,
+        "instance": INSTANCE,
         "retries": ctx.retries,
         "request_bytes": len(ctx.raw_body),
         "client": {"ip": ctx.http.client.host if ctx.http.client else None, "user_agent": ctx.http.headers.get("user-agent")},
