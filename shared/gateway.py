@@ -35,7 +35,7 @@ from .policy import builtin_defaults
 from .pricing import PricingTable
 from .quota import EnforceQuota, Windows
 from .response_cache import CacheResponses
-from .request_log import INSTANCE, LogWriter, build_record
+from .request_log import INSTANCE, LogSpool, LogWriter, build_record
 from .routes import ModelRoute
 from .settings import Settings
 from .store import Store, open_store
@@ -109,7 +109,9 @@ class Gateway:
                 env=settings.raw,
             )
             self.upstream = UpstreamClient(settings, self.backends)
-            self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size, ZoneInfo(settings.quota_timezone))
+            store_key = f"{settings.store}:{settings.sqlite_path if settings.store == 'sqlite' else settings.cosmos_endpoint + '/' + settings.cosmos_database}"
+            self.log_writer = LogWriter(store, settings.log_flush_interval, settings.log_batch_size, ZoneInfo(settings.quota_timezone),
+                                        LogSpool(settings.log_spool_dir, store_key))
             telemetry.configure(settings)
             self.log_writer.start()
             validator = None
@@ -415,7 +417,8 @@ class Gateway:
             return Response(content=errors.error_body(f"unhealthy: {exc}", "server_error", "server_error"), status_code=503, media_type="application/json")
         writer = self.log_writer
         log = {"queued": writer.queued, "written": writer.written, "failed_writes": writer.failed_attempts,
-               "spilled_to_fallback": writer.spilled, "rollup_failures": writer.rollup_failures}
+               "spooled": writer.spooled, "replayed_from_spool": writer.replayed, "spilled_to_fallback": writer.spilled,
+               "rollup_failures": writer.rollup_failures}
         return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE, "request_log": log}), media_type="application/json")
 
 

@@ -3,16 +3,21 @@
 `build_record` turns a finished RequestContext into the GUIDE §4 record. `LogWriter` queues
 records in memory and writes them in batches from a background task, so that logging never
 delays a response or the first streamed byte. Records the store refuses are retried; if the
-store stays down and the queue passes its bound, the oldest records go to the fallback sink
-(the Python logger, which reaches Application Insights in Azure) and are counted, never dropped
-silently.
+store stays down and the queue passes its bound, or at shutdown, the records go to a local spool
+(JSON lines on the instance's disk) that the next writer on that disk replays into the store;
+only if the spool cannot be written do they go to the fallback sink (the Python logger, which
+reaches Application Insights in Azure). Both are counted (`/health`); nothing is dropped silently.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import socket
+import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -135,11 +140,57 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
     return record
 
 
+class LogSpool:
+    """Records the store could not take, kept on local disk until a writer can write them.
+
+    One file per writer process; a starting writer claims the files of writers that are gone (an
+    atomic rename, so two workers never replay the same file) for the same store only."""
+
+    def __init__(self, directory: str | Path, store_key: str) -> None:
+        self._dir = Path(directory)
+        self._prefix = "spool-" + hashlib.sha256(store_key.encode()).hexdigest()[:12]
+        self._file = self._dir / f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        with open(self._file, "a", encoding="utf-8") as out:
+            for record in records:
+                out.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+
+    def claim(self) -> list[Path]:
+        claimed = []
+        for path in sorted(self._dir.glob(f"{self._prefix}-*.jsonl")) if self._dir.is_dir() else ():
+            if path == self._file:
+                continue
+            target = path.with_suffix(f".claimed-{os.getpid()}")
+            try:
+                path.rename(target)
+            except OSError:
+                continue  # another writer claimed it first
+            claimed.append(target)
+        return claimed
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logger.error("unreadable line in log spool %s skipped", path)
+        return records
+
+    def release(self, path: Path) -> None:
+        """Give a claimed file back (the store is still down): a later start tries again."""
+        path.rename(self._dir / f"{self._prefix}-returned-{uuid.uuid4().hex[:8]}.jsonl")
+
+
 class LogWriter:
     """Batches log records in memory and writes them from one background task."""
 
-    def __init__(self, store: Store, flush_interval: float, batch_size: int, zone=None) -> None:
+    def __init__(self, store: Store, flush_interval: float, batch_size: int, zone=None, spool: LogSpool | None = None) -> None:
         self._store = store
+        self._spool = spool
         self._zone = zone  # the roll-ups' day boundaries; None: no roll-ups (tests of the writer alone)
         self._interval = flush_interval
         self._batch_size = batch_size
@@ -152,7 +203,9 @@ class LogWriter:
         self._hurry = False  # a flush asked to write now instead of gathering a batch
         self.written = 0
         self.failed_attempts = 0
-        self.spilled = 0
+        self.spilled = 0  # to the fallback sink (the Python logger)
+        self.spooled = 0  # to the local spool, for a later writer to replay
+        self.replayed = 0
         self.rollup_failures = 0
 
     def start(self) -> None:
@@ -174,12 +227,45 @@ class LogWriter:
             self._wake.set()
 
     def _spill(self, records: list[dict[str, Any]]) -> None:
+        """The store cannot take these now: to the spool, else to the fallback sink."""
+        if self._spool is not None:
+            try:
+                self._spool.append(records)
+                self.spooled += len(records)
+                return
+            except OSError:
+                logger.exception("log spool not writable; %s records go to the fallback sink", len(records))
+        self._to_fallback(records)
+
+    def _to_fallback(self, records: list[dict[str, Any]]) -> None:
         self.spilled += len(records)
         for record in records:
-            logger.error("request log record not stored: %s", orjson.dumps(record).decode())
+            logger.error("request log record not stored: %s", json.dumps(record, default=str, ensure_ascii=False))
+
+    async def _replay_spool(self) -> None:
+        """Write what earlier writers on this disk could not; give a file back if the store fails."""
+        if self._spool is None:
+            return
+        for path in self._spool.claim():
+            records = self._spool.read(path)
+            try:
+                for start in range(0, len(records), self._batch_size):
+                    batch = records[start : start + self._batch_size]
+                    await self._store.write_logs(batch)
+                    await self._roll_up(batch)
+            except StoreError as exc:
+                logger.warning("log spool replay failed, kept for later: %s", exc)
+                self._spool.release(path)
+                return
+            except Exception:
+                logger.exception("log spool %s could not be replayed", path)
+                self._to_fallback(records)
+            path.unlink(missing_ok=True)
+            self.replayed += len(records)
 
     async def _run(self) -> None:
         backoff = self._interval
+        await self._replay_spool()
         while True:
             if not self._queue:
                 self._idle.set()
@@ -210,15 +296,28 @@ class LogWriter:
                     await asyncio.sleep(min(backoff, 5.0))
                     backoff *= 2
                     continue
-                except Exception:  # a bug in an adapter must not kill the writer
-                    logger.exception("request log write crashed")
-                    self._spill(batch)
+                except Exception:  # a record the adapter cannot take must not stop the others
+                    logger.exception("request log write crashed; writing the batch one by one")
                     del self._queue[: len(batch)]
+                    await self._write_one_by_one(batch)
                     continue
                 backoff = self._interval
                 del self._queue[: len(batch)]
                 self.written += len(batch)
                 await self._roll_up(batch)
+
+    async def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        written = []
+        for record in batch:
+            try:
+                await self._store.write_logs([record])
+                written.append(record)
+            except StoreError:
+                self._spill([record])
+            except Exception:
+                self._to_fallback([record])  # this record itself is the problem: a spool would not help
+        self.written += len(written)
+        await self._roll_up(written)
 
     async def _roll_up(self, batch: list[dict[str, Any]]) -> None:
         """Add a written batch to the usage roll-ups. Not retried: a retry after a partial

@@ -6,6 +6,7 @@ Every name the gateway reads is declared here, once, in `SETTINGS`. The test sui
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -51,6 +52,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
     Setting("SEKISHO_LOG_FLUSH_INTERVAL_MS", "100", "Longest time a log record waits in memory before it is written."),
     Setting("SEKISHO_LOG_BATCH_SIZE", "200", "Most log records written in one batch."),
+    Setting("SEKISHO_LOG_SPOOL_DIR", "", "Local folder for request log records the store could not take (replayed by the next start). Empty = <temp dir>/sekisho-log-spool."),
     Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Application Insights connection string: usage events (one per request) are exported there. Empty = no telemetry (local)."),
     Setting("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "`Authorization=AAD;ClientId=<identity client id>` when the Application Insights component has local auth off."),
     Setting("AzureWebJobsStorage", "", "Functions host storage as a connection string (local: UseDevelopmentStorage=true for Azurite). Async jobs are queued on its `sekisho-jobs` queue."),
@@ -100,6 +102,7 @@ class Settings:
     log_flush_interval: float
     log_batch_size: int
     webjobs_storage: str = ""
+    log_spool_dir: str = ""
     appinsights_connection_string: str = ""
     appinsights_authentication_string: str = ""
     webjobs_storage_account: str = ""
@@ -187,6 +190,7 @@ class Settings:
             log_flush_interval=number("SEKISHO_LOG_FLUSH_INTERVAL_MS", float, 1) / 1000.0,
             log_batch_size=number("SEKISHO_LOG_BATCH_SIZE", int, 1),
             webjobs_storage=get("AzureWebJobsStorage"),
+            log_spool_dir=get("SEKISHO_LOG_SPOOL_DIR") or os.path.join(tempfile.gettempdir(), "sekisho-log-spool"),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             appinsights_authentication_string=get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
             webjobs_storage_account=get("AzureWebJobsStorage__accountName"),

@@ -140,3 +140,64 @@ async def test_client_leaving_mid_stream_cuts_the_upstream_stream(gateway, simul
             break
         await asyncio.sleep(0.1)
     assert entry["stream_end"] == "caller_left" and entry["events_sent"] < 10  # cut at once, not relayed to the end
+
+
+async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_next_writer(tmp_path):
+    from shared.request_log import LogSpool, LogWriter
+    from shared.store import StoreUnavailable
+
+    class DownStore:
+        async def write_logs(self, records):
+            raise StoreUnavailable("down")
+
+        async def add_rollups(self, deltas):
+            raise StoreUnavailable("down")
+
+    records = [{"id": uuid.uuid4().hex, "app_id": "app-s", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
+                "operation": "chat.completions", "usage": {"total_tokens": 5}} for _ in range(3)]
+    down = LogWriter(DownStore(), 0.01, 10, spool=LogSpool(tmp_path / "spool", "store-a"))
+    down.start()
+    for record in records:
+        down.submit(record)
+    await asyncio.sleep(0.1)
+    await down.close()  # the store never came back: the records go to the spool, not away
+    assert down.spooled == 3 and down.spilled == 0
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        other = LogWriter(store, 0.01, 10, spool=LogSpool(tmp_path / "spool", "store-b"))  # another store: not its spool
+        other.start()
+        await other.close()
+        assert other.replayed == 0
+        from zoneinfo import ZoneInfo
+
+        writer = LogWriter(store, 0.01, 10, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-a"))
+        writer.start()
+        await writer.flush()
+        await writer.close()
+        assert writer.replayed == 3
+        assert [await store.get_log(r["id"]) for r in records] == records
+        assert sum(r["requests"] for r in await store.query_rollups("app-s")) == 3  # counted once, when they landed
+        assert list((tmp_path / "spool").iterdir()) == []
+    finally:
+        await store.close()
+
+
+async def test_a_record_the_store_cannot_serialise_does_not_stop_the_others(tmp_path):
+    from shared.request_log import LogWriter
+
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        writer = LogWriter(store, 0.01, 10)
+        writer.start()
+        writer.submit({"id": "bad", "app_id": "a", "timestamp": "2026-11-24T10:00:00Z", "ttl": 60, "huge": 2**70})
+        writer.submit({"id": "good", "app_id": "a", "timestamp": "2026-11-24T10:00:00Z", "ttl": 60})
+        await asyncio.wait_for(writer.flush(), timeout=5)
+        writer.submit({"id": "later", "app_id": "a", "timestamp": "2026-11-24T10:00:01Z", "ttl": 60})
+        await asyncio.wait_for(writer.flush(), timeout=5)
+        await writer.close()
+        assert await store.get_log("good") is not None and await store.get_log("later") is not None
+        assert writer.spilled == 1  # the bad one went to the fallback sink, counted
+    finally:
+        await store.close()

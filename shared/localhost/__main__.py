@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data_dir = Path(args.data_dir).resolve()
     os.environ.setdefault("SEKISHO_SQLITE_PATH", str(data_dir / "sekisho.db"))
+    os.environ.setdefault("SEKISHO_LOG_SPOOL_DIR", str(data_dir / "log-spool"))
     upstream = os.environ.get("AZURE_OPENAI_ENDPOINT", "")
     if not upstream:
         _, endpoint, key = start_simulator(args.simulator_port, args.simulator_latency_ms, args.simulator_chunk_interval_ms)
