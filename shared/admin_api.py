@@ -369,7 +369,8 @@ class AdminApi:
         params = request.query_params
         status = params.get("status")
         limit = params.get("limit", "100")
-        if (status is not None and not status.isdigit()) or not limit.isdigit():
+        # isascii(): str.isdigit() also accepts '²' or '١', which int() refuses.
+        if (status is not None and not (status.isascii() and status.isdigit())) or not (limit.isascii() and limit.isdigit()):
             raise errors.invalid_request("status and limit must be whole numbers.")
         cache, guard = params.get("cache") or None, params.get("guard") or None
         if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):

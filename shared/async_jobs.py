@@ -174,7 +174,7 @@ def status_response(job: dict[str, Any], url: str) -> Response:
     if job["status"] == FAILED:
         error = job["error"]
         return Response(content=orjson.dumps(error["body"]), status_code=error["status"], media_type="application/json",
-                        headers={**headers, "x-should-retry": "false"})
+                        headers={**error.get("headers", {}), **headers, "x-should-retry": "false"})
     return accepted_response(job, url, headers)
 
 
@@ -195,7 +195,7 @@ def record_result(job: dict[str, Any], ctx: RequestContext, result: UpstreamResu
 
 
 def record_error(job: dict[str, Any], error: GatewayError) -> None:
-    job["status"], job["error"] = FAILED, {"status": error.status, "body": orjson.loads(error.body())}
+    job["status"], job["error"] = FAILED, {"status": error.status, "body": orjson.loads(error.body()), "headers": dict(error.headers)}
     job["updated_at"] = _now()
 
 

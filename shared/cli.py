@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--csv", metavar="FILE", help="write CSV to FILE (- for standard output) instead of a table")
 
     login = groups.add_parser("admin-login", help="a one-time link that signs a browser in to the admin page (local mode)")
-    login.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('SEKISHO_LOCAL_PORT', '7071')}", help="the gateway's base URL")
+    login.add_argument("--url", default="http://127.0.0.1:7071", help="the gateway's base URL (the local host's, by default)")
 
     groups.add_parser("issuer", help="the local issuer").add_subparsers(dest="command", required=True).add_parser("rotate")
     return parser

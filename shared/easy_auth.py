@@ -33,9 +33,11 @@ def claims_from_principal(header_value: str) -> dict[str, Any]:
         role_type = principal.get("role_typ") or "roles"
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         raise invalid_token("X-MS-CLIENT-PRINCIPAL is not a valid client principal.") from None
+    if not isinstance(entries, list):
+        raise invalid_token("X-MS-CLIENT-PRINCIPAL is not a valid client principal.")
     claims: dict[str, Any] = {"roles": []}
     for entry in entries:
-        if not isinstance(entry, dict) or "typ" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("typ"), str):
             continue
         kind, value = entry["typ"], entry.get("val")
         if kind == role_type or _CLAIM_NAMES.get(kind) == "roles" or kind == "roles":

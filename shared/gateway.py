@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import async_jobs, errors, telemetry
-from .access import ApplyPolicy, PolicyCache, PolicyResolver
+from .access import ApplyPolicy, PolicyCache, PolicyResolver, forbidden
 from .admin_api import AdminApi, PolicyService
 from .context import RequestContext, UpstreamResult
 from .errors import GatewayError
@@ -38,7 +38,7 @@ from .response_cache import CacheResponses
 from .request_log import INSTANCE, LogSpool, LogWriter, build_record
 from .routes import ModelRoute
 from .settings import Settings
-from .store import Store, open_store
+from .store import PreconditionFailed, Store, StoreError, open_store
 from .tokens import JwksCache, TokenValidator
 from .backends import BackendPool, Circuit
 from .upstream import UpstreamClient
@@ -188,7 +188,10 @@ class Gateway:
                 except GatewayError as exc:
                     # The policy may turn "still 429 when the retry budget ran out" into a job.
                     if exc.code == "upstream_rate_limited" and self._takes_job(ctx, ctx.policy.async_jobs.on_budget_exhausted):
-                        return await self._submit_job(ctx, "retry_budget")
+                        try:
+                            return await self._submit_job(ctx, "retry_budget")
+                        except GatewayError:
+                            raise exc from None  # the client asked for nothing async: it gets the 429
                     raise
             for stage in reversed(entered):
                 ctx.result = stage.after(ctx, ctx.result)
@@ -260,14 +263,20 @@ class Gateway:
     async def _submit_job(self, ctx: RequestContext, reason: str) -> Response:
         async_jobs.check_size(ctx)
         job = async_jobs.new_job(ctx, reason)
+        unavailable = GatewayError(503, "async_unavailable", "The job could not be queued; try again, or call without 'Prefer: respond-async'.",
+                                   error_type="server_error")
         try:
-            await self.store.put_job(job)
+            job["etag"] = await self.store.put_job(job)
+        except Exception:
+            logger.exception("job %s could not be stored", ctx.request_id)
+            raise unavailable from None  # the reservation is still this request's: released as it ends
+        ctx.quota = None  # from here on the job owns the reservation and settles it, once
+        try:
             await self.job_launcher.launch(job)
         except Exception:
             logger.exception("job %s could not be queued", ctx.request_id)
-            raise GatewayError(503, "async_unavailable", "The job could not be queued; try again, or call without 'Prefer: respond-async'.",
-                               error_type="server_error") from None
-        ctx.quota = None  # the job owns the reservation now and settles it when it ends
+            await self._end_job(job, async_jobs.restore_context(job, ctx.policy), error=unavailable)
+            raise unavailable from None
         ctx.extra["job"] = async_jobs.job_summary(job)
         ctx.status = 202
         ctx.finished_at = time.perf_counter()
@@ -284,33 +293,47 @@ class Gateway:
             return started
         try:
             identity = await self.authenticator.authenticate(request)
-            job = await self.store.get_job(identity.app_id, job_id)
+            try:
+                job = await self.store.get_job(identity.app_id, job_id)
+            except StoreError:
+                raise GatewayError(503, "store_unavailable", "The job store is unavailable; poll again shortly.",
+                                   error_type="server_error", headers={"Retry-After": str(async_jobs.POLL_SECONDS)}) from None
             if job is None or (identity.delegated and job["user_id"] != identity.user_oid):
                 raise errors.not_found(f"No job {job_id!r} for this application (jobs are kept for their retention time).")
         except GatewayError as exc:
-            return _error_response(exc, {})
+            return _error_response(exc, exc.headers)
         return async_jobs.status_response(job, async_jobs.status_url(request, job_id))
 
-    async def _load_job(self, task: dict) -> tuple[dict | None, RequestContext | None]:
+    async def _load_job(self, task: dict) -> tuple[dict | None, RequestContext | None, GatewayError | None]:
+        """The job and a request context to finish it; a refusal when its app may no longer call."""
         job = await self.store.get_job(task["app_id"], task["job_id"])
         if job is None or job["status"] in async_jobs.FINISHED:
-            return job, None  # expired, or finished by an earlier run of this activity (replay)
+            return job, None, None  # expired, or finished by an earlier run of this step (replay)
         try:
             policy = await self.resolver.resolve(job["app_id"], job["user_id"])
-        except GatewayError:
-            # The app was removed meanwhile; finish the job under the built-in defaults.
-            policy = effective_policy(job["app_id"], self._builtin_policy, None, None, None)
-        return job, async_jobs.restore_context(job, policy)
+        except GatewayError as refusal:  # the app was removed meanwhile
+            return job, async_jobs.restore_context(job, effective_policy(job["app_id"], self._builtin_policy, None, None, None)), refusal
+        ctx = async_jobs.restore_context(job, policy)
+        if not policy.enabled:
+            return job, ctx, forbidden("This application or user was disabled on the gateway while the job waited.")
+        return job, ctx, None
 
     async def run_job_attempt(self, task: dict) -> dict:
         """The attempt activity: one upstream call (failing over, never sleeping). Finishes the
-        job, or reports how long to wait before the next attempt."""
+        job, or reports how long to wait before the next attempt. Every change of the job is a
+        conditional write, so that two runs of one step (Durable may run an activity twice)
+        cannot both call the model on its behalf and both finish it."""
         await self.start()
-        job, ctx = await self._load_job(task)
+        job, ctx, refusal = await self._load_job(task)
         if ctx is None:
             return {"state": job["status"] if job else "missing"}
+        if refusal is not None:
+            return await self._end_job(job, ctx, error=refusal)
         async_jobs.mark(job, async_jobs.RUNNING, attempts=task["attempt"], waited_seconds=task["waited_seconds"])
-        await self.store.put_job(job)
+        try:
+            job["etag"] = await self.store.put_job(job, if_match=job["etag"])  # claim this attempt
+        except PreconditionFailed:
+            return {"state": "superseded"}
         ctx.extra["job"] = async_jobs.job_summary(job)
         try:
             result = await self.upstream.send(ctx, may_wait=False)
@@ -318,7 +341,10 @@ class Gateway:
             if exc.code in ("upstream_rate_limited", "upstream_error", "upstream_timeout"):
                 wait = upstream_wait(exc, task["attempt"])
                 async_jobs.mark(job, async_jobs.WAITING)
-                await self.store.put_job(job)
+                try:
+                    await self.store.put_job(job, if_match=job["etag"])
+                except PreconditionFailed:
+                    return {"state": "superseded"}
                 return {"state": "retry", "retry_after_seconds": wait, "error": {"status": exc.status, "code": exc.code}}
             return await self._end_job(job, ctx, error=exc)
         for stage in reversed(self.stages):
@@ -328,34 +354,44 @@ class Gateway:
     async def give_up_job(self, task: dict) -> dict:
         """The give-up activity: attempts or waiting time used up."""
         await self.start()
-        job, ctx = await self._load_job(task)
+        job, ctx, refusal = await self._load_job(task)
         if ctx is None:
             return {"state": job["status"] if job else "missing"}
         async_jobs.mark(job, job["status"], attempts=task["attempt"], waited_seconds=task["waited_seconds"])
         last = task.get("last_error") or {}
-        if last.get("code") == "upstream_rate_limited":
+        if refusal is not None:
+            error = refusal
+        elif last.get("code") == "upstream_rate_limited":
             error = GatewayError(429, "upstream_rate_limited",
                                  f"Azure OpenAI kept rate limiting this deployment: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s of waiting did not get through.",
-                                 error_type="rate_limit_error")
+                                 error_type="rate_limit_error", headers={"Retry-After": "60"})
         else:
             error = GatewayError(last.get("status") or 502, last.get("code") or "upstream_error",
                                  f"Azure OpenAI kept failing: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s did not get an answer.")
         return await self._end_job(job, ctx, error=error)
 
     async def _end_job(self, job: dict, ctx: RequestContext, *, result: UpstreamResult | None = None, error: GatewayError | None = None) -> dict:
-        """Finish the job's request like the synchronous path would, and keep its outcome."""
+        """Finish the job's request like the synchronous path would, at most once: the job is
+        marked finished (conditionally) before the reservation is settled and the log written."""
         if error is not None:
             ctx.error, ctx.status = error, error.status
             async_jobs.record_error(job, error)
         else:
             ctx.result, ctx.status = result, result.status
             async_jobs.record_result(job, ctx, result)
+        try:
+            job["etag"] = await self.store.put_job(job, if_match=job.get("etag"))
+        except PreconditionFailed:
+            return {"state": "superseded"}  # another run of this step got there first
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
         ctx.extra["job"] = async_jobs.job_summary(job)
         await self._finish(ctx)  # settles the reservation, writes the log record under the job's id
         if job.get("result") and "x-sekisho-cost" in ctx.response_headers:
             job["result"]["headers"]["x-sekisho-cost"] = ctx.response_headers["x-sekisho-cost"]
-        await self.store.put_job(job)
+            try:
+                await self.store.put_job(job, if_match=job["etag"])
+            except Exception:
+                logger.warning("job %s: the cost header could not be added to its answer", job["id"])
         return {"state": job["status"]}
 
     async def _finish(self, ctx: RequestContext) -> None:

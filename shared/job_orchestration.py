@@ -34,7 +34,8 @@ GIVE_UP_ACTIVITY = "sekisho_job_give_up"
 START_QUEUE = "sekisho-jobs"
 
 MIN_WAIT_SECONDS = 1.0  # never hammer an upstream that gave no hint
-ACTIVITY_FAILURE_WAIT_SECONDS = 10.0  # the attempt activity itself failed (store down, worker recycled)
+ACTIVITY_FAILURE_WAIT_SECONDS = 10.0
+GIVE_UP_TRIES = 3  # the attempt activity itself failed (store down, worker recycled)
 
 
 def encode(value: Any) -> str:
@@ -68,7 +69,14 @@ def orchestrate_job(context):
         delay = max(MIN_WAIT_SECONDS, float(outcome.get("retry_after_seconds") or 0))
         if attempt >= job["max_attempts"] or waited + delay > job["max_wait_seconds"]:
             final = {**job, "attempt": attempt, "waited_seconds": waited, "last_error": outcome.get("error")}
-            return decode((yield context.call_activity(GIVE_UP_ACTIVITY, encode(final))))
+            # The give-up step settles the reservation and writes the log: try it a few times.
+            for tries in range(GIVE_UP_TRIES):
+                try:
+                    return decode((yield context.call_activity(GIVE_UP_ACTIVITY, encode(final))))
+                except Exception:
+                    if tries + 1 == GIVE_UP_TRIES:
+                        return {"state": "failed", "error": "the give-up step failed"}
+                    yield context.create_timer(context.current_utc_datetime + timedelta(seconds=ACTIVITY_FAILURE_WAIT_SECONDS))
         waited += delay
         context.set_custom_status({"attempt": attempt, "waiting_seconds": delay, "waited_seconds": waited})
         yield context.create_timer(context.current_utc_datetime + timedelta(seconds=delay))

@@ -24,6 +24,7 @@ from .errors import GatewayError
 from .pipeline import Stage
 from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
 from .routes import Operation
+from .counter_batch import CounterBatcher
 from .store import CounterCharge, Store, StoreUnavailable
 from .token_estimate import count_tokens, estimate_prompt_tokens, requested_completion_tokens
 from .usage import usage_of
@@ -133,7 +134,7 @@ class EnforceQuota(Stage):
         self._windows = windows
         self._currency = currency
         self._memory = MemoryCounters()
-        self._settling: set[asyncio.Task] = set()
+        self._settlements = CounterBatcher(store, what="quota settlement")
 
     async def before(self, ctx: RequestContext) -> None:
         if ctx.route.operation is Operation.MODELS:
@@ -255,23 +256,14 @@ class EnforceQuota(Stage):
             if delta:
                 deltas.append(CounterCharge(charge.subject, charge.counter, delta, None, charge.ttl))
         if deltas:
-            task = asyncio.get_running_loop().create_task(self._settle(deltas, reservation.degraded))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
-
-    async def _settle(self, deltas: list[CounterCharge], degraded: bool) -> None:
-        if degraded:
-            self._memory.adjust(deltas)
-            return
-        try:
-            await self._store.adjust(deltas)
-        except Exception:
-            logger.exception("quota settlement failed; counters keep the estimate until their window ends")
+            if reservation.degraded:
+                self._memory.adjust(deltas)
+            else:
+                self._settlements.add(deltas)  # written with others within 50 ms
 
     async def drain(self) -> None:
-        """Wait for settlements in flight (shutdown, tests)."""
-        while self._settling:
-            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        """Write pending settlements (shutdown, tests)."""
+        await self._settlements.drain()
 
 
 def _response_model(ctx: RequestContext) -> str | None:

@@ -11,6 +11,7 @@ reaches Application Insights in Azure). Both are counted (`/health`); nothing is
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from . import sse
 from .context import RequestContext
 from .rollups import rollup_deltas
 from .routes import Operation
-from .store import Store, StoreError
+from .store import Store, StoreUnavailable
 from .usage import usage_of
 
 logger = logging.getLogger("sekisho.request_log")
@@ -143,46 +144,64 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
 class LogSpool:
     """Records the store could not take, kept on local disk until a writer can write them.
 
-    One file per writer process; a starting writer claims the files of writers that are gone (an
-    atomic rename, so two workers never replay the same file) for the same store only."""
+    One file per writer process, locked (flock) by its writer while that process lives. A
+    starting writer replays the files it can lock — those of writers that are gone — for the
+    same store only, holding the lock while it works, so two workers never replay one file."""
 
     def __init__(self, directory: str | Path, store_key: str) -> None:
         self._dir = Path(directory)
         self._prefix = "spool-" + hashlib.sha256(store_key.encode()).hexdigest()[:12]
         self._file = self._dir / f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self._own = None  # our file, opened and locked on first use
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        with open(self._file, "a", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        if self._own is None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._own = open(self._file, "a", encoding="utf-8")
+            fcntl.flock(self._own, fcntl.LOCK_EX)
+        for record in records:
+            self._own.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        self._own.flush()
 
-    def claim(self) -> list[Path]:
-        claimed = []
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.close()  # releases the lock: a later writer may replay it
+            self._own = None
+
+    def others(self):
+        """(path, locked file) for every spool file of this store that no live writer holds."""
         for path in sorted(self._dir.glob(f"{self._prefix}-*.jsonl")) if self._dir.is_dir() else ():
             if path == self._file:
                 continue
-            target = path.with_suffix(f".claimed-{os.getpid()}")
             try:
-                path.rename(target)
+                handle = open(path, "r+", encoding="utf-8")
             except OSError:
-                continue  # another writer claimed it first
-            claimed.append(target)
-        return claimed
+                continue
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()  # its writer is alive, or another writer is replaying it
+                continue
+            yield path, handle
 
     @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
+    def read(handle) -> list[dict[str, Any]]:
         records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in handle.read().splitlines():
             try:
                 records.append(json.loads(line))
             except ValueError:
-                logger.error("unreadable line in log spool %s skipped", path)
+                logger.error("unreadable line in the log spool skipped")
         return records
 
-    def release(self, path: Path) -> None:
-        """Give a claimed file back (the store is still down): a later start tries again."""
-        path.rename(self._dir / f"{self._prefix}-returned-{uuid.uuid4().hex[:8]}.jsonl")
+    @staticmethod
+    def keep_only(handle, records: list[dict[str, Any]]) -> None:
+        """Rewrite a locked spool file with what is still to be written."""
+        handle.seek(0)
+        handle.truncate()
+        for record in records:
+            handle.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        handle.flush()
 
 
 class LogWriter:
@@ -243,25 +262,30 @@ class LogWriter:
             logger.error("request log record not stored: %s", json.dumps(record, default=str, ensure_ascii=False))
 
     async def _replay_spool(self) -> None:
-        """Write what earlier writers on this disk could not; give a file back if the store fails."""
+        """Write what earlier writers on this disk could not; what still fails stays spooled."""
         if self._spool is None:
             return
-        for path in self._spool.claim():
-            records = self._spool.read(path)
+        for path, handle in self._spool.others():
             try:
-                for start in range(0, len(records), self._batch_size):
-                    batch = records[start : start + self._batch_size]
-                    await self._store.write_logs(batch)
-                    await self._roll_up(batch)
-            except StoreError as exc:
-                logger.warning("log spool replay failed, kept for later: %s", exc)
-                self._spool.release(path)
-                return
-            except Exception:
-                logger.exception("log spool %s could not be replayed", path)
-                self._to_fallback(records)
-            path.unlink(missing_ok=True)
-            self.replayed += len(records)
+                records = self._spool.read(handle)
+                done = 0
+                try:
+                    while done < len(records):
+                        batch = records[done : done + self._batch_size]
+                        await self._store.write_logs(batch)
+                        await self._roll_up(batch)
+                        done += len(batch)
+                        self.replayed += len(batch)
+                except StoreUnavailable as exc:
+                    logger.warning("log spool replay stopped, the rest kept for later: %s", exc)
+                    self._spool.keep_only(handle, records[done:])  # only what was not written
+                    return
+                except Exception:
+                    logger.exception("log spool records the store refuses go to the fallback sink")
+                    self._to_fallback(records[done:])
+                path.unlink(missing_ok=True)
+            finally:
+                handle.close()
 
     async def _run(self) -> None:
         backoff = self._interval
@@ -286,7 +310,7 @@ class LogWriter:
                 batch = self._queue[: self._batch_size]
                 try:
                     await self._store.write_logs(batch)
-                except StoreError as exc:
+                except StoreUnavailable as exc:
                     self.failed_attempts += 1
                     logger.warning("request log write failed (%s records queued): %s", len(self._queue), exc)
                     if self._closing:
@@ -296,8 +320,8 @@ class LogWriter:
                     await asyncio.sleep(min(backoff, 5.0))
                     backoff *= 2
                     continue
-                except Exception:  # a record the adapter cannot take must not stop the others
-                    logger.exception("request log write crashed; writing the batch one by one")
+                except Exception:  # refused (StoreError) or a bug: a bad record must not stop the others
+                    logger.exception("request log batch refused; writing it one by one")
                     del self._queue[: len(batch)]
                     await self._write_one_by_one(batch)
                     continue
@@ -312,10 +336,10 @@ class LogWriter:
             try:
                 await self._store.write_logs([record])
                 written.append(record)
-            except StoreError:
-                self._spill([record])
+            except StoreUnavailable:
+                self._spill([record])  # the store went away meanwhile: keep it for later
             except Exception:
-                self._to_fallback([record])  # this record itself is the problem: a spool would not help
+                self._to_fallback([record])  # this record itself is refused: a spool would not help
         self.written += len(written)
         await self._roll_up(written)
 
@@ -350,3 +374,5 @@ class LogWriter:
             self._spill(self._queue)
             self._queue.clear()
         self._task = None
+        if self._spool is not None:
+            self._spool.close()

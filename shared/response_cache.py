@@ -30,6 +30,7 @@ from .errors import GatewayError
 from .pipeline import Stage
 from .pricing import PricingTable, usage_cost
 from .routes import Operation
+from .counter_batch import CounterBatcher
 from .store import CounterCharge, Store, StoreError
 from .usage import Usage
 
@@ -83,6 +84,7 @@ class CacheResponses(Stage):
         self._currency = currency
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
         self._writes: set[asyncio.Task] = set()
+        self._stats = CounterBatcher(store, what="cache statistics")
         # Entries being written in the background: served from here until the store has them,
         # so "record, then replay at once" works on this instance.
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
@@ -204,7 +206,7 @@ class CacheResponses(Stage):
     def _count(self, app_id: str, amounts: dict[str, int]) -> None:
         month = self._windows.key("month", self._windows.now())
         charges = [CounterCharge(f"cache:{app_id}", f"{name}:{month}", amount, None, _STATS_TTL) for name, amount in amounts.items() if amount]
-        self._spawn(self._store.adjust(charges))
+        self._stats.add(charges)
 
     def _spawn(self, coroutine) -> None:
         async def guarded():
@@ -220,6 +222,7 @@ class CacheResponses(Stage):
     async def drain(self) -> None:
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
+        await self._stats.drain()
 
     async def stats(self, app_id: str) -> dict[str, Any]:
         month = self._windows.key("month", self._windows.now())

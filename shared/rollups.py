@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from .telemetry import is_final
@@ -41,9 +42,9 @@ class RollupDelta:
 
 
 def rollup_id(day: str, user_id: str, deployment: str, model: str) -> str:
-    # One document per (day, user, deployment, model) inside the app's partition. "|" cannot
-    # appear in a day; the other parts are escaped so that they stay apart.
-    return "|".join((day, *(part.replace("%", "%25").replace("|", "%7C") for part in (user_id, deployment, model))))
+    # One document per (day, user, deployment, model) inside the app's partition. The parts are
+    # percent-encoded: they stay apart ("|"), and Cosmos ids may not hold / \ ? #.
+    return "|".join((day, *(quote(part, safe="@._-:") for part in (user_id, deployment, model))))
 
 
 def _nanos(amount: Any) -> int:
@@ -119,5 +120,14 @@ def to_csv(rows: list[dict[str, Any]], by: str) -> str:
     columns = (*_GROUP_FIELDS[by], *REPORT_COLUMNS)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([f"{row[c]:.9f}".rstrip("0").rstrip(".") if c in ("cost", "saved_cost") else ("" if row[c] is None else row[c]) for c in columns])
+        writer.writerow([f"{row[c]:.9f}".rstrip("0").rstrip(".") if c in ("cost", "saved_cost") else _cell(row[c]) for c in columns])
     return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    """Ids come from callers (x-sekisho-user): one that starts like a formula stays text in Excel."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value

@@ -230,6 +230,14 @@ class UpstreamClient:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 parsed = None
+        if response.status >= 400 and not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
+            # Not Azure's error shape (a proxy's or web server's own page): say it in the OpenAI shape.
+            text = raw[:300].decode("utf-8", "replace").strip() or "no body"
+            parsed = {"error": {"message": f"Azure OpenAI answered {response.status}: {text}",
+                                "type": "server_error" if response.status >= 500 else "invalid_request_error",
+                                "code": "upstream_error", "param": None}}
+            raw = orjson.dumps(parsed)
+            headers_out["content-type"] = "application/json"
         return UpstreamResult(status=response.status, headers=headers_out, body=raw, json=parsed)
 
     async def _result(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> UpstreamResult:

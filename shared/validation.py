@@ -18,6 +18,13 @@ _REQUIRED: dict[Operation, tuple[tuple[str, tuple[type, ...]], ...]] = {
     Operation.RESPONSES: (("input", (str, list)),),
 }
 
+# Later stages walk the body recursively, and orjson writes at most 255 levels (the log record
+# and the cache key nest the body one or two levels deeper), while it reads up to 1024.
+MAX_JSON_DEPTH = 128
+
+# Counts that the quota estimate multiplies (max tokens × n): whole numbers, in Azure's ranges.
+_COUNT_FIELDS = {"n": 128, "max_tokens": 2**31 - 1, "max_completion_tokens": 2**31 - 1, "max_output_tokens": 2**31 - 1}
+
 
 async def read_body(ctx: RequestContext, limit: int) -> bytes:
     """Read the body, refusing it as soon as it passes `limit` (Content-Length or streamed)."""
@@ -36,6 +43,42 @@ async def read_body(ctx: RequestContext, limit: int) -> bytes:
             raise errors.request_too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when `value` (parsed from `raw`) nests arrays and objects more than `limit` deep."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # too few brackets to nest that deep: no walk needed
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _check_fields_read_later(operation: Operation, body: dict[str, Any]) -> None:
+    """Fields that later stages read (quota estimate, system prompt) must have the type they assume."""
+    if operation is not Operation.EMBEDDINGS:
+        for field, most in _COUNT_FIELDS.items():
+            value = body.get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
+                raise errors.invalid_request(f"'{field}' must be a whole number from 0 to {most}.", field)
+    if operation is Operation.RESPONSES and body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise errors.invalid_request("'instructions' must be a string.", "instructions")
+    if operation is Operation.EMBEDDINGS and isinstance(body["input"], list):
+        items = body["input"]
+        if not (all(isinstance(i, str) for i in items) or all(_is_int(i) for i in items)
+                or all(isinstance(i, list) and all(_is_int(t) for t in i) for i in items)):
+            raise errors.invalid_request("'input' must be a string, an array of strings, an array of token ids, or an array of token id arrays.", "input")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -67,6 +110,8 @@ class ValidateRequest(Stage):
             raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
         if not isinstance(body, dict):
             raise errors.invalid_request("The request body must be a JSON object.")
+        if nesting_exceeds(raw, body):
+            raise errors.invalid_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
         ctx.body = body
         if not route.deployment_in_path:
             model = body.get("model")
@@ -75,6 +120,9 @@ class ValidateRequest(Stage):
             ctx.deployment = model
         elif route.style is Style.AZURE and not ctx.deployment:
             raise errors.invalid_request("The deployment name in the path is empty.", "deployment")
+        elif ctx.deployment in (".", ".."):
+            # A dot segment would be resolved away in the upstream URL, reaching another path.
+            raise errors.invalid_request("The deployment name in the path is not valid.", "deployment")
         for field, types in _REQUIRED[route.operation]:
             if field not in body:
                 raise errors.invalid_request(f"Missing required parameter: '{field}'.", field)
@@ -82,6 +130,7 @@ class ValidateRequest(Stage):
                 raise errors.invalid_request(f"'{field}' must be {_type_name(types)}.", field)
         if route.operation is Operation.CHAT and not body["messages"]:
             raise errors.invalid_request("'messages' must not be empty.", "messages")
+        _check_fields_read_later(route.operation, body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise errors.invalid_request("'stream' must be true or false.", "stream")

@@ -183,6 +183,50 @@ async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_nex
         await store.close()
 
 
+async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only_the_rest(tmp_path):
+    from zoneinfo import ZoneInfo
+
+    from shared.request_log import LogSpool, LogWriter
+    from shared.store import StoreUnavailable
+
+    live = LogSpool(tmp_path / "spool", "store-a")
+    live.append([{"id": "held"}])  # a writer that is still running holds its file
+    records = [{"id": f"r{i}", "app_id": "app-p", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
+                "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(5)]
+    gone = LogSpool(tmp_path / "spool", "store-a")
+    gone.append(records)
+    gone.close()  # its writer ended
+    store = SqliteStore(str(tmp_path / "p.db"))
+    await store.open()
+
+    class FailsSecondBatch:
+        calls = 0
+
+        async def write_logs(self, batch):
+            FailsSecondBatch.calls += 1
+            if FailsSecondBatch.calls == 2:
+                raise StoreUnavailable("down again")
+            await store.write_logs(batch)
+
+        async def add_rollups(self, deltas):
+            await store.add_rollups(deltas)
+
+    try:
+        writer = LogWriter(FailsSecondBatch(), 0.01, 2, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-a"))
+        writer.start()
+        await writer.close()
+        assert writer.replayed == 2  # the first batch; the second failed
+        writer = LogWriter(store, 0.01, 2, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-a"))
+        writer.start()
+        await writer.close()
+        assert writer.replayed == 3  # only what was left, so nothing is counted twice
+        assert sum(r["requests"] for r in await store.query_rollups("app-p")) == 5
+        assert await store.get_log("held") is None  # the live writer's file was not touched
+        live.close()
+    finally:
+        await store.close()
+
+
 async def test_a_record_the_store_cannot_serialise_does_not_stop_the_others(tmp_path):
     from shared.request_log import LogWriter
 

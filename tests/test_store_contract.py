@@ -204,13 +204,31 @@ async def test_deployment_catalogue(store):
 
 
 async def test_jobs_are_kept_per_app_and_replaced_whole(store):
+    from shared.store import PreconditionFailed
+
     job = {"id": uuid.uuid4().hex, "app_id": "app-a", "user_id": "u1", "status": "queued", "ttl": 3600,
            "request": {"body": {"messages": [{"role": "user", "content": "こんにちは"}]}}, "result": None}
-    await store.put_job(job)
-    assert await store.get_job("app-a", job["id"]) == job
+    first = await store.put_job(job)
+    stored = await store.get_job("app-a", job["id"])
+    assert {k: v for k, v in stored.items() if k != "etag"} == job and stored["etag"] == first
     assert await store.get_job("app-b", job["id"]) is None  # another app's partition
-    await store.put_job({**job, "status": "succeeded", "result": {"status": 200, "body": {"ok": True}}})
+    second = await store.put_job({**job, "status": "running"}, if_match=first)  # a conditional step wins...
+    with pytest.raises(PreconditionFailed):
+        await store.put_job({**job, "status": "succeeded"}, if_match=first)  # ...and a second run of it loses
+    assert second != first
+    await store.put_job({**job, "status": "succeeded", "result": {"status": 200, "body": {"ok": True}}}, if_match=second)
     assert (await store.get_job("app-a", job["id"]))["status"] == "succeeded"
     expired = {**job, "id": uuid.uuid4().hex, "ttl": -1}  # already past its retention
     await store.put_job(expired)
     assert await store.get_job("app-a", expired["id"]) is None
+
+
+async def test_a_provisional_record_never_replaces_a_final_one(store):
+    final = _record(status=200, job={"status": "succeeded"})
+    await store.write_logs([final])
+    await store.write_logs([{**final, "status": 202, "job": {"status": "queued"}}])  # a late 202
+    assert (await store.get_log(final["id"]))["status"] == 200
+    provisional = _record(status=202, job={"status": "queued"})
+    await store.write_logs([provisional])
+    await store.write_logs([{**provisional, "status": 200, "job": {"status": "succeeded"}}])
+    assert (await store.get_log(provisional["id"]))["status"] == 200

@@ -98,6 +98,10 @@ class Store(abc.ABC):
     # Request log ---------------------------------------------------------------
     @abc.abstractmethod
     async def write_logs(self, records: list[dict[str, Any]]) -> None:
+        """Write records, replacing a record with the same id — except records that are not final
+        (the 202 of a submitted job, `telemetry.is_final`), which never replace an existing one:
+        a late 202 must not overwrite the job's own record."""
+
         """Write log records (each has `id`, `app_id`, `timestamp`, `ttl`). Idempotent per `id`."""
 
     @abc.abstractmethod
@@ -195,11 +199,13 @@ class Store(abc.ABC):
     # Async jobs (one document per job, partitioned by the app that owns it) -------------------
     @abc.abstractmethod
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
-        """The job, or None when missing, expired, or owned by another app."""
+        """The job with its current `etag`, or None when missing, expired, or another app's."""
 
     @abc.abstractmethod
-    async def put_job(self, doc: dict[str, Any]) -> None:
-        """Create or replace a job document; it expires `doc["ttl"]` seconds after this write."""
+    async def put_job(self, doc: dict[str, Any], if_match: str | None = None) -> str:
+        """Create or replace a job document (expiring `doc["ttl"]` seconds after this write);
+        returns its new ETag. `if_match`: only replace that version (PreconditionFailed if it
+        changed), so that two runs of one job step cannot both finish it."""
 
     # Usage roll-ups (rollups.py) -----------------------------------------------------------------
     @abc.abstractmethod

@@ -19,6 +19,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
 from ..rollups import ROLLUP_COUNTERS
+from ..telemetry import is_final
 from .base import (
     CONTAINERS, JOBS, POLICIES, USAGE_ROLLUPS, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
@@ -102,13 +103,19 @@ class CosmosStore(Store):
 
         async def write(record: dict[str, Any]) -> None:
             async with limit:
-                await container.upsert_item(record)
+                if is_final(record):
+                    await container.upsert_item(record)
+                    return
+                try:
+                    await container.create_item(record)  # a late 202 never replaces the job's record
+                except exceptions.CosmosResourceExistsError:
+                    pass
 
         results = await asyncio.gather(*(write(r) for r in records), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             first = failures[0]
-            if isinstance(first, exceptions.CosmosHttpResponseError) and first.status_code == 400:
+            if isinstance(first, exceptions.CosmosHttpResponseError) and first.status_code in (400, 413):
                 raise StoreError(f"Cosmos refused {len(failures)} log record(s): {first.message}")
             raise StoreUnavailable(f"{len(failures)} of {len(records)} log writes failed: {first}") from first
 
@@ -339,10 +346,19 @@ class CosmosStore(Store):
         item = await _first(self._container(JOBS.name).query_items(query, parameters=params, partition_key=app_id))
         if item is None or item.pop("expires_at", 0) <= time.time():
             return None
-        return _clean(item)
+        return self._with_etag(item)
 
-    async def put_job(self, doc: dict[str, Any]) -> None:
-        await self._container(JOBS.name).upsert_item({**doc, "expires_at": time.time() + doc["ttl"]})
+    async def put_job(self, doc: dict[str, Any], if_match: str | None = None) -> str:
+        container = self._container(JOBS.name)
+        body = {**{k: v for k, v in doc.items() if k != "etag"}, "expires_at": time.time() + doc["ttl"]}
+        try:
+            if if_match is None:
+                item = await container.upsert_item(body)
+            else:
+                item = await container.replace_item(body["id"], body, etag=if_match, match_condition=MatchConditions.IfNotModified)
+        except (exceptions.CosmosResourceNotFoundError, exceptions.CosmosAccessConditionFailedError):
+            raise PreconditionFailed(f"job {body['id']} has changed") from None
+        return item["_etag"]
 
     # Usage roll-ups: one item per (day, user, deployment, model) in the app's partition, summed with
     # `incr` patches (atomic on the server); created on first use, a lost creation race patched.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import orjson
 
 from ..rollups import ROLLUP_COUNTERS
+from ..telemetry import is_final
 
 from .base import (
     ADMIN_SESSIONS, DEPLOYMENTS, JOBS, POLICIES, USAGE_ROLLUPS, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
@@ -88,6 +90,7 @@ CREATE INDEX IF NOT EXISTS ix_rollups_day ON {USAGE_ROLLUPS.name}(day);
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
+    etag TEXT NOT NULL,
     expires_at REAL NOT NULL,
     doc BLOB NOT NULL,
     PRIMARY KEY (app_id, id)
@@ -95,6 +98,17 @@ CREATE TABLE IF NOT EXISTS {JOBS.name} (
 """
 
 _PURGE_EVERY_SECONDS = 300
+_BACKGROUND_CHUNK = 8  # background calls per turn, so that urgent ones wait for at most this many
+
+
+def _settle(done: list) -> None:
+    for future, value, error in done:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 class SqliteStore(Store):
@@ -106,19 +120,50 @@ class SqliteStore(Store):
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
         self._last_cache_purge = 0.0
+        self._queue_lock = threading.Lock()
+        self._urgent: list = []
+        self._background: list = []
+        self._draining = False
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], urgent: bool = True) -> T:
+        """Run `fn(connection)` on the SQLite thread.
+
+        Calls are queued and the thread runs everything queued per wake-up, answering the event
+        loop once per batch: under load one thread hop carries many calls. `urgent` calls (what a
+        request waits for: reads, quota reservations) go before background writes (logs, cache
+        entries, settlements), so a request never queues behind a big batch of log records."""
         if self._executor is None:
             raise StoreUnavailable("the SQLite store is not open")
         loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._queue_lock:
+            (self._urgent if urgent else self._background).append((fn, future))
+            start, self._draining = not self._draining, True
+        if start:
+            self._executor.submit(self._drain, loop)
         try:
-            return await loop.run_in_executor(self._executor, self._call, fn)
+            return await future
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._conn is not None
-        return fn(self._conn)
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the SQLite thread: urgent calls first, background calls a few at a time."""
+        while True:
+            with self._queue_lock:
+                if self._urgent:
+                    batch, self._urgent = self._urgent, []
+                elif self._background:
+                    batch, self._background = self._background[:_BACKGROUND_CHUNK], self._background[_BACKGROUND_CHUNK:]
+                else:
+                    self._draining = False
+                    return
+            done = []
+            for fn, future in batch:
+                try:
+                    done.append((future, fn(self._conn), None))
+                except BaseException as exc:  # handed to the caller, whatever it is
+                    done.append((future, None, exc))
+            loop.call_soon_threadsafe(_settle, done)
 
     async def open(self) -> None:
         if self._executor is not None:
@@ -155,36 +200,37 @@ class SqliteStore(Store):
         if not records:
             return
         now = time.time()
-        rows = [
-            (
-                r["id"],
-                r["app_id"],
-                r.get("user_id"),
-                r.get("deployment"),
-                r.get("status"),
-                r["timestamp"],
-                now + r["ttl"] if r.get("ttl") else None,
-                orjson.dumps(r),
-            )
-            for r in records
-        ]
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
 
         def write(conn: sqlite3.Connection) -> None:
+            # Encoded on the SQLite thread: the event loop does not wait for it.
+            rows = [
+                (r["id"], r["app_id"], r.get("user_id"), r.get("deployment"), r.get("status"), r["timestamp"],
+                 now + r["ttl"] if r.get("ttl") else None, orjson.dumps(r))
+                for r in records
+            ]
+            final = [row for row, r in zip(rows, records) if is_final(r)]
+            provisional = [row for row, r in zip(rows, records) if not is_final(r)]
             with conn:  # one transaction for the batch
                 conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO {REQUEST_LOGS.name}"
+                    " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    provisional,
+                )
                 conn.executemany(
                     f"INSERT OR REPLACE INTO {REQUEST_LOGS.name}"
                     " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    final,
                 )
                 if purge:
                     conn.execute(f"DELETE FROM {REQUEST_LOGS.name} WHERE expires_at < ?", (now,))
 
-        await self._run(write)
+        await self._run(write, urgent=False)
 
     async def get_log(self, request_id: str) -> dict[str, Any] | None:
         now = time.time()
@@ -324,7 +370,7 @@ class SqliteStore(Store):
                 for charge in charges:
                     self._add(conn, charge, now)
 
-        await self._run(adjust)
+        await self._run(adjust, urgent=False)
 
     async def read_counters(self, subject: str, counters: list[str]) -> dict[str, int]:
         def read(conn: sqlite3.Connection) -> dict[str, int]:
@@ -388,7 +434,7 @@ class SqliteStore(Store):
                     self._last_cache_purge = now
                     conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE expires_at < ?", (now,))
 
-        await self._run(write)
+        await self._run(write, urgent=False)
 
     async def cache_purge(self, scope: str) -> int:
         def purge(conn: sqlite3.Connection) -> int:
@@ -401,24 +447,30 @@ class SqliteStore(Store):
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
         now = time.time()
         row = await self._run(lambda conn: conn.execute(
-            f"SELECT doc FROM {JOBS.name} WHERE app_id = ? AND id = ? AND expires_at > ?", (app_id, job_id, now)
+            f"SELECT doc, etag FROM {JOBS.name} WHERE app_id = ? AND id = ? AND expires_at > ?", (app_id, job_id, now)
         ).fetchone())
-        return orjson.loads(row[0]) if row else None
+        return {**orjson.loads(row[0]), "etag": row[1]} if row else None
 
-    async def put_job(self, doc: dict[str, Any]) -> None:
+    async def put_job(self, doc: dict[str, Any], if_match: str | None = None) -> str:
         now = time.time()
-        blob = orjson.dumps(doc)
+        stored = {k: v for k, v in doc.items() if k != "etag"}
+        blob, etag = orjson.dumps(stored), uuid.uuid4().hex
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                if if_match is not None:
+                    row = conn.execute(f"SELECT etag FROM {JOBS.name} WHERE app_id = ? AND id = ?", (stored["app_id"], stored["id"])).fetchone()
+                    if row is None or row[0] != if_match:
+                        raise PreconditionFailed(f"job {stored['id']} has changed")
                 conn.execute(
-                    f"INSERT OR REPLACE INTO {JOBS.name} (app_id, id, expires_at, doc) VALUES (?, ?, ?, ?)",
-                    (doc["app_id"], doc["id"], now + doc["ttl"], blob),
+                    f"INSERT OR REPLACE INTO {JOBS.name} (app_id, id, etag, expires_at, doc) VALUES (?, ?, ?, ?, ?)",
+                    (stored["app_id"], stored["id"], etag, now + stored["ttl"], blob),
                 )
                 conn.execute(f"DELETE FROM {JOBS.name} WHERE expires_at < ?", (now,))
 
         await self._run(write)
-
+        return etag
     # Usage roll-ups ----------------------------------------------------------------------------
     async def add_rollups(self, deltas: list[Any]) -> None:
         columns = ", ".join(ROLLUP_COUNTERS)
@@ -432,7 +484,7 @@ class SqliteStore(Store):
                 conn.executemany(sql, rows)
 
         if rows:
-            await self._run(write)
+            await self._run(write, urgent=False)
 
     async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         clauses, params = [], []
