@@ -270,6 +270,8 @@ class AdminApi:
                 raise GatewayError(401, "invalid_token", "The admin session has expired; sign in again.")
             return admin_sessions.SessionIdentity(actor, self._role)
         identity = await self._authenticator.authenticate(request)
+        if identity.source == "easy_auth_browser" and request.method != "GET":
+            raise forbidden("A browser sign-in can only read; changes need a bearer token with the admin role.")
         require_admin(identity, self._role)
         return identity
 

@@ -15,6 +15,9 @@ import orjson
 from .tokens import invalid_token
 
 HEADER = "x-ms-client-principal"
+# Marks a principal from a browser sign-in (cookies): it may read the admin page, nothing else —
+# a cookie is sent with cross-site requests, so it must never authorise a change or a model call.
+BROWSER_SIGN_IN = "_browser_sign_in"
 
 # Easy Auth passes some claims under their long WS-Federation names.
 _CLAIM_NAMES = {
@@ -50,6 +53,7 @@ def claims_from_principal(header_value: str) -> dict[str, Any]:
         # Treat it as that app acting for that user, so the user's app roles apply.
         claims["azp"] = claims["aud"]
         claims.setdefault("scp", "openid")
+        claims[BROWSER_SIGN_IN] = True
     if not claims.get("tid") or not (claims.get("azp") or claims.get("appid")):
         raise invalid_token("The client principal names no tenant or client application.")
     return claims

@@ -52,7 +52,8 @@ class Authenticator:
             principal = request.headers.get(easy_auth.HEADER)
             if principal:
                 claims = easy_auth.claims_from_principal(principal)
-                return identity_from_claims(claims, "easy_auth", claims.get("ver"))
+                source = "easy_auth_browser" if claims.get(easy_auth.BROWSER_SIGN_IN) else "easy_auth"
+                return identity_from_claims(claims, source, claims.get("ver"))
         header = request.headers.get("authorization")
         if not header:
             raise invalid_token("Missing bearer token: send 'Authorization: Bearer <Entra ID access token>'.")
@@ -73,6 +74,8 @@ class Authenticate(Stage):
 
     async def before(self, ctx: RequestContext) -> None:
         identity = await self._authenticator.authenticate(ctx.http)
+        if identity.source == "easy_auth_browser":
+            raise invalid_token("A browser sign-in opens the admin page only; model calls need an access token for the gateway.")
         ctx.identity = identity
         ctx.app_id, ctx.tenant_id = identity.app_id, identity.tenant_id
         ctx.user_id = identity.user_oid

@@ -223,7 +223,7 @@ class PolicyInput(BaseModel):
 def check_id(value: str, what: str) -> str:
     import re
 
-    if not isinstance(value, str) or not re.match(_ID_PATTERN, value):
+    if not isinstance(value, str) or not re.fullmatch(_ID_PATTERN, value):  # fullmatch: "$" would let a trailing newline in
         raise PolicyError(f"{what} {value!r} is not valid: 1-128 characters, letters, digits and ._:@- only")
     return value
 

@@ -203,6 +203,11 @@ async def test_easy_auth_principal_when_enabled(simulator, tmp_path, issuer, dat
                 assert response.status == 200 and "Sekisho admin" in await response.text()
             async with session.get(f"{host.url}/sekisho/admin", headers={"X-MS-CLIENT-PRINCIPAL": browser([])}) as response:
                 assert response.status == 403
+            # A browser sign-in reads only: no change (cross-site requests carry its cookie), no model call.
+            async with session.post(f"{host.url}/sekisho/admin/cache/apps/{TEST_APP_ID}/purge", headers={"X-MS-CLIENT-PRINCIPAL": browser(["Sekisho.Admin"])}) as response:
+                assert response.status == 403
+        status, _, body = await _call(host.url, None, headers={"X-MS-CLIENT-PRINCIPAL": browser(["Sekisho.Admin"])})
+        assert status == 401 and "admin page only" in body["error"]["message"]
     finally:
         stop(host.process)
     store = SqliteStore(path)

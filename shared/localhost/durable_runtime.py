@@ -24,6 +24,7 @@ from ..job_orchestration import START_QUEUE, start_message
 from .functions_host import registered_functions
 
 logger = logging.getLogger("sekisho.localhost.durable")
+_MAX_REMEMBERED = 10_000  # instance statuses kept (the job store, not this, is what clients read)
 
 
 @dataclass
@@ -122,6 +123,9 @@ class LocalDurableRuntime:
 
     # Orchestrations ------------------------------------------------------------------------------
     def start(self, name: str, instance_id: str, client_input: Any) -> str:
+        if len(self.instances) >= _MAX_REMEMBERED:  # forget finished instances, oldest first
+            for old in [k for k, v in self.instances.items() if v.runtime_status in ("Completed", "Failed", "Terminated")][: _MAX_REMEMBERED // 2]:
+                del self.instances[old]
         self.instances[instance_id] = InstanceStatus("Pending")
         task = asyncio.get_running_loop().create_task(self._run(name, instance_id, client_input), name=f"orchestration-{instance_id}")
         self._tasks.add(task)
