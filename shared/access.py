@@ -69,6 +69,7 @@ class PolicyResolver:
         # Merging and validating layers costs more than a request should: keep the result while
         # the cache hands out the very same documents.
         self._merged: dict[tuple[str, str | None], tuple[object, object, object, EffectivePolicy]] = {}
+        self._app_merged: dict[tuple[int, int], tuple[object, object, dict[str, Any]]] = {}
 
     async def app_layers(self, app_id: str) -> tuple[PolicyDocument | None, PolicyDocument | None]:
         defaults = await self.cache.get(DEFAULTS_PARTITION, DEFAULTS_ID)
@@ -78,7 +79,16 @@ class PolicyResolver:
         return defaults, app
 
     def app_settings(self, defaults: PolicyDocument | None, app: PolicyDocument | None) -> dict[str, Any]:
-        return merge(self._builtin, defaults.settings if defaults else None, app.settings if app else None)
+        # Merging costs a pydantic dump per layer: keep it while the cache hands out the same documents.
+        key = (id(defaults), id(app))
+        known = self._app_merged.get(key)
+        if known is not None and known[0] is defaults and known[1] is app:
+            return known[2]
+        merged = merge(self._builtin, defaults.settings if defaults else None, app.settings if app else None)
+        if len(self._app_merged) >= _MAX_CACHED:
+            self._app_merged.clear()
+        self._app_merged[key] = (defaults, app, merged)
+        return merged
 
     async def resolve(self, app_id: str, user_id: str | None) -> EffectivePolicy:
         defaults, app = await self.app_layers(app_id)

@@ -241,7 +241,7 @@ class BackendPool:
             return None
         best = min(b.priority for b in usable)
         group = [b for b in usable if b.priority == best]
-        chosen = random.choices(group, weights=[b.weight for b in group])[0]
+        chosen = group[0] if len(group) == 1 else random.choices(group, weights=[b.weight for b in group])[0]
         self._circuit.on_attempt(chosen, now)
         return chosen
 

@@ -260,11 +260,11 @@ class GuardMatcher:
     def _release_point(self, folded: View, skel: View, length: int) -> int:
         cut = length
         if self.word_span > 1:
-            keep = self.word_span - 1
-            cut = min(cut, skel.origin[-keep] if len(skel.origin) >= keep else 0)
+            at = skel.tail_origin(self.word_span - 1)
+            cut = min(cut, at if at is not None else 0)
         if self.regex_span > 1:
-            keep = self.regex_span - 1
-            cut = min(cut, folded.origin[-keep] if len(folded.origin) >= keep else 0)
+            at = folded.tail_origin(self.regex_span - 1)
+            cut = min(cut, at if at is not None else 0)
         return cut
 
 

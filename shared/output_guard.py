@@ -82,6 +82,22 @@ class GuardedChannel:
         self._decisions.append({"direction": "output", "rule": rule, "action": action, "where": self._where})
 
 
+def _answer_texts(body: dict) -> list[str]:
+    """The texts of a whole answer that the guard reads (chat, completions, Responses)."""
+    texts = []
+    for choice in body.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                texts.append(text)
+    for item in body.get("output") or ():
+        for part in item.get("content") or () if isinstance(item, dict) else ():
+            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return texts
+
+
 def _filter_result(rule: str) -> dict[str, Any]:
     return {"custom_blocklists": {"filtered": True, "details": [{"filtered": True, "id": rule}]}}
 
@@ -112,6 +128,8 @@ class GuardOutput(Stage):
             return result
         if not isinstance(result.json, dict):
             return result
+        if not any(matcher.find(text) for text in _answer_texts(result.json)):
+            return result  # the common case: nothing to change, so no copy of the answer
         body = copy.deepcopy(result.json)
         if ctx.route.operation is Operation.RESPONSES:
             self._guard_response_object(ctx, matcher, body)

@@ -55,12 +55,26 @@ class Windows:
 
     def __init__(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)
+        self._keys: dict[tuple[str, tuple], tuple[str, float]] = {}  # per minute: formatting costs more than a lookup
 
     def now(self) -> datetime:
         return datetime.now(self.zone)
 
     def key(self, window: str, at: datetime) -> str:
-        return at.strftime({"minute": "%Y-%m-%dT%H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}[window])
+        return self._window(window, at)[0]
+
+    def _window(self, window: str, at: datetime) -> tuple[str, float]:
+        """(key, end timestamp) of the window holding `at`, remembered for the current minute."""
+        minute = (at.year, at.month, at.day, at.hour, at.minute, at.fold)
+        known = self._keys.get((window, minute))
+        if known is None:
+            if len(self._keys) > 64:
+                self._keys.clear()
+            known = self._keys[(window, minute)] = (
+                at.strftime({"minute": "%Y-%m-%dT%H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}[window]),
+                self.end(window, at).timestamp(),
+            )
+        return known
 
     def end(self, window: str, at: datetime) -> datetime:
         if window == "minute":
@@ -74,7 +88,7 @@ class Windows:
 
     def seconds_left(self, window: str, at: datetime) -> int:
         # Through timestamps: subtracting two times of one zone ignores a DST change between them.
-        return max(1, math.ceil(self.end(window, at).timestamp() - at.timestamp()))
+        return max(1, math.ceil(self._window(window, at)[1] - at.timestamp()))
 
     def ttl(self, window: str, at: datetime) -> int:
         return self.seconds_left(window, at) + 3600  # kept an hour past its window, for admins

@@ -77,9 +77,7 @@ def compile_template(template: str) -> re.Pattern[str]:
 
 def match_template(template: str, path: str) -> dict[str, str] | None:
     """Route parameters of `path` under `template`, or None when the path does not match."""
-    from urllib.parse import unquote
-
     match = compile_template(template).fullmatch(path.strip("/"))
     if match is None:
         return None
-    return {k: unquote(v) for k, v in match.groupdict().items()}
+    return match.groupdict()  # `path` is decoded already (ASGI scope path): never decode twice

@@ -10,8 +10,8 @@ match can be redacted in the original text.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
 
 # Dropped from the skeleton: separators (Z*), punctuation (P*), symbols (S*), controls and format
@@ -21,16 +21,50 @@ _DROPPED = ("Z", "P", "S", "C")
 _COMBINING_EXTRA = {"\uff9e", "\uff9f"}
 
 
-@dataclass(frozen=True)
+_ASCII_ALNUM = re.compile(r"[a-z0-9]")
+_ASCII_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
 class View:
-    text: str
-    origin: tuple[int, ...]  # origin[i] = index in the original text of view character i
+    """A normalised view of a text: `text`, and `origin[i]` = the index in the original text of
+    view character i. For ASCII skeletons the origins are worked out only when asked for (on a
+    match, or to hold back a stream's tail): most texts match nothing."""
+
+    __slots__ = ("text", "_origin", "_lowered")
+
+    def __init__(self, text: str, origin: "tuple[int, ...] | range | None", lowered: str | None = None) -> None:
+        self.text = text
+        self._origin = origin
+        self._lowered = lowered  # the ASCII text the skeleton came from, when origin is lazy
+
+    @property
+    def origin(self) -> "tuple[int, ...] | range":
+        if self._origin is None:
+            self._origin = tuple(m.start() for m in _ASCII_ALNUM.finditer(self._lowered))
+        return self._origin
+
+    def tail_origin(self, keep: int) -> int | None:
+        """origin[-keep] (where the last `keep` view characters start), or None if shorter;
+        for a lazy ASCII skeleton found from the end, without working out every origin."""
+        if self._origin is not None:
+            return self._origin[-keep] if len(self._origin) >= keep else None
+        if len(self.text) < keep:
+            return None
+        seen = 0
+        for index in range(len(self._lowered) - 1, -1, -1):
+            char = self._lowered[index]
+            if ("a" <= char <= "z") or ("0" <= char <= "9"):
+                seen += 1
+                if seen == keep:
+                    return index
+        return None
 
     def span(self, start: int, end: int, original_length: int) -> tuple[int, int]:
         """The original span [a, b) covering view characters [start, end)."""
-        if start >= len(self.origin):
+        origin = self.origin
+        if start >= len(origin):
             return original_length, original_length
-        return self.origin[start], (self.origin[end - 1] + 1 if end > start else self.origin[start])
+        return origin[start], (origin[end - 1] + 1 if end > start else origin[start])
 
 
 @lru_cache(maxsize=4096)
@@ -58,15 +92,11 @@ def views(text: str) -> tuple[View, View]:
     folded_origin: list[int] = []
     skeleton_chars: list[str] = []
     skeleton_origin: list[int] = []
-    if text.isascii():  # the common fast path: no NFKC work, one pass
+    if text.isascii():  # the common fast path: no NFKC work, and no Python loop per character
         lowered = text.lower()
-        for index, char in enumerate(lowered):
-            folded_chars.append(char)
-            folded_origin.append(index)
-            if char.isalnum():
-                skeleton_chars.append(char)
-                skeleton_origin.append(index)
-        return View("".join(folded_chars), tuple(folded_origin)), View("".join(skeleton_chars), tuple(skeleton_origin))
+        skeleton_text = _ASCII_NOT_ALNUM.sub("", lowered)
+        skeleton_positions = range(len(lowered)) if len(skeleton_text) == len(lowered) else None
+        return View(lowered, range(len(lowered))), View(skeleton_text, skeleton_positions, lowered)
     for start, cluster in _clusters(text):
         for char in _fold(cluster):
             folded_chars.append(char)

@@ -117,31 +117,48 @@ class UpstreamClient:
         attempts: list[dict] = ctx.extra.setdefault("attempts", [])
         tried: set[str] = set()  # backends tried since the last wait
 
-        def stop(state: RetryCallState) -> bool:
-            failure = state.outcome.exception()
-            elapsed = time.monotonic() - started
+        def give_up_after(failure: _Retryable, attempt_number: int) -> bool:
             if not may_wait and failure.planned_wait > 0:
                 return True
-            return state.attempt_number >= policy.max_attempts or elapsed + failure.planned_wait > policy.time_budget_seconds
+            elapsed = time.monotonic() - started
+            return attempt_number >= policy.max_attempts or elapsed + failure.planned_wait > policy.time_budget_seconds
 
-        def wait(state: RetryCallState) -> float:
-            planned = state.outcome.exception().planned_wait
-            if planned > 0:
-                tried.clear()  # after a wait every backend may be tried again
-            return planned
+        def pick(attempt_number: int) -> Backend:
+            backend = self._pool.choose(backends, tried) or self._pool.choose(backends, set())
+            if backend is None and attempt_number == 1:
+                backend = self._pool.least_cooling(backends)
+            if backend is None:  # every backend cooling down or open: wait for the first
+                raise _Retryable("throttled", backends[0], self._planned_wait(backends, tried, policy, attempt_number),
+                                 retry_after=self._pool.soonest_available(backends))
+            tried.add(backend.name)
+            return backend
 
-        retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception_type(_Retryable), reraise=True)
         try:
-            async for attempt in retrying:
+            # The first attempt runs outside tenacity: most requests need no retry, and setting up
+            # the retry loop costs more than the rest of their upstream handling.
+            try:
+                return await self._attempt(ctx, pick(1), backends, tried, policy, 1, attempts)
+            except _Retryable as failure:
+                if give_up_after(failure, 1):
+                    raise
+                if failure.planned_wait > 0:
+                    tried.clear()  # after a wait every backend may be tried again
+                    await asyncio.sleep(failure.planned_wait)
+
+            def stop(state: RetryCallState) -> bool:
+                return give_up_after(state.outcome.exception(), state.attempt_number + 1)
+
+            def wait(state: RetryCallState) -> float:
+                planned = state.outcome.exception().planned_wait
+                if planned > 0:
+                    tried.clear()
+                return planned
+
+            retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception_type(_Retryable), reraise=True)
+            async for attempt in retrying:  # attempts 2, 3, …
                 with attempt:
-                    backend = self._pool.choose(backends, tried) or self._pool.choose(backends, set())
-                    if backend is None and attempt.retry_state.attempt_number == 1:
-                        backend = self._pool.least_cooling(backends)
-                    if backend is None:  # every backend cooling down or open: wait for the first
-                        raise _Retryable("throttled", backends[0], self._planned_wait(backends, tried, policy, attempt.retry_state.attempt_number),
-                                         retry_after=self._pool.soonest_available(backends))
-                    tried.add(backend.name)
-                    return await self._attempt(ctx, backend, backends, tried, policy, attempt.retry_state.attempt_number, attempts)
+                    number = attempt.retry_state.attempt_number + 1
+                    return await self._attempt(ctx, pick(number), backends, tried, policy, number, attempts)
         except _Retryable as failure:
             raise self._give_up(ctx, failure, backends) from None
         finally:

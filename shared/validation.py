@@ -95,12 +95,17 @@ class ValidateRequest(Stage):
 
     async def before(self, ctx: RequestContext) -> None:
         route = ctx.route
-        ctx.api_version = ctx.http.query_params.get("api-version")
+        # Parsing the query string costs more than this check; most v1 calls have none.
+        if b"api-version" in ctx.http.scope.get("query_string", b""):
+            ctx.api_version = ctx.http.query_params.get("api-version")
         if route.operation is Operation.MODELS:
             return  # a GET without a body
         if route.deployment_in_path:
-            params = match_template(route.template, ctx.http.url.path) or {}
-            ctx.deployment = params.get("deployment") or None
+            # The host matched the route and decoded the segment once (Functions host and local host).
+            deployment = ctx.http.path_params.get("deployment")
+            if deployment is None:
+                deployment = (match_template(route.template, ctx.http.url.path) or {}).get("deployment")
+            ctx.deployment = deployment or None
         raw = ctx.raw_body = await read_body(ctx, self._limit)
         if not raw.strip():
             raise errors.invalid_request("The request body is empty; a JSON object is expected.")

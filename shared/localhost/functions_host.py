@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import unquote
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -84,7 +83,7 @@ class FunctionsAsgiApp:
         for function in self.functions:
             found = function.pattern.fullmatch(path)
             if found is not None and method in function.methods:
-                return function, {k: unquote(v) for k, v in found.groupdict().items()}
+                return function, found.groupdict()  # the server decoded the path once already
         return None, {}
 
     async def __call__(self, scope, receive, send) -> None:

@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS {JOBS.name} (
 """
 
 _PURGE_EVERY_SECONDS = 300
-_BACKGROUND_CHUNK = 8  # background calls per turn, so that urgent ones wait for at most this many
+_BACKGROUND_CHUNK = 2  # background calls per turn, so that urgent ones wait for at most this many
 
 
 def _settle(done: list) -> None:
@@ -147,14 +147,14 @@ class SqliteStore(Store):
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the SQLite thread: urgent calls first, background calls a few at a time."""
+        """On the SQLite thread: urgent calls first, then background calls a few at a time."""
         while True:
             with self._queue_lock:
-                if self._urgent:
-                    batch, self._urgent = self._urgent, []
-                elif self._background:
-                    batch, self._background = self._background[:_BACKGROUND_CHUNK], self._background[_BACKGROUND_CHUNK:]
-                else:
+                # Every turn: all urgent calls, then a few background ones — so that background
+                # writes neither delay a request by much nor starve under sustained load.
+                batch = self._urgent + self._background[:_BACKGROUND_CHUNK]
+                self._urgent, self._background = [], self._background[_BACKGROUND_CHUNK:]
+                if not batch:
                     self._draining = False
                     return
             done = []
