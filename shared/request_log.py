@@ -25,9 +25,10 @@ import orjson
 
 from . import sse
 from .context import RequestContext
-from .rollups import rollup_deltas
+from .rollups import Contribution, contribution, sum_contributions
 from .routes import Operation
-from .store import Store, StoreUnavailable
+from .store import EncodedLog, Store, StoreUnavailable
+from .telemetry import is_final
 from .usage import usage_of
 
 logger = logging.getLogger("sekisho.request_log")
@@ -42,7 +43,7 @@ _CONTENT_FIELDS = {
     Operation.EMBEDDINGS: ("input",),
     Operation.RESPONSES: ("input", "instructions"),
 }
-_MAX_QUEUED_RECORDS = 50_000
+_MAX_QUEUED_RECORDS = 20_000  # encoded: some 2–4 KB each with full content logging
 
 
 def _redact(value: Any) -> Any:
@@ -154,14 +155,33 @@ class LogSpool:
         self._file = self._dir / f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._own = None  # our file, opened and locked on first use
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def _open_own(self) -> None:
         if self._own is None:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._own = open(self._file, "a", encoding="utf-8")
             fcntl.flock(self._own, fcntl.LOCK_EX)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        self._open_own()
         for record in records:
             self._own.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
         self._own.flush()
+
+    def append_encoded(self, items: list[EncodedLog]) -> None:
+        self._open_own()
+        for item in items:
+            self._own.write(item.blob.decode("utf-8") + "\n")
+        self._own.flush()
+
+    def take_own(self) -> list[dict[str, Any]]:
+        """What this writer spooled, emptying its file (it holds the lock)."""
+        if self._own is None:
+            return []
+        with open(self._file, "r", encoding="utf-8") as source:
+            records = self.read(source)
+        self._own.truncate(0)
+        self._own.seek(0)
+        return records
 
     def close(self) -> None:
         if self._own is not None:
@@ -205,7 +225,12 @@ class LogSpool:
 
 
 class LogWriter:
-    """Batches log records in memory and writes them from one background task."""
+    """Batches log records in memory and writes them from one background task.
+
+    Records are encoded when they are queued (`EncodedLog`: their JSON and indexed fields) and
+    their roll-up contribution worked out then, so a backlog under load holds bytes, not the
+    request's objects. Past `_MAX_QUEUED_RECORDS` the oldest go to this writer's spool, which
+    it replays itself once it has caught up."""
 
     def __init__(self, store: Store, flush_interval: float, batch_size: int, zone=None, spool: LogSpool | None = None) -> None:
         self._store = store
@@ -213,13 +238,14 @@ class LogWriter:
         self._zone = zone  # the roll-ups' day boundaries; None: no roll-ups (tests of the writer alone)
         self._interval = flush_interval
         self._batch_size = batch_size
-        self._queue: list[dict[str, Any]] = []
+        self._queue: list[tuple[EncodedLog, Contribution | None]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._closing = False
         self._hurry = False  # a flush asked to write now instead of gathering a batch
+        self._own_spooled = 0  # records this writer spooled while running, to replay when caught up
         self.written = 0
         self.failed_attempts = 0
         self.spilled = 0  # to the fallback sink (the Python logger)
@@ -235,31 +261,71 @@ class LogWriter:
     def queued(self) -> int:
         return len(self._queue)
 
+    def _encode(self, record: dict[str, Any]) -> tuple[EncodedLog, Contribution | None] | None:
+        try:
+            encoded = EncodedLog.of(record, is_final(record))
+        except Exception:  # a record that cannot be encoded (a bug): keep its text where it can be found
+            logger.exception("request log record %s cannot be encoded", record.get("id"))
+            self.spilled += 1
+            logger.error("request log record not stored: %s", json.dumps(record, default=str, ensure_ascii=False))
+            return None
+        try:
+            share = contribution(record, self._zone) if self._zone else None
+        except Exception:  # the record is still stored; only the roll-ups miss it (counted)
+            logger.exception("request log record %s has no roll-up contribution", record.get("id"))
+            self.rollup_failures += 1
+            share = None
+        return encoded, share
+
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks, never raises."""
-        self._queue.append(record)
+        item = self._encode(record)
+        if item is None:
+            return
+        self._queue.append(item)
         self._idle.clear()
         if len(self._queue) > _MAX_QUEUED_RECORDS:
-            self._spill(self._queue[: len(self._queue) - _MAX_QUEUED_RECORDS])
-            del self._queue[: len(self._queue) - _MAX_QUEUED_RECORDS]
+            overflow = len(self._queue) - _MAX_QUEUED_RECORDS // 2
+            self._spill(self._queue[:overflow])
+            self._own_spooled += overflow
+            del self._queue[:overflow]
         if len(self._queue) == 1 or len(self._queue) >= self._batch_size:
             self._wake.set()
 
-    def _spill(self, records: list[dict[str, Any]]) -> None:
+    def _spill(self, items: list[tuple[EncodedLog, Contribution | None]]) -> None:
         """The store cannot take these now: to the spool, else to the fallback sink."""
         if self._spool is not None:
             try:
-                self._spool.append(records)
-                self.spooled += len(records)
+                self._spool.append_encoded([encoded for encoded, _ in items])
+                self.spooled += len(items)
                 return
             except OSError:
-                logger.exception("log spool not writable; %s records go to the fallback sink", len(records))
-        self._to_fallback(records)
+                logger.exception("log spool not writable; %s records go to the fallback sink", len(items))
+        self._to_fallback(items)
 
-    def _to_fallback(self, records: list[dict[str, Any]]) -> None:
-        self.spilled += len(records)
-        for record in records:
-            logger.error("request log record not stored: %s", json.dumps(record, default=str, ensure_ascii=False))
+    def _to_fallback(self, items: list[tuple[EncodedLog, Contribution | None]]) -> None:
+        self.spilled += len(items)
+        for encoded, _ in items:
+            logger.error("request log record not stored: %s", encoded.blob.decode("utf-8", "replace"))
+
+    async def _write_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write spooled records in batches; returns those not written (the store went away)."""
+        pairs = [(record, item) for record, item in ((r, self._encode(r)) for r in records) if item is not None]
+        done = 0
+        try:
+            while done < len(pairs):
+                batch = [item for _, item in pairs[done : done + self._batch_size]]
+                await self._store.write_encoded_logs([encoded for encoded, _ in batch])
+                await self._roll_up(batch)
+                done += len(batch)
+                self.replayed += len(batch)
+        except StoreUnavailable as exc:
+            logger.warning("log spool replay stopped, the rest kept for later: %s", exc)
+        except Exception:
+            logger.exception("log spool records the store refuses go to the fallback sink")
+            self._to_fallback([item for _, item in pairs[done:]])
+            return []
+        return [record for record, _ in pairs[done:]]
 
     async def _replay_spool(self) -> None:
         """Write what earlier writers on this disk could not; what still fails stays spooled."""
@@ -267,31 +333,29 @@ class LogWriter:
             return
         for path, handle in self._spool.others():
             try:
-                records = self._spool.read(handle)
-                done = 0
-                try:
-                    while done < len(records):
-                        batch = records[done : done + self._batch_size]
-                        await self._store.write_logs(batch)
-                        await self._roll_up(batch)
-                        done += len(batch)
-                        self.replayed += len(batch)
-                except StoreUnavailable as exc:
-                    logger.warning("log spool replay stopped, the rest kept for later: %s", exc)
-                    self._spool.keep_only(handle, records[done:])  # only what was not written
+                left = await self._write_all(self._spool.read(handle))
+                if left:
+                    self._spool.keep_only(handle, left)  # only what was not written
                     return
-                except Exception:
-                    logger.exception("log spool records the store refuses go to the fallback sink")
-                    self._to_fallback(records[done:])
                 path.unlink(missing_ok=True)
             finally:
                 handle.close()
+
+    async def _replay_own(self) -> None:
+        """Caught up after an overflow: write what this writer spooled meanwhile."""
+        self._own_spooled = 0
+        left = await self._write_all(self._spool.take_own())
+        if left:
+            self._spool.append(left)  # still failing: a later start replays it
 
     async def _run(self) -> None:
         backoff = self._interval
         await self._replay_spool()
         while True:
             if not self._queue:
+                if self._own_spooled and self._spool is not None and not self._closing:
+                    await self._replay_own()
+                    continue
                 self._idle.set()
                 if self._closing:
                     return
@@ -307,9 +371,11 @@ class LogWriter:
                     pass
             self._hurry = False
             while self._queue:
-                batch = self._queue[: self._batch_size]
+                # A bigger batch when behind: one transaction carries more, and the backlog shrinks.
+                size = self._batch_size if len(self._queue) < 4 * self._batch_size else 4 * self._batch_size
+                batch = self._queue[:size]
                 try:
-                    await self._store.write_logs(batch)
+                    await self._store.write_encoded_logs([encoded for encoded, _ in batch])
                 except StoreUnavailable as exc:
                     self.failed_attempts += 1
                     logger.warning("request log write failed (%s records queued): %s", len(self._queue), exc)
@@ -330,26 +396,29 @@ class LogWriter:
                 self.written += len(batch)
                 await self._roll_up(batch)
 
-    async def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+    async def _write_one_by_one(self, batch: list[tuple[EncodedLog, Contribution | None]]) -> None:
         written = []
-        for record in batch:
+        for item in batch:
             try:
-                await self._store.write_logs([record])
-                written.append(record)
+                await self._store.write_encoded_logs([item[0]])
+                written.append(item)
             except StoreUnavailable:
-                self._spill([record])  # the store went away meanwhile: keep it for later
+                self._spill([item])  # the store went away meanwhile: keep it for later
             except Exception:
-                self._to_fallback([record])  # this record itself is refused: a spool would not help
+                self._to_fallback([item])  # this record itself is refused: a spool would not help
         self.written += len(written)
         await self._roll_up(written)
 
-    async def _roll_up(self, batch: list[dict[str, Any]]) -> None:
+    async def _roll_up(self, batch: list[tuple[EncodedLog, Contribution | None]]) -> None:
         """Add a written batch to the usage roll-ups. Not retried: a retry after a partial
         failure would count twice; failures are counted and logged (a recount repairs them)."""
         if self._zone is None:
             return
+        deltas = sum_contributions(item[1] for item in batch)
+        if not deltas:
+            return
         try:
-            await self._store.add_rollups(rollup_deltas(batch, self._zone))
+            await self._store.add_rollups(deltas)
         except Exception:
             self.rollup_failures += 1
             logger.exception("usage roll-up update failed for %s records", len(batch))

@@ -76,19 +76,41 @@ def record_day(record: dict[str, Any], zone: ZoneInfo) -> str:
     return stamp.astimezone(zone).strftime("%Y-%m-%d")
 
 
+# What one record adds: (app, day, user, deployment, model) and counts in ROLLUP_COUNTERS order.
+Contribution = tuple[tuple[str, str, str, str, str], tuple[int, ...]]
+
+
+def contribution(record: dict[str, Any], zone: ZoneInfo) -> Contribution | None:
+    """What `record` adds to the roll-ups; None for records they leave out (refused before a
+    model route was known, model lists, submitted jobs — their final record counts)."""
+    if not is_final(record) or record.get("operation") in (None, "models.list"):
+        return None
+    app_id = str(record.get("app_id") or "anonymous")
+    # str(): the model of a refused request may come from a body field of any type.
+    key = (app_id, record_day(record, zone), str(record.get("user_id") or app_id), str(record.get("deployment") or "-"),
+           str(record.get("model") or record.get("deployment") or "-"))
+    counts = record_counts(record)
+    return key, tuple(counts[name] for name in ROLLUP_COUNTERS)
+
+
+def sum_contributions(contributions: Iterable[Contribution | None]) -> list[RollupDelta]:
+    found: dict[tuple[str, str, str, str, str], list[int]] = {}
+    for item in contributions:
+        if item is None:
+            continue
+        key, counts = item
+        total = found.get(key)
+        if total is None:
+            found[key] = list(counts)
+        else:
+            for index, value in enumerate(counts):
+                total[index] += value
+    return [RollupDelta(*key, counts=dict(zip(ROLLUP_COUNTERS, totals))) for key, totals in found.items()]
+
+
 def rollup_deltas(records: Iterable[dict[str, Any]], zone: ZoneInfo) -> list[RollupDelta]:
     """The sums that `records` add to the roll-ups, one delta per document."""
-    found: dict[tuple[str, str], RollupDelta] = {}
-    for record in records:
-        if not is_final(record) or record.get("operation") in (None, "models.list"):
-            continue  # refused before a model route was known, model lists, submitted jobs
-        app_id = record.get("app_id") or "anonymous"
-        delta = RollupDelta(app_id, record_day(record, zone), record.get("user_id") or app_id, record.get("deployment") or "-",
-                            record.get("model") or record.get("deployment") or "-")
-        known = found.setdefault((app_id, delta.id), delta)
-        for name, value in record_counts(record).items():
-            known.counts[name] = known.counts.get(name, 0) + value
-    return list(found.values())
+    return sum_contributions(contribution(record, zone) for record in records)
 
 
 def group(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]:

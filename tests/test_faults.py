@@ -150,6 +150,9 @@ async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_nex
         async def write_logs(self, records):
             raise StoreUnavailable("down")
 
+        async def write_encoded_logs(self, items):
+            raise StoreUnavailable("down")
+
         async def add_rollups(self, deltas):
             raise StoreUnavailable("down")
 
@@ -202,11 +205,11 @@ async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only
     class FailsSecondBatch:
         calls = 0
 
-        async def write_logs(self, batch):
+        async def write_encoded_logs(self, batch):
             FailsSecondBatch.calls += 1
             if FailsSecondBatch.calls == 2:
                 raise StoreUnavailable("down again")
-            await store.write_logs(batch)
+            await store.write_encoded_logs(batch)
 
         async def add_rollups(self, deltas):
             await store.add_rollups(deltas)
@@ -243,5 +246,30 @@ async def test_a_record_the_store_cannot_serialise_does_not_stop_the_others(tmp_
         await writer.close()
         assert await store.get_log("good") is not None and await store.get_log("later") is not None
         assert writer.spilled == 1  # the bad one went to the fallback sink, counted
+    finally:
+        await store.close()
+
+
+async def test_an_overflowing_queue_spools_and_the_writer_replays_it_when_caught_up(tmp_path, monkeypatch):
+    from zoneinfo import ZoneInfo
+
+    from shared import request_log
+    from shared.request_log import LogSpool, LogWriter
+
+    monkeypatch.setattr(request_log, "_MAX_QUEUED_RECORDS", 4)
+    store = SqliteStore(str(tmp_path / "o.db"))
+    await store.open()
+    try:
+        writer = LogWriter(store, 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-o"))
+        records = [{"id": f"o{i}", "app_id": "app-o", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
+                    "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(10)]
+        for record in records:  # faster than the writer (not even started): the queue overflows
+            writer.submit(record)
+        assert writer.queued <= 4 and writer.spooled >= 6
+        writer.start()
+        await writer.flush()
+        await writer.close()
+        assert all([await store.get_log(r["id"]) for r in records])
+        assert sum(r["requests"] for r in await store.query_rollups("app-o")) == 10  # each counted once
     finally:
         await store.close()

@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 @dataclass(frozen=True)
 class Container:
@@ -31,6 +33,30 @@ ADMIN_SESSIONS = Container("admin_sessions", "/id", default_ttl=True)
 CONTAINERS: tuple[Container, ...] = (
     REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS,
 )
+
+
+@dataclass(slots=True)
+class EncodedLog:
+    """A log record encoded once, when it is queued: its JSON, and the fields stores index.
+    Queued records are kept like this (a fraction of the memory of the dicts they came from)."""
+
+    id: str
+    app_id: str
+    user_id: str | None
+    deployment: str | None
+    status: int | None
+    timestamp: str
+    ttl: int | None
+    final: bool  # False: a submitted job's 202, which never replaces a record (see write_logs)
+    blob: bytes
+
+    @classmethod
+    def of(cls, record: dict[str, Any], final: bool) -> "EncodedLog":
+        return cls(str(record["id"]), str(record.get("app_id") or "anonymous"), record.get("user_id"), record.get("deployment"),
+                   record.get("status"), str(record.get("timestamp") or ""), record.get("ttl"), final, orjson.dumps(record))
+
+    def record(self) -> dict[str, Any]:
+        return orjson.loads(self.blob)
 
 
 class StoreError(Exception):
@@ -103,6 +129,10 @@ class Store(abc.ABC):
         a late 202 must not overwrite the job's own record."""
 
         """Write log records (each has `id`, `app_id`, `timestamp`, `ttl`). Idempotent per `id`."""
+
+    async def write_encoded_logs(self, items: list[EncodedLog]) -> None:
+        """write_logs for records queued encoded; adapters that store JSON as it is override it."""
+        await self.write_logs([item.record() for item in items])
 
     @abc.abstractmethod
     async def get_log(self, request_id: str) -> dict[str, Any] | None: ...

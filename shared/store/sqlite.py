@@ -22,7 +22,7 @@ from ..rollups import ROLLUP_COUNTERS
 from ..telemetry import is_final
 
 from .base import (
-    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, POLICIES, USAGE_ROLLUPS, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
+    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, EncodedLog, POLICIES, USAGE_ROLLUPS, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
     ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -197,35 +197,31 @@ class SqliteStore(Store):
 
     # Request log ---------------------------------------------------------------
     async def write_logs(self, records: list[dict[str, Any]]) -> None:
-        if not records:
+        await self.write_encoded_logs([EncodedLog.of(r, is_final(r)) for r in records])
+
+    async def write_encoded_logs(self, items: list[EncodedLog]) -> None:
+        if not items:
             return
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
+        rows = [(i.id, i.app_id, i.user_id, i.deployment, i.status, i.timestamp, now + i.ttl if i.ttl else None, i.blob, i.final) for i in items]
 
         def write(conn: sqlite3.Connection) -> None:
-            # Encoded on the SQLite thread: the event loop does not wait for it.
-            rows = [
-                (r["id"], r["app_id"], r.get("user_id"), r.get("deployment"), r.get("status"), r["timestamp"],
-                 now + r["ttl"] if r.get("ttl") else None, orjson.dumps(r))
-                for r in records
-            ]
-            final = [row for row, r in zip(rows, records) if is_final(r)]
-            provisional = [row for row, r in zip(rows, records) if not is_final(r)]
             with conn:  # one transaction for the batch
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(
                     f"INSERT OR IGNORE INTO {REQUEST_LOGS.name}"
                     " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    provisional,
+                    [row[:8] for row in rows if not row[8]],
                 )
                 conn.executemany(
                     f"INSERT OR REPLACE INTO {REQUEST_LOGS.name}"
                     " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    final,
+                    [row[:8] for row in rows if row[8]],
                 )
                 if purge:
                     conn.execute(f"DELETE FROM {REQUEST_LOGS.name} WHERE expires_at < ?", (now,))
