@@ -101,6 +101,28 @@ _PURGE_EVERY_SECONDS = 300
 _BACKGROUND_CHUNK = 2  # background calls per turn, so that urgent ones wait for at most this many
 
 
+_INSERT_LOGS = (
+    "{verb} INTO " + REQUEST_LOGS.name + " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'),"
+    " json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]'), json_extract(value, '$[7]')"
+    " FROM json_each(?)"
+)
+
+
+def _rows_json(items: list[EncodedLog], now: float) -> str | None:
+    """[[id, app, user, deployment, status, timestamp, expires_at, record], …] as JSON text,
+    each record's JSON spliced in as it was encoded (not parsed again)."""
+    if not items:
+        return None
+    parts = []
+    for i in items:
+        head = orjson.dumps([i.id, i.app_id, i.user_id if isinstance(i.user_id, str) else None,
+                             i.deployment if isinstance(i.deployment, str) else None,
+                             i.status if isinstance(i.status, int) else None, i.timestamp, now + i.ttl if i.ttl else None])
+        parts.append(head[:-1] + b"," + i.blob + b"]")
+    return (b"[" + b",".join(parts) + b"]").decode("utf-8")
+
+
 def _settle(done: list) -> None:
     for future, value, error in done:
         if future.cancelled():
@@ -206,23 +228,20 @@ class SqliteStore(Store):
         purge = now - self._last_purge > _PURGE_EVERY_SECONDS
         if purge:
             self._last_purge = now
-        rows = [(i.id, i.app_id, i.user_id, i.deployment, i.status, i.timestamp, now + i.ttl if i.ttl else None, i.blob, i.final) for i in items]
+        # The whole batch is one JSON array bound to one statement: SQLite then inserts every row
+        # in one step. Row by row (executemany), the SQLite thread gives the GIL back and waits
+        # for it once per row — under load, the event loop holds it for up to the switch interval
+        # each time, and the writer falls behind the requests.
+        final = _rows_json([i for i in items if i.final], now)
+        provisional = _rows_json([i for i in items if not i.final], now)
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:  # one transaction for the batch
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO {REQUEST_LOGS.name}"
-                    " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [row[:8] for row in rows if not row[8]],
-                )
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO {REQUEST_LOGS.name}"
-                    " (id, app_id, user_id, deployment, status, timestamp, expires_at, doc)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [row[:8] for row in rows if row[8]],
-                )
+                if provisional is not None:
+                    conn.execute(_INSERT_LOGS.format(verb="INSERT OR IGNORE"), (provisional,))
+                if final is not None:
+                    conn.execute(_INSERT_LOGS.format(verb="INSERT OR REPLACE"), (final,))
                 if purge:
                     conn.execute(f"DELETE FROM {REQUEST_LOGS.name} WHERE expires_at < ?", (now,))
 
@@ -324,23 +343,32 @@ class SqliteStore(Store):
         return await self._run(delete)
 
     # Quota counters ----------------------------------------------------------------------
+    # Counters are read and written one statement per call, the charges bound as one JSON
+    # array: one SQLite step, so one hand-over of the GIL, whatever the number of counters.
     @staticmethod
-    def _current(conn: sqlite3.Connection, charge: CounterCharge, now: float) -> int:
-        row = conn.execute(
-            f"SELECT used FROM {QUOTA_COUNTERS.name} WHERE subject = ? AND counter = ? AND expires_at > ?",
-            (charge.subject, charge.counter, now),
+    def _current_all(conn: sqlite3.Connection, charges: list[CounterCharge], now: float) -> list[int]:
+        keys = orjson.dumps([[c.subject, c.counter] for c in charges]).decode()
+        (found,) = conn.execute(
+            f"SELECT json_group_array(json_array(subject, counter, used)) FROM {QUOTA_COUNTERS.name}"
+            " WHERE expires_at > ? AND (subject, counter) IN"
+            " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+            (now, keys),
         ).fetchone()
-        return row[0] if row else 0
+        used = {(subject, counter): value for subject, counter, value in orjson.loads(found)}
+        return [used.get((c.subject, c.counter), 0) for c in charges]
 
     @staticmethod
-    def _add(conn: sqlite3.Connection, charge: CounterCharge, now: float) -> None:
+    def _add_all(conn: sqlite3.Connection, charges: list[CounterCharge], now: float) -> None:
         # An expired row is a finished window: start from zero.
+        rows = orjson.dumps([[c.subject, c.counter, c.amount, c.ttl] for c in charges]).decode()
         conn.execute(
-            f"INSERT INTO {QUOTA_COUNTERS.name} (subject, counter, used, expires_at) VALUES (?, ?, ?, ?)"
+            f"INSERT INTO {QUOTA_COUNTERS.name} (subject, counter, used, expires_at)"
+            " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), ?1 + json_extract(value, '$[3]')"
+            " FROM json_each(?2) WHERE true"
             " ON CONFLICT(subject, counter) DO UPDATE SET"
-            " used = CASE WHEN expires_at > ? THEN used + excluded.used ELSE excluded.used END,"
+            " used = CASE WHEN expires_at > ?1 THEN used + excluded.used ELSE excluded.used END,"
             " expires_at = excluded.expires_at",
-            (charge.subject, charge.counter, charge.amount, now + charge.ttl, now),
+            (now, rows),
         )
 
     async def reserve(self, charges: list[CounterCharge]) -> ReserveOutcome:
@@ -348,30 +376,27 @@ class SqliteStore(Store):
             now = time.time()
             with conn:  # one transaction: checks and increments together
                 conn.execute("BEGIN IMMEDIATE")
-                current = [self._current(conn, c, now) for c in charges]
+                current = self._current_all(conn, charges, now)
                 for index, (charge, used) in enumerate(zip(charges, current)):
                     if charge.limit is not None and used + charge.amount > charge.limit:
                         return ReserveOutcome(False, current, index)
-                for charge in charges:
-                    self._add(conn, charge, now)
+                self._add_all(conn, charges, now)
                 return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
 
         return await self._run(reserve)
 
     async def adjust(self, charges: list[CounterCharge]) -> None:
         def adjust(conn: sqlite3.Connection) -> None:
-            now = time.time()
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                for charge in charges:
-                    self._add(conn, charge, now)
+                self._add_all(conn, charges, time.time())
 
         await self._run(adjust, urgent=False)
 
     async def read_counters(self, subject: str, counters: list[str]) -> dict[str, int]:
         def read(conn: sqlite3.Connection) -> dict[str, int]:
-            now = time.time()
-            return {c: self._current(conn, CounterCharge(subject, c, 0, None, 0), now) for c in counters}
+            charges = [CounterCharge(subject, c, 0, None, 0) for c in counters]
+            return dict(zip(counters, self._current_all(conn, charges, time.time())))
 
         return await self._run(read)
 
@@ -469,18 +494,22 @@ class SqliteStore(Store):
         return etag
     # Usage roll-ups ----------------------------------------------------------------------------
     async def add_rollups(self, deltas: list[Any]) -> None:
+        if not deltas:
+            return
         columns = ", ".join(ROLLUP_COUNTERS)
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(6 + len(ROLLUP_COUNTERS)))
         updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_COUNTERS)
         sql = (f"INSERT INTO {USAGE_ROLLUPS.name} (app_id, id, day, user_id, deployment, model, {columns}) "
-               f"VALUES (?, ?, ?, ?, ?, ?, {', '.join('?' for _ in ROLLUP_COUNTERS)}) ON CONFLICT (app_id, id) DO UPDATE SET {updates}")
-        rows = [(d.app_id, d.id, d.day, d.user_id, d.deployment, d.model, *(d.counts.get(c, 0) for c in ROLLUP_COUNTERS)) for d in deltas]
+               f"SELECT {picks} FROM json_each(?) WHERE true ON CONFLICT (app_id, id) DO UPDATE SET {updates}")
+        rows = orjson.dumps([[d.app_id, d.id, d.day, d.user_id, d.deployment, d.model, *(d.counts.get(c, 0) for c in ROLLUP_COUNTERS)]
+                             for d in deltas]).decode()
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.executemany(sql, rows)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(sql, (rows,))  # one statement for the batch (see _add_all)
 
-        if rows:
-            await self._run(write, urgent=False)
+        await self._run(write, urgent=False)
 
     async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         clauses, params = [], []
