@@ -41,6 +41,7 @@ TTL_HEADER = "x-sekisho-cache-ttl"
 _MAX_TTL = 30 * 86400
 _COALESCE_WAIT_SECONDS = 30.0
 _STATS_TTL = 400 * 86400
+_WRITE_INTERVAL = 0.02  # entries wait at most this long to be written together (served from memory meanwhile)
 _KEY_EXCLUDED = ("stream", "stream_options", "user")
 
 
@@ -83,8 +84,9 @@ class CacheResponses(Stage):
         self._max_bytes = max_entry_bytes
         self._currency = currency
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
-        self._writes: set[asyncio.Task] = set()
         self._stats = CounterBatcher(store, what="cache statistics")
+        self._to_write: list[tuple[str, str, dict[str, Any], bytes, int]] = []
+        self._write_task: asyncio.Task | None = None
         # Entries being written in the background: served from here until the store has them,
         # so "record, then replay at once" works on this instance.
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
@@ -182,13 +184,14 @@ class CacheResponses(Stage):
         entry, stored = None, False
         try:
             entry = entry_from(ctx)
-            size = len(orjson.dumps(entry)) if entry else 0
+            blob = orjson.dumps(entry) if entry else b""
+            size = len(blob)
             stored = entry is not None and size <= self._max_bytes
             ctx.extra["cache"] = {"status": "MISS", "stored": stored, **({"too_large": size} if entry and not stored else {})}
             self._count(ctx.app_id, {"misses": 1})
             if stored:
                 self._pending[(state.scope, state.key)] = entry
-                self._spawn(self._write(state, entry))
+                self._queue_write(state, entry, blob)
         finally:
             # Whatever happened, release the requests waiting on this one.
             if state.leader is not None:
@@ -196,32 +199,35 @@ class CacheResponses(Stage):
                 if not state.leader.done():
                     state.leader.set_result(entry if stored else None)
 
-    async def _write(self, state: CacheState, entry: dict[str, Any]) -> None:
+    def _queue_write(self, state: CacheState, entry: dict[str, Any], blob: bytes) -> None:
+        """Entries are written in batches, every few milliseconds: one store call carries many."""
+        self._to_write.append((state.scope, state.key, entry, blob, state.ttl))
+        if self._write_task is None:
+            self._write_task = asyncio.get_running_loop().create_task(self._write_soon())
+
+    async def _write_soon(self) -> None:
         try:
-            await self._store.cache_put(state.scope, state.key, entry, state.ttl)
+            await asyncio.sleep(_WRITE_INTERVAL)
         finally:
-            if self._pending.get((state.scope, state.key)) is entry:
-                del self._pending[(state.scope, state.key)]
+            self._write_task = None
+        batch, self._to_write = self._to_write, []
+        try:
+            await self._store.cache_put_many(batch)
+        except Exception:
+            logger.exception("cache write of %s entries failed", len(batch))
+        finally:
+            for scope, key, entry, _, _ in batch:
+                if self._pending.get((scope, key)) is entry:
+                    del self._pending[(scope, key)]
 
     def _count(self, app_id: str, amounts: dict[str, int]) -> None:
         month = self._windows.key("month", self._windows.now())
         charges = [CounterCharge(f"cache:{app_id}", f"{name}:{month}", amount, None, _STATS_TTL) for name, amount in amounts.items() if amount]
         self._stats.add(charges)
 
-    def _spawn(self, coroutine) -> None:
-        async def guarded():
-            try:
-                await coroutine
-            except Exception:
-                logger.exception("cache write failed")
-
-        task = asyncio.get_running_loop().create_task(guarded())
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
     async def drain(self) -> None:
-        while self._writes:
-            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        while self._write_task is not None:
+            await asyncio.gather(self._write_task, return_exceptions=True)
         await self._stats.drain()
 
     async def stats(self, app_id: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ response cache join this list in their own issues.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +209,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None: ...
+
+    async def cache_put_many(self, items: list[tuple[str, str, dict[str, Any], bytes, int]]) -> None:
+        """(scope, key, entry, entry as JSON, ttl) for several entries; adapters may do it in one call."""
+        results = await asyncio.gather(*(self.cache_put(scope, key, entry, ttl) for scope, key, entry, _, ttl in items), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
 
     @abc.abstractmethod
     async def cache_purge(self, scope: str) -> int:

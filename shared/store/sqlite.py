@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS {JOBS.name} (
 """
 
 _PURGE_EVERY_SECONDS = 300
-_BACKGROUND_CHUNK = 2  # background calls per turn, so that urgent ones wait for at most this many
+_BACKGROUND_CHUNK = 4  # background calls per turn, so that urgent ones wait for at most this many
 
 
 _INSERT_LOGS = (
@@ -450,6 +450,28 @@ class SqliteStore(Store):
                 conn.execute(
                     f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc) VALUES (?, ?, ?, ?)",
                     (scope, key, now + ttl, blob),
+                )
+                if now - self._last_cache_purge > _PURGE_EVERY_SECONDS:
+                    self._last_cache_purge = now
+                    conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE expires_at < ?", (now,))
+
+        await self._run(write, urgent=False)
+
+    async def cache_put_many(self, items: list[tuple[str, str, dict[str, Any], bytes, int]]) -> None:
+        if not items:
+            return
+        now = time.time()
+        rows = (b"[" + b",".join(orjson.dumps([scope, key, now + ttl])[:-1] + b"," + blob + b"]" for scope, key, _, blob, ttl in items)
+                + b"]").decode("utf-8")
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(  # one statement for the batch (see _add_all)
+                    f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc)"
+                    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]')"
+                    " FROM json_each(?)",
+                    (rows,),
                 )
                 if now - self._last_cache_purge > _PURGE_EVERY_SECONDS:
                     self._last_cache_purge = now
