@@ -220,11 +220,12 @@ class GuardMatcher:
         return self._rules.words is None and self._rules.regex is None and self._leak is None
 
     def find(self, text: str) -> list[Hit]:
-        return self.scan(text)[0]
+        return self.scan(text, release=False)[0]
 
-    def scan(self, text: str) -> tuple[list[Hit], int]:
+    def scan(self, text: str, release: bool = True) -> tuple[list[Hit], int]:
         """Hits in `text`, and the release point: the index up to which `text` may be released
-        (everything before the shortest tail a later character could turn into a match)."""
+        (everything before the shortest tail a later character could turn into a match). A
+        whole text (`release=False`) has no later characters: its release point is its end."""
         folded, skel = views(text)
         rules, hits = self._rules, []
         if rules.words is not None:
@@ -240,7 +241,7 @@ class GuardMatcher:
         if self._leak is not None:
             hits.extend(self._leaks(skel, len(text)))
         hits.sort(key=lambda h: (h.start, -h.end))
-        return hits, self._release_point(folded, skel, len(text))
+        return hits, (self._release_point(folded, skel, len(text)) if release else len(text))
 
     def _leaks(self, skel: View, length: int) -> list[Hit]:
         n, grams, text, found = self._leak.min_chars, self._leak.grams, skel.text, []

@@ -43,7 +43,7 @@ class GuardedChannel:
         start = max(self.released, self._settled)
         region = self.text[start:]
         # Only the unreleased tail is scanned: a match cannot start in text already released.
-        hits, region_cut = self._matcher.scan(region) if region else ([], 0)
+        hits, region_cut = self._matcher.scan(region, release=not final) if region else ([], 0)
         cut = len(self.text) if final else start + region_cut
         if not final:
             pending = [h for h in hits if start + h.end > cut]  # could still grow: decide later

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Iterable
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -72,7 +73,12 @@ def record_counts(record: dict[str, Any]) -> dict[str, int]:
 
 
 def record_day(record: dict[str, Any], zone: ZoneInfo) -> str:
-    stamp = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+    return _day_of_minute(record["timestamp"][:16], zone)  # "YYYY-MM-DDTHH:MM": the day cannot change within it
+
+
+@lru_cache(maxsize=4096)
+def _day_of_minute(minute: str, zone: ZoneInfo) -> str:
+    stamp = datetime.fromisoformat(minute + ":00+00:00")
     return stamp.astimezone(zone).strftime("%Y-%m-%d")
 
 
