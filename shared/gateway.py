@@ -7,6 +7,7 @@ the first request, inside the event loop that serves it, and closed by `aclose()
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -150,6 +151,9 @@ class Gateway:
                 GuardOutput(),
                 LogRequest(self.log_writer, settings),
             ]
+            # Everything built so far lives as long as the process: keep the collector from
+            # walking it again and again (full collections were a cause of the latency tail).
+            gc.freeze()
             self._started = True
 
     async def aclose(self) -> None:
