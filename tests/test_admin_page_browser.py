@@ -61,10 +61,10 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
             assert page.url == f"{gateway.url}/sekisho/admin"
             await page.fill("#app", app_id)
             await page.click("#apply")
-            # The usage table (from the roll-ups) shows the app's two requests.
-            row = page.locator("#usage-table tbody tr").first
-            await row.wait_for()
-            assert app_id in await row.inner_text()
+            # The usage table (from the roll-ups) shows the app, and only it once filtered.
+            await page.locator("#usage-table tbody tr", has_text=app_id).wait_for()
+            await page.wait_for_function("document.querySelectorAll('#usage-table tbody tr').length === 1")
+            assert app_id in await page.locator("#usage-table tbody tr").first.inner_text()
             # The chart is a server-side SVG that loaded.
             await page.wait_for_function("document.getElementById('chart-cost').complete && document.getElementById('chart-cost').naturalWidth > 0")
             # Quota use for the chosen app.
