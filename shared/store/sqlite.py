@@ -109,6 +109,22 @@ _INSERT_LOGS = (
 )
 
 
+_RESERVE = (
+    f"INSERT INTO {QUOTA_COUNTERS.name} (subject, counter, used, expires_at)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), ?1 + json_extract(value, '$[4]')"
+    " FROM json_each(?2)"
+    " WHERE NOT EXISTS ("
+    "  SELECT 1 FROM json_each(?2) AS charge"
+    f"  LEFT JOIN {QUOTA_COUNTERS.name} AS q ON q.subject = json_extract(charge.value, '$[0]')"
+    "   AND q.counter = json_extract(charge.value, '$[1]') AND q.expires_at > ?1"
+    "  WHERE json_extract(charge.value, '$[3]') IS NOT NULL"
+    "   AND COALESCE(q.used, 0) + json_extract(charge.value, '$[2]') > json_extract(charge.value, '$[3]'))"
+    " ON CONFLICT(subject, counter) DO UPDATE SET"
+    " used = CASE WHEN expires_at > ?1 THEN used + excluded.used ELSE excluded.used END,"
+    " expires_at = excluded.expires_at"
+)
+
+
 def _rows_json(items: list[EncodedLog], now: float) -> str | None:
     """[[id, app, user, deployment, status, timestamp, expires_at, record], …] as JSON text,
     each record's JSON spliced in as it was encoded (not parsed again)."""
@@ -372,16 +388,21 @@ class SqliteStore(Store):
         )
 
     async def reserve(self, charges: list[CounterCharge]) -> ReserveOutcome:
+        rows = orjson.dumps([[c.subject, c.counter, c.amount, c.limit, c.ttl] for c in charges]).decode()
+
         def reserve(conn: sqlite3.Connection) -> ReserveOutcome:
             now = time.time()
-            with conn:  # one transaction: checks and increments together
-                conn.execute("BEGIN IMMEDIATE")
-                current = self._current_all(conn, charges, now)
-                for index, (charge, used) in enumerate(zip(charges, current)):
-                    if charge.limit is not None and used + charge.amount > charge.limit:
-                        return ReserveOutcome(False, current, index)
-                self._add_all(conn, charges, now)
+            current = self._current_all(conn, charges, now)  # for the answer's remaining-quota headers
+            # One statement checks every limit and adds every charge, or adds nothing: atomic on
+            # its own, across processes too, without a transaction of several steps.
+            cursor = conn.execute(_RESERVE, (now, rows))
+            if cursor.rowcount > 0:
                 return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
+            current = self._current_all(conn, charges, now)  # refused: say which limit, as it is now
+            for index, (charge, used) in enumerate(zip(charges, current)):
+                if charge.limit is not None and used + charge.amount > charge.limit:
+                    return ReserveOutcome(False, current, index)
+            return ReserveOutcome(False, current, 0)  # refused, then freed meanwhile: still refused
 
         return await self._run(reserve)
 
