@@ -45,7 +45,7 @@ from tests.servers import free_port, stop, wait_for_port  # noqa: E402
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 EMBED = "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21"
-EXPECTED_FAULTS = {(429, "upstream_rate_limited"), (502, "upstream_error")}
+EXPECTED_FAULTS = {(429, "upstream_rate_limited"), (502, "upstream_error")}  # what the injected 429s and 500s may become
 
 
 def rss_mb(pid: int) -> float:

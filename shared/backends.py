@@ -263,6 +263,11 @@ class BackendPool:
         now = time.monotonic()
         return any(self._circuit.available(b, now) for b in backends)
 
+    def any_cooling(self, backends: list[Backend]) -> bool:
+        """Whether some backend is waiting out a 429's Retry-After (not a circuit opened by failures)."""
+        now = time.monotonic()
+        return any(b.health.cooling_until > now and b.health.open_until <= now for b in backends)
+
     def soonest_available(self, backends: list[Backend]) -> float:
         """Seconds until some backend may be tried again."""
         now = time.monotonic()

@@ -27,7 +27,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS", "220", "Longest silence allowed from the upstream (first byte, or between stream chunks); below the 230 s that Azure allows an HTTP response to start."),
     Setting("SEKISHO_UPSTREAM_MAX_CONNECTIONS", "256", "Size of the pooled upstream connection pool."),
     Setting("SEKISHO_CIRCUIT_FAILURES", "5", "Consecutive failures (5xx, unreachable, timeout) after which a backend is skipped."),
-    Setting("SEKISHO_CIRCUIT_OPEN_SECONDS", "30", "How long a failing backend is skipped before one request probes it."),
+    Setting("SEKISHO_CIRCUIT_OPEN_SECONDS", "10", "How long a failing backend is skipped before one request probes it (when every backend is paused: 502 with Retry-After)."),
     Setting("SEKISHO_MAX_BODY_BYTES", "8388608", "Largest request body accepted (413 above)."),
     Setting("SEKISHO_STORE", "sqlite", "Store adapter: sqlite or cosmos."),
     Setting("SEKISHO_SQLITE_PATH", ".data/sekisho.db", "SQLite database file (sqlite store)."),

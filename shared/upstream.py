@@ -128,7 +128,9 @@ class UpstreamClient:
             if backend is None and attempt_number == 1:
                 backend = self._pool.least_cooling(backends)
             if backend is None:  # every backend cooling down or open: wait for the first
-                raise _Retryable("throttled", backends[0], self._planned_wait(backends, tried, policy, attempt_number),
+                # Cooling after 429s is throttling; circuits open after failures are an outage.
+                kind = "throttled" if self._pool.any_cooling(backends) else "unavailable"
+                raise _Retryable(kind, backends[0], self._planned_wait(backends, tried, policy, attempt_number),
                                  retry_after=self._pool.soonest_available(backends))
             tried.add(backend.name)
             return backend
@@ -215,6 +217,11 @@ class UpstreamClient:
                 error_type="rate_limit_error",
                 headers={"Retry-After": str(seconds), "retry-after-ms": str(int(wait * 1000)), **NO_SDK_RETRY},
             )
+        if failure.kind == "unavailable":
+            seconds = max(1, math.ceil(self._pool.soonest_available(backends)))
+            return GatewayError(502, "upstream_error",
+                                f"Every backend of this deployment failed repeatedly and is paused (circuit open); the next try is in {seconds} seconds.",
+                                headers={"Retry-After": str(seconds), **NO_SDK_RETRY})
         if failure.kind == "timeout":
             return GatewayError(504, "upstream_timeout", f"Azure OpenAI did not answer in time ({tries} attempt(s)).", headers=NO_SDK_RETRY)
         if failure.kind == "unreachable":

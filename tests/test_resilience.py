@@ -174,3 +174,25 @@ async def test_key_vault_key_is_fetched_once_and_cached():
     results = await asyncio.gather(*(auth.headers() for _ in range(10)))
     assert all(r == {"api-key": "k3y"} for r in results)
     assert calls == [("https://myvault.vault.azure.net", "aoai-key")]
+
+
+async def test_every_backend_paused_is_502_with_retry_after_not_429(backends_setup, admin_token, issuer):
+    host, a, b = backends_setup
+    name = "solo-" + uuid.uuid4().hex[:8]
+    catalogue = {"backends": [{"name": "a", "endpoint": a.url, "deployment": "gpt-4o-mini", "auth": "api_key_env", "api_key_env": "SEKISHO_BACKEND_KEY_SIM"}]}
+    assert (await _admin(host.url, admin_token, "PUT", f"{ADMIN}/deployments/{name}", catalogue))[0] == 200
+    app_id = str(uuid.uuid4())
+    assert (await _admin(host.url, admin_token, "PUT", f"{ADMIN}/policies/apps/{app_id}", {"name": "solo", "settings": {"retry": {"max_attempts": 1}}}))[0] == 201
+    token = issuer.mint(app_id)
+    a.inject(500, count=2)
+    for _ in range(2):  # two failures in a row: a's circuit opens (threshold 2)
+        status, _, _ = await _chat(host, token, name)
+        assert status == 502
+    since = time.time()
+    status, headers, body = await _chat(host, token, name)
+    assert status == 502 and b"upstream_error" in body and b"circuit open" in body  # an outage, not throttling
+    assert 1 <= int(headers["Retry-After"]) <= 2 and headers["x-should-retry"] == "false"
+    assert _received(a, since=since) == []  # refused fast, without asking
+    await asyncio.sleep(1.6)
+    status, _, _ = await _chat(host, token, name)
+    assert status == 200  # the probe went through: closed again
