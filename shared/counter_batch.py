@@ -31,9 +31,11 @@ class CounterBatcher:
     async def _flush_soon(self) -> None:
         try:
             await asyncio.sleep(self._interval)
+            await self.flush()
         finally:
-            self._task = None
-        await self.flush()
+            self._task = None  # only now: drain() waits for a flush in flight
+            if self._pending:  # added while this flush was writing
+                self._task = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
@@ -48,7 +50,6 @@ class CounterBatcher:
 
     async def drain(self) -> None:
         """Write what is pending now (shutdown, tests)."""
-        task = self._task
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)  # it flushes within one interval
+        while self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)  # it flushes within one interval
         await self.flush()

@@ -29,10 +29,11 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_day: int | None = Field(default=None, ge=0)
-    spend_per_month: float | None = Field(default=None, ge=0)
+    # Upper bounds keep counters within 64-bit integers (spend is counted in nano-units).
+    requests_per_minute: int | None = Field(default=None, ge=0, le=10**15)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=10**15)
+    tokens_per_day: int | None = Field(default=None, ge=0, le=10**15)
+    spend_per_month: float | None = Field(default=None, ge=0, le=10**9)
 
 
 class SystemPrompt(BaseModel):

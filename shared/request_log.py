@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -173,15 +174,27 @@ class LogSpool:
             self._own.write(item.blob.decode("utf-8") + "\n")
         self._own.flush()
 
-    def take_own(self) -> list[dict[str, Any]]:
-        """What this writer spooled, emptying its file (it holds the lock)."""
+    def take_own(self) -> tuple[list[dict[str, Any]], int]:
+        """What this writer spooled, and where that ends in its file (it holds the lock). The file
+        stays as it is until `finish_own`: a crash meanwhile loses nothing."""
         if self._own is None:
-            return []
+            return [], 0
         with open(self._file, "r", encoding="utf-8") as source:
-            records = self.read(source)
+            text = source.read()
+        records = self.read(io.StringIO(text))
+        return records, len(text.encode("utf-8"))
+
+    def finish_own(self, offset: int, left: list[dict[str, Any]]) -> None:
+        """Keep only what was not written, plus what was appended since `take_own`."""
+        with open(self._file, "r", encoding="utf-8") as source:
+            source.seek(offset)
+            appended = source.read()
         self._own.truncate(0)
         self._own.seek(0)
-        return records
+        for record in left:
+            self._own.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        self._own.write(appended)
+        self._own.flush()
 
     def close(self) -> None:
         if self._own is not None:
@@ -207,7 +220,9 @@ class LogSpool:
     @staticmethod
     def read(handle) -> list[dict[str, Any]]:
         records = []
-        for line in handle.read().splitlines():
+        for line in handle.read().split("\n"):  # not splitlines(): JSON text may hold U+2028 and friends
+            if not line:
+                continue
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -344,9 +359,9 @@ class LogWriter:
     async def _replay_own(self) -> None:
         """Caught up after an overflow: write what this writer spooled meanwhile."""
         self._own_spooled = 0
-        left = await self._write_all(self._spool.take_own())
-        if left:
-            self._spool.append(left)  # still failing: a later start replays it
+        records, offset = self._spool.take_own()
+        left = await self._write_all(records)
+        self._spool.finish_own(offset, left)  # what still fails stays for a later start
 
     async def _run(self) -> None:
         backoff = self._interval
@@ -373,11 +388,14 @@ class LogWriter:
             while self._queue:
                 # A bigger batch when behind: one transaction carries more, and the backlog shrinks.
                 size = self._batch_size if len(self._queue) < 4 * self._batch_size else 4 * self._batch_size
+                # Off the queue before the write: an overflow meanwhile must not spool these too.
                 batch = self._queue[:size]
+                del self._queue[:size]
                 try:
                     await self._store.write_encoded_logs([encoded for encoded, _ in batch])
                 except StoreUnavailable as exc:
                     self.failed_attempts += 1
+                    self._queue[:0] = batch  # back to the front, in order
                     logger.warning("request log write failed (%s records queued): %s", len(self._queue), exc)
                     if self._closing:
                         self._spill(self._queue)
@@ -388,11 +406,9 @@ class LogWriter:
                     continue
                 except Exception:  # refused (StoreError) or a bug: a bad record must not stop the others
                     logger.exception("request log batch refused; writing it one by one")
-                    del self._queue[: len(batch)]
                     await self._write_one_by_one(batch)
                     continue
                 backoff = self._interval
-                del self._queue[: len(batch)]
                 self.written += len(batch)
                 await self._roll_up(batch)
 

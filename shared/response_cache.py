@@ -208,17 +208,19 @@ class CacheResponses(Stage):
     async def _write_soon(self) -> None:
         try:
             await asyncio.sleep(_WRITE_INTERVAL)
+            batch, self._to_write = self._to_write, []
+            try:
+                await self._store.cache_put_many(batch)
+            except Exception:
+                logger.exception("cache write of %s entries failed", len(batch))
+            finally:
+                for scope, key, entry, _, _ in batch:
+                    if self._pending.get((scope, key)) is entry:
+                        del self._pending[(scope, key)]
         finally:
-            self._write_task = None
-        batch, self._to_write = self._to_write, []
-        try:
-            await self._store.cache_put_many(batch)
-        except Exception:
-            logger.exception("cache write of %s entries failed", len(batch))
-        finally:
-            for scope, key, entry, _, _ in batch:
-                if self._pending.get((scope, key)) is entry:
-                    del self._pending[(scope, key)]
+            self._write_task = None  # only now: drain() waits for a write in flight
+            if self._to_write:  # queued while this batch was being written
+                self._write_task = asyncio.get_running_loop().create_task(self._write_soon())
 
     def _count(self, app_id: str, amounts: dict[str, int]) -> None:
         month = self._windows.key("month", self._windows.now())

@@ -273,3 +273,51 @@ async def test_an_overflowing_queue_spools_and_the_writer_replays_it_when_caught
         assert sum(r["requests"] for r in await store.query_rollups("app-o")) == 10  # each counted once
     finally:
         await store.close()
+
+
+async def test_spooled_records_with_line_separators_survive_the_round_trip(tmp_path):
+    import io
+
+    from shared.request_log import LogSpool
+
+    spool = LogSpool(tmp_path / "spool", "store-u")
+    records = [{"id": "u1", "text": "a\u2028b\u2029c\u0085d"}, {"id": "u2", "text": "plain"}]
+    spool.append(records)
+    spool.close()
+    with open(next((tmp_path / "spool").iterdir()), encoding="utf-8") as handle:
+        assert LogSpool.read(io.StringIO(handle.read())) == records
+
+
+async def test_overflow_while_a_batch_is_being_written_loses_and_doubles_nothing(tmp_path, monkeypatch):
+    from zoneinfo import ZoneInfo
+
+    from shared import request_log
+    from shared.request_log import LogSpool, LogWriter
+
+    monkeypatch.setattr(request_log, "_MAX_QUEUED_RECORDS", 6)
+    store = SqliteStore(str(tmp_path / "f.db"))
+    await store.open()
+
+    class SlowStore:
+        async def write_encoded_logs(self, items):
+            await asyncio.sleep(0.05)  # the queue overflows while this write is in flight
+            await store.write_encoded_logs(items)
+
+        async def add_rollups(self, deltas):
+            await store.add_rollups(deltas)
+
+    try:
+        writer = LogWriter(SlowStore(), 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-f"))
+        writer.start()
+        records = [{"id": f"f{i}", "app_id": "app-f", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
+                    "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(40)]
+        for record in records:
+            writer.submit(record)
+            await asyncio.sleep(0.005)
+        await writer.flush()
+        await writer.close()
+        assert writer.spooled > 0  # the overflow did happen
+        assert all([await store.get_log(r["id"]) for r in records])
+        assert sum(r["requests"] for r in await store.query_rollups("app-f")) == 40  # none counted twice
+    finally:
+        await store.close()

@@ -232,3 +232,8 @@ async def test_a_provisional_record_never_replaces_a_final_one(store):
     await store.write_logs([provisional])
     await store.write_logs([{**provisional, "status": 200, "job": {"status": "succeeded"}}])
     assert (await store.get_log(provisional["id"]))["status"] == 200
+
+
+async def test_reserving_nothing_is_admitted(store):
+    outcome = await store.reserve([])
+    assert outcome.admitted and outcome.used == []

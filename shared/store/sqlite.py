@@ -181,7 +181,7 @@ class SqliteStore(Store):
             self._executor.submit(self._drain, loop)
         try:
             return await future
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.OperationalError, sqlite3.ProgrammingError) as exc:  # locked, unwritable, closed
             raise StoreUnavailable(f"SQLite: {exc}") from exc
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -228,7 +228,7 @@ class SqliteStore(Store):
         def close(conn: sqlite3.Connection) -> None:
             conn.close()
 
-        await self._run(close)
+        await self._run(close, urgent=False)  # after every call queued before it
         self._executor.shutdown(wait=True)
         self._executor = None
         self._conn = None
@@ -392,17 +392,21 @@ class SqliteStore(Store):
 
         def reserve(conn: sqlite3.Connection) -> ReserveOutcome:
             now = time.time()
-            current = self._current_all(conn, charges, now)  # for the answer's remaining-quota headers
-            # One statement checks every limit and adds every charge, or adds nothing: atomic on
-            # its own, across processes too, without a transaction of several steps.
-            cursor = conn.execute(_RESERVE, (now, rows))
-            if cursor.rowcount > 0:
-                return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
-            current = self._current_all(conn, charges, now)  # refused: say which limit, as it is now
-            for index, (charge, used) in enumerate(zip(charges, current)):
-                if charge.limit is not None and used + charge.amount > charge.limit:
-                    return ReserveOutcome(False, current, index)
-            return ReserveOutcome(False, current, 0)  # refused, then freed meanwhile: still refused
+            for _ in range(2):
+                current = self._current_all(conn, charges, now)  # for the answer's remaining-quota headers
+                # One statement checks every limit and adds every charge, or adds nothing: atomic
+                # on its own, across processes too, without a transaction of several steps.
+                if conn.execute(_RESERVE, (now, rows)).rowcount > 0:
+                    return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
+                current = self._current_all(conn, charges, now)  # refused: say which limit, as it is now
+                for index, (charge, used) in enumerate(zip(charges, current)):
+                    if charge.limit is not None and used + charge.amount > charge.limit:
+                        return ReserveOutcome(False, current, index)
+                # Refused, then freed by another process meanwhile: try once more.
+            return ReserveOutcome(False, current, 0)
+
+        if not charges:
+            return ReserveOutcome(True, [])
 
         return await self._run(reserve)
 
