@@ -5,8 +5,9 @@
 Serves the gateway (local host, SQLite, fresh data folder) in front of the simulator (30 ms
 latency, 10 ms between stream chunks) and sends `--rate` requests per second for `--seconds`:
 70 % chat, 25 % streamed chat, 5 % embeddings, from 20 users of one app with token limits. Every
-15 s the simulator is told to answer the next few calls with 429 (Retry-After 300 ms) or 500, so
-retries, failover budgets and releases run all the time.
+15 s the simulator is told to answer the next 12 calls with 429 (Retry-After 300 ms) or the next
+4 with 500 (below the circuit's threshold of 5 in a row, so retries, budgets and releases run, not
+the circuit: with a longer 500 burst the single backend's circuit opens and most answers are 502).
 
 At the end it checks, and prints PASS/FAIL for each:
 - every request that got an answer has exactly one log record (by x-sekisho-request-id);
@@ -118,7 +119,7 @@ async def run(args) -> int:
                     memory.append((now - started, rss_mb(host.pid)))
                     next_sample += 5
                 if now >= next_fault:
-                    fault = random.choice([{"status": 429, "count": 12, "retry_after_ms": 300}, {"status": 500, "count": 8}])
+                    fault = random.choice([{"status": 429, "count": 12, "retry_after_ms": 300}, {"status": 500, "count": 4}])
                     async with session.post(f"http://127.0.0.1:{sim_port}/_sim/faults", json=fault) as r:
                         await r.read()
                     next_fault += 15
