@@ -12,7 +12,6 @@ Windows are calendar-aligned in SEKISHO_QUOTA_TIMEZONE: a minute, a day, a month
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from dataclasses import dataclass

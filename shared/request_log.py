@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 from . import sse
 from .context import RequestContext

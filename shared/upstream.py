@@ -25,7 +25,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from . import errors, sse
-from .backends import Backend, BackendPool, Circuit
+from .backends import Backend, BackendPool
 from .context import RequestContext, StreamSummary, UpstreamResult
 from .errors import GatewayError
 from .routes import Style

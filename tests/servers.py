@@ -151,3 +151,29 @@ def start_azurite_queue(location: str | Path) -> AzuriteQueue:
                                 "--silent", "--skipApiVersionCheck", "--loose"], cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_for_port(port, process)
     return AzuriteQueue(process, port)
+
+
+def post_all(url: str, token: str, body: dict, count: int, headers: dict | None = None) -> list[tuple[int, dict, dict]]:
+    """`count` POSTs released together, each from its own thread on its own connection (so that
+    they really race, and several server processes each get some). Blocking: call in a thread."""
+    import concurrent.futures
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    payload = json.dumps(body).encode()
+    barrier = threading.Barrier(count)
+
+    def call() -> tuple[int, dict, dict]:
+        request = urllib.request.Request(url, data=payload, method="POST",
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})})
+        barrier.wait()
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), json.loads(error.read())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(lambda _: call(), range(count)))

@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import json
-import logging
 import os
 import re
 import subprocess
@@ -17,13 +16,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
-import pytest
 
 from shared import telemetry
 from shared.rollups import ROLLUP_COUNTERS, group, rollup_deltas
 from shared.store import LogQuery
 
-from .conftest import ADMIN_APP_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "/sekisho/admin"

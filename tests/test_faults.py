@@ -12,7 +12,6 @@ import time
 import uuid
 
 import aiohttp
-import pytest
 
 from shared.store import LogQuery
 from shared.store.cosmos import CosmosStore

@@ -3,11 +3,6 @@ processes (as they must across Function App instances)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
-import threading
-import urllib.error
-import urllib.request
 import uuid
 
 import aiohttp
@@ -17,7 +12,7 @@ from shared.store import LogQuery
 from shared.store.sqlite import SqliteStore
 
 from .conftest import _gateway_env
-from .servers import start_local_host, stop
+from .servers import post_all, start_local_host, stop
 from .test_quota import _away_from_minute_boundary
 
 ADMIN = "/sekisho/admin"
@@ -40,29 +35,10 @@ async def _register(host, admin_token, settings) -> str:
     return app_id
 
 
-def _post_all(url: str, token: str, body: dict, count: int, headers=None) -> list[tuple[int, dict, dict]]:
-    """`count` requests released together, each on its own connection (so both workers get some)."""
-    payload = json.dumps(body).encode()
-    barrier = threading.Barrier(count)
-
-    def call():
-        request = urllib.request.Request(url, data=payload, method="POST",
-                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})})
-        barrier.wait()
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, dict(response.headers), json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), json.loads(error.read())
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(lambda _: call(), range(count)))
-
-
 async def test_quota_race_across_processes_admits_exactly_the_limit(two_workers, admin_token, issuer):
     app_id = await _register(two_workers, admin_token, {"app_limits": {"requests_per_minute": 50}})
     _away_from_minute_boundary()
-    results = await asyncio.to_thread(_post_all, two_workers.url + CHAT, issuer.mint(app_id),
+    results = await asyncio.to_thread(post_all, two_workers.url + CHAT, issuer.mint(app_id),
                                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}, 200)
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 50 and statuses.count(429) == 150
@@ -84,9 +60,9 @@ async def test_cache_is_shared_across_processes(two_workers, admin_token, issuer
     app_id = await _register(two_workers, admin_token, {"cache": {"enabled": True}})
     token = issuer.mint(app_id)
     body = {"messages": [{"role": "user", "content": "cached across workers"}], "temperature": 0}
-    first = await asyncio.to_thread(_post_all, two_workers.url + CHAT, token, body, 1)
+    first = await asyncio.to_thread(post_all, two_workers.url + CHAT, token, body, 1)
     assert first[0][1]["x-sekisho-cache"] == "MISS"
     await asyncio.sleep(0.5)  # the entry is written off the answer's path
-    results = await asyncio.to_thread(_post_all, two_workers.url + CHAT, token, body, 20)
+    results = await asyncio.to_thread(post_all, two_workers.url + CHAT, token, body, 20)
     assert {headers["x-sekisho-cache"] for _, headers, _ in results} == {"HIT"}
     assert {answer["id"] for _, _, answer in results} == {first[0][2]["id"]}

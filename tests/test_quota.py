@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -19,6 +14,8 @@ from openai import AsyncAzureOpenAI
 
 from shared.pricing import BUILTIN_PRICES, cost_nanos, match_price
 from shared.quota import Windows
+
+from .servers import post_all
 
 ADMIN = "/sekisho/admin"
 CHAT = "/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
@@ -73,22 +70,8 @@ async def test_race_admits_exactly_the_limit(logged_gateway, admin_token, issuer
     token = issuer.mint(app_id)
     _away_from_minute_boundary()
     # 200 client threads, each with its own connection, released together.
-    url = logged_gateway.url + CHAT.format(deployment="gpt-4o-mini")
-    payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}).encode()
-    barrier = threading.Barrier(200)
-
-    def call() -> tuple[int, dict, dict]:
-        request = urllib.request.Request(url, data=payload, method="POST",
-                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        barrier.wait()
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, dict(response.headers), json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), json.loads(error.read())
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
-        results = await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(pool, call) for _ in range(200)))
+    results = await asyncio.to_thread(post_all, logged_gateway.url + CHAT.format(deployment="gpt-4o-mini"), token,
+                                      {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}, 200)
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 50 and statuses.count(429) == 150
     refusal = next(body for status, _, body in results if status == 429)
