@@ -33,4 +33,4 @@ soak: $(STAMP)
 	$(PY) bench/soak.py
 
 clean:
-	rm -rf $(VENV) node_modules .data .pytest_cache
+	rm -rf $(VENV) node_modules .data .pytest_cache test-artifacts bench/.litellm-venv
