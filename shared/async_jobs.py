@@ -30,6 +30,7 @@ from .errors import GatewayError
 from .quota import METRICS_BY_NAME, Reservation
 from .routes import ROUTES_BY_FUNCTION
 from .store.base import CounterCharge
+from .upstream import retry_after_seconds
 
 PREFER_HEADER = "prefer"
 JOB_STATUS_HEADER = "x-sekisho-job-status"
@@ -197,6 +198,12 @@ def record_result(job: dict[str, Any], ctx: RequestContext, result: UpstreamResu
 def record_error(job: dict[str, Any], error: GatewayError) -> None:
     job["status"], job["error"] = FAILED, {"status": error.status, "body": orjson.loads(error.body()), "headers": dict(error.headers)}
     job["updated_at"] = _now()
+
+
+def wait_before_next_attempt(error: GatewayError, attempt: int) -> float:
+    """Seconds before a job's next attempt: the upstream's Retry-After hint, else back-off."""
+    hint = retry_after_seconds({name.lower(): value for name, value in error.headers.items()})
+    return hint if hint is not None else float(min(300, 2 ** attempt))
 
 
 def mark(job: dict[str, Any], status: str, **fields: Any) -> None:

@@ -347,7 +347,7 @@ class Gateway:
             result = await self.upstream.send(ctx, may_wait=False)
         except GatewayError as exc:
             if exc.code in ("upstream_rate_limited", "upstream_error", "upstream_timeout"):
-                wait = upstream_wait(exc, task["attempt"])
+                wait = async_jobs.wait_before_next_attempt(exc, task["attempt"])
                 async_jobs.mark(job, async_jobs.WAITING)
                 try:
                     await self.store.put_job(job, if_match=job["etag"])
@@ -464,17 +464,6 @@ class Gateway:
                "spooled": writer.spooled, "replayed_from_spool": writer.replayed, "spilled_to_fallback": writer.spilled,
                "rollup_failures": writer.rollup_failures}
         return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE, "request_log": log}), media_type="application/json")
-
-
-def upstream_wait(error: GatewayError, attempt: int) -> float:
-    """Seconds to wait before the next attempt of a job: the upstream's hint, else back-off."""
-    hint = error.headers.get("retry-after-ms")
-    if hint and hint.isdigit():
-        return int(hint) / 1000
-    hint = error.headers.get("Retry-After")
-    if hint and hint.isdigit():
-        return float(hint)
-    return float(min(300, 2 ** attempt))
 
 
 def _custom_properties(request: Request) -> dict[str, str]:

@@ -142,6 +142,16 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
     return record
 
 
+def _spool_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, default=str, ensure_ascii=False)  # default=str: a spool never refuses a record
+
+
+def _write_lines(handle, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        handle.write(_spool_line(record) + "\n")
+    handle.flush()
+
+
 class LogSpool:
     """Records the store could not take, kept on local disk until a writer can write them.
 
@@ -160,12 +170,6 @@ class LogSpool:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._own = open(self._file, "a", encoding="utf-8")
             fcntl.flock(self._own, fcntl.LOCK_EX)
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        self._open_own()
-        for record in records:
-            self._own.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
-        self._own.flush()
 
     def append_encoded(self, items: list[EncodedLog]) -> None:
         self._open_own()
@@ -190,8 +194,7 @@ class LogSpool:
             appended = source.read()
         self._own.truncate(0)
         self._own.seek(0)
-        for record in left:
-            self._own.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        _write_lines(self._own, left)
         self._own.write(appended)
         self._own.flush()
 
@@ -233,9 +236,7 @@ class LogSpool:
         """Rewrite a locked spool file with what is still to be written."""
         handle.seek(0)
         handle.truncate()
-        for record in records:
-            handle.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
-        handle.flush()
+        _write_lines(handle, records)
 
 
 class LogWriter:
@@ -281,7 +282,7 @@ class LogWriter:
         except Exception:  # a record that cannot be encoded (a bug): keep its text where it can be found
             logger.exception("request log record %s cannot be encoded", record.get("id"))
             self.spilled += 1
-            logger.error("request log record not stored: %s", json.dumps(record, default=str, ensure_ascii=False))
+            logger.error("request log record not stored: %s", _spool_line(record))
             return None
         try:
             share = contribution(record, self._zone) if self._zone else None

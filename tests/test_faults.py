@@ -13,7 +13,7 @@ import uuid
 
 import aiohttp
 
-from shared.store import LogQuery
+from shared.store import EncodedLog, LogQuery
 from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
 
@@ -22,6 +22,12 @@ from .servers import COSMOS_KEY, start_cosmos_server, start_local_host, stop
 
 ADMIN = "/sekisho/admin"
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+
+def _log_records(prefix: str, app_id: str, count: int, tokens: int = 1) -> list[dict]:
+    """Finished chat records as the gateway writes them, enough for the writer and the roll-ups."""
+    return [{"id": f"{prefix}{i}", "app_id": app_id, "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
+             "operation": "chat.completions", "usage": {"total_tokens": tokens}} for i in range(count)]
 
 
 async def _register(url, admin_token) -> str:
@@ -155,8 +161,7 @@ async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_nex
         async def add_rollups(self, deltas):
             raise StoreUnavailable("down")
 
-    records = [{"id": uuid.uuid4().hex, "app_id": "app-s", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
-                "operation": "chat.completions", "usage": {"total_tokens": 5}} for _ in range(3)]
+    records = _log_records(uuid.uuid4().hex[:8], "app-s", 3, tokens=5)
     down = LogWriter(DownStore(), 0.01, 10, spool=LogSpool(tmp_path / "spool", "store-a"))
     down.start()
     for record in records:
@@ -192,11 +197,10 @@ async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only
     from shared.store import StoreUnavailable
 
     live = LogSpool(tmp_path / "spool", "store-a")
-    live.append([{"id": "held"}])  # a writer that is still running holds its file
-    records = [{"id": f"r{i}", "app_id": "app-p", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
-                "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(5)]
+    live.append_encoded([EncodedLog.of({"id": "held"}, True)])  # a writer that is still running holds its file
+    records = _log_records("r", "app-p", 5)
     gone = LogSpool(tmp_path / "spool", "store-a")
-    gone.append(records)
+    gone.append_encoded([EncodedLog.of(r, True) for r in records])
     gone.close()  # its writer ended
     store = SqliteStore(str(tmp_path / "p.db"))
     await store.open()
@@ -260,8 +264,7 @@ async def test_an_overflowing_queue_spools_and_the_writer_replays_it_when_caught
     await store.open()
     try:
         writer = LogWriter(store, 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-o"))
-        records = [{"id": f"o{i}", "app_id": "app-o", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
-                    "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(10)]
+        records = _log_records("o", "app-o", 10)
         for record in records:  # faster than the writer (not even started): the queue overflows
             writer.submit(record)
         assert writer.queued <= 4 and writer.spooled >= 6
@@ -281,7 +284,7 @@ async def test_spooled_records_with_line_separators_survive_the_round_trip(tmp_p
 
     spool = LogSpool(tmp_path / "spool", "store-u")
     records = [{"id": "u1", "text": "a\u2028b\u2029c\u0085d"}, {"id": "u2", "text": "plain"}]
-    spool.append(records)
+    spool.append_encoded([EncodedLog.of(r, True) for r in records])
     spool.close()
     with open(next((tmp_path / "spool").iterdir()), encoding="utf-8") as handle:
         assert LogSpool.read(io.StringIO(handle.read())) == records
@@ -308,8 +311,7 @@ async def test_overflow_while_a_batch_is_being_written_loses_and_doubles_nothing
     try:
         writer = LogWriter(SlowStore(), 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-f"))
         writer.start()
-        records = [{"id": f"f{i}", "app_id": "app-f", "timestamp": "2026-11-24T10:00:00.000Z", "status": 200, "ttl": 3600,
-                    "operation": "chat.completions", "usage": {"total_tokens": 1}} for i in range(40)]
+        records = _log_records("f", "app-f", 40)
         for record in records:
             writer.submit(record)
             await asyncio.sleep(0.005)

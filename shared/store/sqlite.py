@@ -125,18 +125,20 @@ _RESERVE = (
 )
 
 
+def _json_rows(rows: list[tuple[list[Any], bytes]]) -> str:
+    """[[field, …, document], …] as JSON text for json_each: each document's JSON is spliced in
+    as it was encoded, not parsed and encoded again."""
+    return (b"[" + b",".join(orjson.dumps(fields)[:-1] + b"," + blob + b"]" for fields, blob in rows) + b"]").decode("utf-8")
+
+
 def _rows_json(items: list[EncodedLog], now: float) -> str | None:
-    """[[id, app, user, deployment, status, timestamp, expires_at, record], …] as JSON text,
-    each record's JSON spliced in as it was encoded (not parsed again)."""
+    """[[id, app, user, deployment, status, timestamp, expires_at, record], …] for _INSERT_LOGS."""
     if not items:
         return None
-    parts = []
-    for i in items:
-        head = orjson.dumps([i.id, i.app_id, i.user_id if isinstance(i.user_id, str) else None,
-                             i.deployment if isinstance(i.deployment, str) else None,
-                             i.status if isinstance(i.status, int) else None, i.timestamp, now + i.ttl if i.ttl else None])
-        parts.append(head[:-1] + b"," + i.blob + b"]")
-    return (b"[" + b",".join(parts) + b"]").decode("utf-8")
+    return _json_rows([([i.id, i.app_id, i.user_id if isinstance(i.user_id, str) else None,
+                         i.deployment if isinstance(i.deployment, str) else None,
+                         i.status if isinstance(i.status, int) else None, i.timestamp, now + i.ttl if i.ttl else None], i.blob)
+                       for i in items])
 
 
 def _settle(done: list) -> None:
@@ -467,27 +469,13 @@ class SqliteStore(Store):
         return orjson.loads(row[0]) if row else None
 
     async def cache_put(self, scope: str, key: str, entry: dict[str, Any], ttl: int) -> None:
-        now = time.time()
-        blob = orjson.dumps(entry)
-
-        def write(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.execute(
-                    f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc) VALUES (?, ?, ?, ?)",
-                    (scope, key, now + ttl, blob),
-                )
-                if now - self._last_cache_purge > _PURGE_EVERY_SECONDS:
-                    self._last_cache_purge = now
-                    conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE expires_at < ?", (now,))
-
-        await self._run(write, urgent=False)
+        await self.cache_put_many([(scope, key, entry, orjson.dumps(entry), ttl)])
 
     async def cache_put_many(self, items: list[tuple[str, str, dict[str, Any], bytes, int]]) -> None:
         if not items:
             return
         now = time.time()
-        rows = (b"[" + b",".join(orjson.dumps([scope, key, now + ttl])[:-1] + b"," + blob + b"]" for scope, key, _, blob, ttl in items)
-                + b"]").decode("utf-8")
+        rows = _json_rows([([scope, key, now + ttl], blob) for scope, key, _, blob, ttl in items])
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
