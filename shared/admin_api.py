@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from pathlib import Path
 
@@ -91,6 +91,8 @@ class UsageService:
         self._resolver = resolver
         self._windows = windows
         self._currency = currency
+        # The serving gateway forgets its own quota leases of a reset subject (quota_leases.py).
+        self.on_reset: Callable[[str], None] | None = None
 
     def _subject(self, app_id: str, user_id: str | None) -> str:
         check_id(app_id, "app id")
@@ -128,7 +130,10 @@ class UsageService:
             raise PolicyError(f"unknown metric(s) {unknown}; known: {sorted(METRICS_BY_NAME)}")
         at = self._windows.now()
         counters = [f"{METRICS_BY_NAME[n].key}:{self._windows.key(METRICS_BY_NAME[n].window, at)}" for n in chosen]
-        await self._store.reset_counters(self._subject(app_id, user_id), counters)
+        subject = self._subject(app_id, user_id)
+        await self._store.reset_counters(subject, counters)
+        if self.on_reset is not None:
+            self.on_reset(subject)
         logger.info("quota counters %s reset for %s/%s", chosen, app_id, user_id)
         return chosen
 

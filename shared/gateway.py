@@ -131,13 +131,14 @@ class Gateway:
                 self.job_launcher = QueueJobLauncher.from_settings(settings)
             self.pricing = PricingTable(store, settings.policy_cache_seconds)
             windows = Windows(settings.quota_timezone)
-            self.quota = EnforceQuota(store, self.pricing, windows, settings.currency)
+            self.quota = EnforceQuota(store, self.pricing, windows, settings.currency, settings.quota_lease_share)
             self.cache = CacheResponses(store, self.pricing, windows, settings.cache_max_entry_bytes, settings.currency)
             self.admin = AdminApi(
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
                 resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency, cache=self.cache,
                 backends=self.backends,
             )
+            self.admin.usage.on_reset = self.quota.leases.forget_subject
             self.stages = [
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes),

@@ -12,9 +12,11 @@ Windows are calendar-aligned in SEKISHO_QUOTA_TIMEZONE: a minute, a day, a month
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -24,7 +26,8 @@ from .pipeline import Stage
 from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
 from .routes import Operation
 from .counter_batch import CounterBatcher
-from .store import CounterCharge, Store, StoreUnavailable
+from .quota_leases import LeaseBook
+from .store import CounterCharge, ReserveOutcome, Store, StoreUnavailable
 from .token_estimate import count_tokens, estimate_prompt_tokens, requested_completion_tokens
 from .usage import usage_of
 
@@ -74,6 +77,9 @@ class Windows:
                 self.end(window, at).timestamp(),
             )
         return known
+
+    def end_timestamp(self, window: str, at: datetime) -> float:
+        return self._window(window, at)[1]
 
     def end(self, window: str, at: datetime) -> datetime:
         if window == "minute":
@@ -141,13 +147,15 @@ class MemoryCounters:
 class EnforceQuota(Stage):
     name = "quota"
 
-    def __init__(self, store: Store, pricing: PricingTable, windows: Windows, currency: str) -> None:
+    def __init__(self, store: Store, pricing: PricingTable, windows: Windows, currency: str, lease_share: float = 0.0) -> None:
         self._store = store
         self._pricing = pricing
         self._windows = windows
         self._currency = currency
         self._memory = MemoryCounters()
         self._settlements = CounterBatcher(store, what="quota settlement")
+        self.leases = LeaseBook(lease_share)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def before(self, ctx: RequestContext) -> None:
         if ctx.route.operation is Operation.MODELS:
@@ -167,7 +175,7 @@ class EnforceQuota(Stage):
         cost = cost_nanos(price, prompt, completion)
         ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
         at = self._windows.now()
-        charges, metrics = [], []
+        charges, metrics, ends = [], [], []
         for subject, limits in applicable:
             for metric in METRICS:
                 limit = getattr(limits, metric.name)
@@ -178,11 +186,12 @@ class EnforceQuota(Stage):
                 counter = f"{metric.key}:{self._windows.key(metric.window, at)}"
                 charges.append(CounterCharge(subject, counter, amount, limit_units, self._windows.ttl(metric.window, at)))
                 metrics.append(metric)
+                ends.append(self._windows.end_timestamp(metric.window, at))
         if not charges:
             return
         degraded = False
         try:
-            outcome = await self._store.reserve(charges)
+            outcome = await self._reserve(charges, ends)
         except StoreUnavailable as exc:
             if policy.quota_on_store_failure == "closed":
                 logger.error("quota store unavailable, refusing (fail-closed): %s", exc)
@@ -196,6 +205,52 @@ class EnforceQuota(Stage):
             self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
         ctx.quota = Reservation(charges, metrics, degraded)
         self._remaining_headers(ctx, charges, metrics, outcome.used)
+
+    async def _reserve(self, charges: list[CounterCharge], ends: list[float]) -> ReserveOutcome:
+        """Reserve every charge: from this instance's leases where they cover it, in the store
+        (atomically, topping leases up while the counter is far from its limit) for the rest."""
+        leases, now = self.leases, time.time()
+        covered = leases.take(charges, now)
+        if all(covered):
+            return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
+        rest = [i for i, done in enumerate(covered) if not done]
+        top_ups = [leases.top_up(charges[i]) for i in rest]
+        try:
+            outcome = await self._store.reserve([replace(charges[i], amount=charges[i].amount + t) for i, t in zip(rest, top_ups)])
+            if not outcome.admitted and any(top_ups):  # the counter moved on since we last saw it
+                top_ups = [0] * len(rest)
+                outcome = await self._store.reserve([charges[i] for i in rest])
+        except BaseException:
+            leases.give_back(charges, covered)
+            raise
+        finally:
+            for i in rest:
+                leases.top_up_done(charges[i])
+        if not outcome.admitted:
+            leases.give_back(charges, covered)
+            used = [0] * len(charges)
+            for i, value in zip(rest, outcome.used):
+                used[i] = value
+                leases.learn(charges[i], value, ends[i], now)
+            return ReserveOutcome(False, used, rest[outcome.failed])
+        stale = []
+        for i, value, leased in zip(rest, outcome.used, top_ups):
+            if unspent := leases.record(charges[i], value, leased, ends[i], now):
+                stale.append(replace(charges[i], amount=-unspent, limit=None))
+        if stale:
+            self._settlements.add(stale)
+        if leases.outstanding and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(leases.idle_seconds, self._sweep)
+        return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
+
+    def _sweep(self) -> None:
+        """Hand idle leases back to the store (batched with settlements), while any is out."""
+        self._sweeper = None
+        returned = self.leases.sweep(time.time())
+        if returned:
+            self._settlements.add(returned)
+        if self.leases.outstanding:
+            self._sweeper = asyncio.get_running_loop().call_later(self.leases.idle_seconds, self._sweep)
 
     def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:
         retry_after = self._windows.seconds_left(metric.window, at)
@@ -275,7 +330,13 @@ class EnforceQuota(Stage):
                 self._settlements.add(deltas)  # written with others within 50 ms
 
     async def drain(self) -> None:
-        """Write pending settlements (shutdown, tests)."""
+        """Hand every lease back and write pending settlements (shutdown, tests)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        returned = self.leases.release_all(time.time())
+        if returned:
+            self._settlements.add(returned)
         await self._settlements.drain()
 
 

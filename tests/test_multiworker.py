@@ -56,6 +56,22 @@ async def test_quota_race_across_processes_admits_exactly_the_limit(two_workers,
     assert len({r["instance"] for r in records}) == 2
 
 
+async def test_quota_leases_across_processes_never_admit_more_than_the_limit(two_workers, admin_token, issuer):
+    """rpm 200: each process leases 10 units at a time while the counter is below 100."""
+    from .test_quota import _settled
+
+    app_id = await _register(two_workers, admin_token, {"app_limits": {"requests_per_minute": 200}})
+    token = issuer.mint(app_id)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    _away_from_minute_boundary()
+    warm = await asyncio.to_thread(lambda: [post_all(two_workers.url + CHAT, token, body, 2) for _ in range(30)])
+    assert all(status == 200 for results in warm for status, _, _ in results)
+    results = await asyncio.to_thread(post_all, two_workers.url + CHAT, token, body, 300)
+    admitted = 60 + [status for status, _, _ in results].count(200)
+    assert 200 - 2 * 10 <= admitted <= 200  # never over; short by at most the two processes' leases
+    await _settled(two_workers, admin_token, app_id, "requests_per_minute", admitted)  # unspent shares handed back
+
+
 async def test_cache_is_shared_across_processes(two_workers, admin_token, issuer):
     app_id = await _register(two_workers, admin_token, {"cache": {"enabled": True}})
     token = issuer.mint(app_id)
