@@ -92,6 +92,7 @@ class Gateway:
         # Async jobs: a storage queue in Azure; the local host sets its in-process runtime here.
         self.job_launcher: JobLauncher | None = None
         self.stages: list[Stage] = []
+        self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
 
     # Lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +164,8 @@ class Gateway:
         self._started = False
         if self.job_launcher is not None:
             await self.job_launcher.close()  # first: running jobs still write logs and settle quotas
+        while self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.quota.drain()
         await self.cache.drain()
         await self.log_writer.close()
@@ -237,10 +240,21 @@ class Gateway:
             return StreamingResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
         ctx.status = result.status
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
-        await self._finish(ctx)  # before the headers: finishing stages add some (the cost)
+        # The quota stage prices the answer for its header; the other stages' finishing work
+        # (cache entry, log record) runs once the answer is on its way, not before it.
+        await self._finish_stage(self.quota, ctx)
         headers = {**result.headers, **ctx.response_headers}
         media_type = headers.pop("content-type", None)
-        return Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
+        response = Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
+        self._finish_soon(ctx, done=self.quota)
+        return response
+
+    def _finish_soon(self, ctx: RequestContext, done: Stage) -> None:
+        """Finish the request in a task of its own: it runs as soon as the handler has handed
+        its response over. Tracked, so that shutdown waits for it (aclose)."""
+        task = asyncio.get_running_loop().create_task(self._finish(ctx, done=done))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def _stream(self, ctx: RequestContext, result: UpstreamResult) -> AsyncIterator[bytes]:
         try:
@@ -403,13 +417,18 @@ class Gateway:
                 logger.warning("job %s: the cost header could not be added to its answer", job["id"])
         return {"state": job["status"]}
 
-    async def _finish(self, ctx: RequestContext) -> None:
+    async def _finish(self, ctx: RequestContext, done: Stage | None = None) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
         for stage in self.stages:
-            try:
-                await stage.finish(ctx)
-            except Exception:
-                logger.exception("stage %s failed to finish request %s", stage.name, ctx.request_id)
+            if stage is not done:
+                await self._finish_stage(stage, ctx)
+
+    @staticmethod
+    async def _finish_stage(stage: Stage, ctx: RequestContext) -> None:
+        try:
+            await stage.finish(ctx)
+        except Exception:
+            logger.exception("stage %s failed to finish request %s", stage.name, ctx.request_id)
 
     async def admin_policies(self, request: Request, kind: str | None, **ids: str) -> Response:
         started = await self._start_or_error()

@@ -71,13 +71,14 @@ class PricingTable:
         self._ttl = ttl_seconds
         self._loaded_at = float("-inf")
         self._prices: dict[str, Price] = dict(BUILTIN_PRICES)
+        self._matched: dict[str | None, tuple[str, Price]] = {}  # model name → its price, for these prices
 
     async def prices(self) -> dict[str, Price]:
         if time.monotonic() - self._loaded_at > self._ttl:
             merged = dict(BUILTIN_PRICES)
             for doc in await self._store.list_prices():
                 merged[doc["id"]] = Price.model_validate({k: doc[k] for k in Price.model_fields if k in doc})
-            self._prices = merged
+            self._prices, self._matched = merged, {}
             self._loaded_at = time.monotonic()
         return self._prices
 
@@ -86,7 +87,12 @@ class PricingTable:
 
     async def price_for(self, model: str | None) -> tuple[str, Price]:
         prices = await self.prices()
-        return match_price(prices, model)
+        found = self._matched.get(model)
+        if found is None:
+            if len(self._matched) > 1000:  # model names come from answers: keep the memo small
+                self._matched.clear()
+            found = self._matched[model] = match_price(prices, model)
+        return found
 
 
 def match_price(prices: dict[str, Price], model: str | None) -> tuple[str, Price]:

@@ -175,18 +175,22 @@ class EnforceQuota(Stage):
         cost = cost_nanos(price, prompt, completion)
         ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
         at = self._windows.now()
+        windows = {}  # window → (key, ttl, end), worked out once per request
         charges, metrics, ends = [], [], []
         for subject, limits in applicable:
             for metric in METRICS:
                 limit = getattr(limits, metric.name)
                 if limit is None or (cached and metric.kind != "requests"):
                     continue
+                window = windows.get(metric.window)
+                if window is None:
+                    window = windows[metric.window] = (self._windows.key(metric.window, at), self._windows.ttl(metric.window, at),
+                                                       self._windows.end_timestamp(metric.window, at))
                 amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
                 limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)
-                counter = f"{metric.key}:{self._windows.key(metric.window, at)}"
-                charges.append(CounterCharge(subject, counter, amount, limit_units, self._windows.ttl(metric.window, at)))
+                charges.append(CounterCharge(subject, f"{metric.key}:{window[0]}", amount, limit_units, window[1]))
                 metrics.append(metric)
-                ends.append(self._windows.end_timestamp(metric.window, at))
+                ends.append(window[2])
         if not charges:
             return
         degraded = False

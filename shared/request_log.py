@@ -111,7 +111,7 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
         "user_id": ctx.user_id,
         "tenant_id": ctx.tenant_id,
         "method": ctx.http.method,
-        "path": ctx.http.url.path,
+        "path": ctx.http.scope["path"],
         "operation": ctx.route.operation.value if ctx.route else None,
         "api_style": ctx.route.style.value if ctx.route else None,
         "api_version": ctx.api_version,
