@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from . import async_jobs, errors, telemetry
 from .access import ApplyPolicy, PolicyCache, PolicyResolver, forbidden
@@ -36,6 +36,7 @@ from .pipeline import Stage
 from .policy import builtin_defaults
 from .pricing import PricingTable
 from .quota import EnforceQuota, Windows
+from .relay_response import RelayResponse
 from .response_cache import CacheResponses
 from .request_log import INSTANCE, LogSpool, LogWriter, build_record
 from .routes import ModelRoute
@@ -237,7 +238,7 @@ class Gateway:
             ctx.status = 200
             headers = {**result.headers, **ctx.response_headers}
             media_type = headers.pop("content-type", "text/event-stream")
-            return StreamingResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
+            return RelayResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
         ctx.status = result.status
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
         # The quota stage prices the answer for its header; the other stages' finishing work
