@@ -50,7 +50,7 @@ from .validation import RequestStreamUsage, ValidateRequest
 logger = logging.getLogger("sekisho.gateway")
 
 REQUEST_ID_HEADER = "x-sekisho-request-id"
-_PROPERTY_PREFIX = "x-sekisho-property-"
+_PROPERTY_PREFIX_BYTES = b"x-sekisho-property-"
 _MAX_PROPERTIES = 20
 
 
@@ -489,9 +489,9 @@ class Gateway:
 
 def _custom_properties(request: Request) -> dict[str, str]:
     properties = {}
-    for name, value in request.headers.items():
-        if name.startswith(_PROPERTY_PREFIX) and len(properties) < _MAX_PROPERTIES:
-            properties[name[len(_PROPERTY_PREFIX) :][:64]] = value[:256]
+    for name, value in request.scope["headers"]:  # raw (lower-case) names: only matches are decoded
+        if name.startswith(_PROPERTY_PREFIX_BYTES) and len(properties) < _MAX_PROPERTIES:
+            properties[name[len(_PROPERTY_PREFIX_BYTES) :][:64].decode("latin-1")] = value[:256].decode("latin-1")
     return properties
 
 

@@ -9,6 +9,7 @@ the reserved partition `_defaults`. The admin API and the CLI both validate thro
 """
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote
@@ -233,6 +234,7 @@ class PolicyError(ValueError):
     """Invalid policy input; the message says which field and why."""
 
 
+@functools.lru_cache(maxsize=4096)
 def user_doc_id(user_id: str) -> str:
     return "user:" + quote(user_id, safe="@.-_:")
 

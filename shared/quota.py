@@ -63,9 +63,9 @@ class Windows:
         return datetime.now(self.zone)
 
     def key(self, window: str, at: datetime) -> str:
-        return self._window(window, at)[0]
+        return self.current(window, at)[0]
 
-    def _window(self, window: str, at: datetime) -> tuple[str, float]:
+    def current(self, window: str, at: datetime) -> tuple[str, float]:
         """(key, end timestamp) of the window holding `at`, remembered for the current minute."""
         minute = (at.year, at.month, at.day, at.hour, at.minute, at.fold)
         known = self._keys.get((window, minute))
@@ -77,9 +77,6 @@ class Windows:
                 self.end(window, at).timestamp(),
             )
         return known
-
-    def end_timestamp(self, window: str, at: datetime) -> float:
-        return self._window(window, at)[1]
 
     def end(self, window: str, at: datetime) -> datetime:
         if window == "minute":
@@ -93,10 +90,15 @@ class Windows:
 
     def seconds_left(self, window: str, at: datetime) -> int:
         # Through timestamps: subtracting two times of one zone ignores a DST change between them.
-        return max(1, math.ceil(self._window(window, at)[1] - at.timestamp()))
+        return max(1, math.ceil(self.current(window, at)[1] - at.timestamp()))
 
     def ttl(self, window: str, at: datetime) -> int:
-        return self.seconds_left(window, at) + 3600  # kept an hour past its window, for admins
+        return Windows.ttl_until(self.current(window, at)[1], at.timestamp())
+
+    @staticmethod
+    def ttl_until(end: float, now: float) -> int:
+        """A counter's lifetime: until its window ends (timestamps), and an hour more for admins."""
+        return max(1, math.ceil(end - now)) + 3600
 
 
 def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
@@ -175,6 +177,7 @@ class EnforceQuota(Stage):
         cost = cost_nanos(price, prompt, completion)
         ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
         at = self._windows.now()
+        now = at.timestamp()
         windows = {}  # window → (key, ttl, end), worked out once per request
         charges, metrics, ends = [], [], []
         for subject, limits in applicable:
@@ -184,8 +187,8 @@ class EnforceQuota(Stage):
                     continue
                 window = windows.get(metric.window)
                 if window is None:
-                    window = windows[metric.window] = (self._windows.key(metric.window, at), self._windows.ttl(metric.window, at),
-                                                       self._windows.end_timestamp(metric.window, at))
+                    key, end = self._windows.current(metric.window, at)
+                    window = windows[metric.window] = (key, Windows.ttl_until(end, now), end)
                 amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
                 limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)
                 charges.append(CounterCharge(subject, f"{metric.key}:{window[0]}", amount, limit_units, window[1]))

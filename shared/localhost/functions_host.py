@@ -76,10 +76,18 @@ class FunctionsAsgiApp:
 
     def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None) -> None:
         self.functions = http_functions(app)
+        self._matched: dict[tuple[str, str], tuple[HttpFunction | None, dict[str, str]]] = {}
         self._on_shutdown = list(on_shutdown or ())
 
     def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
-        path = path.strip("/")
+        known = self._matched.get((method, path))
+        if known is None:
+            if len(self._matched) >= 1024:  # paths carry deployment names: keep the memo bounded
+                self._matched.clear()
+            known = self._matched[(method, path)] = self._match(method, path.strip("/"))
+        return known[0], dict(known[1])
+
+    def _match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
         for function in self.functions:
             found = function.pattern.fullmatch(path)
             if found is not None and method in function.methods:
