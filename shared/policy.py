@@ -149,10 +149,10 @@ class EffectivePolicy(BaseModel):
     def rule_set(self, direction: str) -> RuleSet:
         """This policy's guard rules for one direction, compiled on first use and kept with the
         policy (which the resolver reuses while its documents are unchanged)."""
-        compiled = self._rule_sets.get(direction)
+        rule_sets = self.__pydantic_private__["_rule_sets"]  # not self._rule_sets: pydantic's __getattr__ is slow
+        compiled = rule_sets.get(direction)
         if compiled is None:
-            compiled = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")])
-            self._rule_sets[direction] = compiled
+            compiled = rule_sets[direction] = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")])
         return compiled
 
     def allows_deployment(self, deployment: str) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -77,6 +78,15 @@ def _check_fields_read_later(operation: Operation, body: dict[str, Any]) -> None
             raise errors.invalid_request("'input' must be a string, an array of strings, an array of token ids, or an array of token id arrays.", "input")
 
 
+def _last_value(query: bytes, name: str) -> str | None:
+    """`request.query_params.get(name)` (the last value wins) without building the whole mapping."""
+    found = None
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            found = value
+    return found
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -96,8 +106,9 @@ class ValidateRequest(Stage):
     async def before(self, ctx: RequestContext) -> None:
         route = ctx.route
         # Parsing the query string costs more than this check; most v1 calls have none.
-        if b"api-version" in ctx.http.scope.get("query_string", b""):
-            ctx.api_version = ctx.http.query_params.get("api-version")
+        query = ctx.http.scope.get("query_string", b"")
+        if b"api-version" in query:
+            ctx.api_version = _last_value(query, "api-version")
         if route.operation is Operation.MODELS:
             return  # a GET without a body
         if route.deployment_in_path:
