@@ -17,7 +17,7 @@ from shared.store import EncodedLog, LogQuery
 from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
 
-from .conftest import _gateway_env
+from .conftest import _gateway_env, _seed
 from .servers import COSMOS_KEY, start_cosmos_server, start_local_host, stop
 
 ADMIN = "/sekisho/admin"
@@ -145,6 +145,29 @@ async def test_client_leaving_mid_stream_cuts_the_upstream_stream(gateway, simul
             break
         await asyncio.sleep(0.1)
     assert entry["stream_end"] == "caller_left" and entry["events_sent"] < 10  # cut at once, not relayed to the end
+
+
+async def test_upstream_cookies_are_never_sent_back(simulator, tmp_path, data_dir, token):
+    """One app's answer setting a cookie (an affinity cookie, say) must not ride along on the next
+    calls, which may be another app's: the upstream session keeps no cookie jar. The upstream is
+    named by host name here, as in Azure (a cookie jar ignores cookies of bare IP addresses)."""
+    path = str(tmp_path / "cookies.db")
+    await _seed(SqliteStore(path))
+    endpoint = simulator.url.replace("127.0.0.1", "localhost")
+    host = start_local_host(_gateway_env(simulator, AZURE_OPENAI_ENDPOINT=endpoint, SEKISHO_SQLITE_PATH=path), data_dir)
+    try:
+        ids = []
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+            for sim in ({"set_cookie": "ARRAffinity=instance-7; Path=/"}, {}):
+                body = {"messages": [{"role": "user", "content": "x"}], "x_sim": sim}
+                async with session.post(host.url + CHAT, json=body) as response:
+                    assert response.status == 200
+                    assert "set-cookie" not in response.headers  # not relayed to the client either
+                    ids.append(response.headers["x-sekisho-request-id"])
+    finally:
+        stop(host.process)
+    received = {r.get("client_request_id"): r for r in simulator.received()}
+    assert received[ids[1]]["cookie"] is None
 
 
 async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_next_writer(tmp_path):

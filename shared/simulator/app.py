@@ -7,7 +7,7 @@ Controls, all optional:
   so a client can steer the simulator through the gateway): `latency_ms`, `chunk_interval_ms`,
   `chunks`, `reply` (exact reply text), `fail` (429/500/503 …), `retry_after_ms`,
   `break_after_chunks` (drop the connection mid-stream), `annotations` (Azure's delta-less
-  content-filter chunks).
+  content-filter chunks), `set_cookie` (a Set-Cookie header on the answer, as an affinity cookie).
 - Control routes: `POST /_sim/faults` `{"status": 429, "count": 2, "retry_after_ms": 1000,
   "deployment": "…"}` makes the next matching requests fail; `POST /_sim/reset`; `GET /_sim/stats`
   lists the requests received (time, path, deployment, status) for tests that measure retries.
@@ -61,7 +61,8 @@ class Simulator:
     # Helpers -----------------------------------------------------------------------
     def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
         self.received.append({"t": time.time(), "path": request.path, "deployment": deployment, "status": status,
-                              "client_request_id": request.headers.get("x-ms-client-request-id")})
+                              "client_request_id": request.headers.get("x-ms-client-request-id"),
+                              "cookie": request.headers.get("Cookie")})
         if len(self.received) > 10_000:
             del self.received[:5_000]
 
@@ -117,6 +118,8 @@ class Simulator:
             return self._error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
         deployment = deployment or body.get("model")
         controls = body.get("x_sim") if isinstance(body.get("x_sim"), dict) else {}
+        if isinstance(controls.get("set_cookie"), str):
+            request["set_cookie"] = controls["set_cookie"]
         latency = float(controls.get("latency_ms", self.config.latency_ms)) / 1000.0
         if latency > 0:
             await asyncio.sleep(latency)
@@ -363,4 +366,10 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     app.router.add_post("/_sim/faults", simulator.set_faults)
     app.router.add_post("/_sim/reset", simulator.reset)
     app.router.add_get("/_sim/stats", simulator.stats)
+
+    async def set_cookie(request: web.Request, response: web.StreamResponse) -> None:
+        if "set_cookie" in request:
+            response.headers["Set-Cookie"] = request["set_cookie"]
+
+    app.on_response_prepare.append(set_cookie)
     return app
