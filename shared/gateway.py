@@ -11,7 +11,6 @@ import gc
 import logging
 import sys
 import time
-import uuid
 from typing import AsyncIterator
 from zoneinfo import ZoneInfo
 
@@ -22,7 +21,7 @@ from starlette.responses import Response
 from . import async_jobs, errors, telemetry
 from .access import ApplyPolicy, PolicyCache, PolicyResolver, forbidden
 from .admin_api import AdminApi, PolicyService
-from .context import RequestContext, UpstreamResult
+from .context import RequestContext, UpstreamResult, new_request_id
 from .errors import GatewayError
 from .identity import Authenticate, Authenticator
 from .job_launch import JobLauncher, QueueJobLauncher
@@ -178,7 +177,7 @@ class Gateway:
     # Requests --------------------------------------------------------------------
     async def handle(self, request: Request, route: ModelRoute) -> Response:
         """Run one model request through the pipeline; always answers, always logs."""
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         not_started = await self._start_or_error()  # misconfiguration: say so, do not crash the worker
         if not_started is not None:
             not_started.headers[REQUEST_ID_HEADER] = request_id

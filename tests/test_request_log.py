@@ -109,3 +109,17 @@ async def test_client_disconnect_mid_stream_is_logged(logged_gateway):
             await response.content.readuntil(b"\n\n")  # first event, then hang up
     record = await logged_gateway.log(request_id)
     assert record["status"] == 499 and record["client_disconnected"] is True
+
+
+def test_request_ids_sort_by_time_and_do_not_repeat():
+    """Time-ordered ids keep the log's primary-key index growing at its end (context.new_request_id)."""
+    import time as _time
+
+    from shared.context import new_request_id
+
+    first = new_request_id()
+    _time.sleep(0.002)
+    ids = [new_request_id() for _ in range(10_000)]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert first < min(ids) and int(first[:12], 16) <= _time.time() * 1000
