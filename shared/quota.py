@@ -221,7 +221,7 @@ class EnforceQuota(Stage):
         if all(covered):
             return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
         rest = [i for i, done in enumerate(covered) if not done]
-        top_ups = [leases.top_up(charges[i]) for i in rest]
+        top_ups = top_ups_asked = [leases.top_up(charges[i]) for i in rest]
         try:
             outcome = await self._store.reserve([replace(charges[i], amount=charges[i].amount + t) for i, t in zip(rest, top_ups)])
             if not outcome.admitted and any(top_ups):  # the counter moved on since we last saw it
@@ -231,8 +231,9 @@ class EnforceQuota(Stage):
             leases.give_back(charges, covered)
             raise
         finally:
-            for i in rest:
-                leases.top_up_done(charges[i])
+            for i, leased in zip(rest, top_ups_asked):
+                if leased:
+                    leases.top_up_done(charges[i])
         if not outcome.admitted:
             leases.give_back(charges, covered)
             used = [0] * len(charges)
@@ -246,17 +247,18 @@ class EnforceQuota(Stage):
                 stale.append(replace(charges[i], amount=-unspent, limit=None))
         if stale:
             self._settlements.add(stale)
-        if leases.outstanding and self._sweeper is None:
+        if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(leases.idle_seconds, self._sweep)
         return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
 
     def _sweep(self) -> None:
-        """Hand idle leases back to the store (batched with settlements), while any is out."""
+        """Hand idle leases back to the store (batched with settlements) and forget old
+        counters, every second while the book holds any."""
         self._sweeper = None
         returned = self.leases.sweep(time.time())
         if returned:
             self._settlements.add(returned)
-        if self.leases.outstanding:
+        if self.leases:
             self._sweeper = asyncio.get_running_loop().call_later(self.leases.idle_seconds, self._sweep)
 
     def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:

@@ -145,6 +145,9 @@ class LeaseBook:
         for key in [k for k in self._leases if k[0] == subject]:
             del self._leases[key]
 
+    def __len__(self) -> int:
+        return len(self._leases)
+
     @property
     def outstanding(self) -> int:
         return sum(1 for lease in self._leases.values() if lease.remaining)

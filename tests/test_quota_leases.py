@@ -71,6 +71,15 @@ def test_sweep_hands_back_idle_leases_and_forgets_ended_windows():
     assert book.release_all(10.0) == []
 
 
+def test_counters_without_a_lease_are_forgotten_after_a_minute():
+    book = LeaseBook(0.02)
+    for user in range(100):  # limits too small to lease: the book only remembers their values
+        book.record(CounterCharge(f"user:a:{user}", "rpm:w", 1, 50, 7200), 1, 0, WINDOW_END, 0.0)
+    assert len(book) == 100 and book.outstanding == 0
+    assert book.sweep(30.0) == [] and len(book) == 100
+    assert book.sweep(61.0) == [] and len(book) == 0
+
+
 async def test_leased_requests_skip_the_store_and_the_share_comes_back(logged_gateway, admin_token, issuer):
     """rpm 1000: the first request learns the counter, the second reserves 1 + a 20-unit lease,
     the next ten are charged to the lease (the store's counter does not move), and the unspent
