@@ -186,6 +186,8 @@ class CacheService:
         check_id(app_id, "app id")
         policy = await self._resolver.resolve(app_id, None)
         scope = policy.cache.shared_scope or app_id
+        if self._cache is not None:
+            await self._cache.flush_writes()  # entries of this instance still on their way go too
         purged = await self._store.cache_purge(scope)
         logger.info("response cache of scope %s purged (%s entries)", scope, purged)
         return {"scope": scope, "purged": purged}

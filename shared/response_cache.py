@@ -41,7 +41,7 @@ TTL_HEADER = "x-sekisho-cache-ttl"
 _MAX_TTL = 30 * 86400
 _COALESCE_WAIT_SECONDS = 30.0
 _STATS_TTL = 400 * 86400
-_WRITE_INTERVAL = 0.02  # entries wait at most this long to be written together (served from memory meanwhile)
+_WRITE_INTERVAL = 0.1  # entries wait at most this long to be written together (served from memory meanwhile)
 _KEY_EXCLUDED = ("stream", "stream_options", "user")
 
 
@@ -227,9 +227,13 @@ class CacheResponses(Stage):
         charges = [CounterCharge(f"cache:{app_id}", f"{name}:{month}", amount, None, _STATS_TTL) for name, amount in amounts.items() if amount]
         self._stats.add(charges)
 
-    async def drain(self) -> None:
+    async def flush_writes(self) -> None:
+        """Write the entries still waiting (an admin purge must not miss them)."""
         while self._write_task is not None:
             await asyncio.gather(self._write_task, return_exceptions=True)
+
+    async def drain(self) -> None:
+        await self.flush_writes()
         await self._stats.drain()
 
     async def stats(self, app_id: str) -> dict[str, Any]:
