@@ -345,3 +345,20 @@ async def test_overflow_while_a_batch_is_being_written_loses_and_doubles_nothing
         assert sum(r["requests"] for r in await store.query_rollups("app-f")) == 40  # none counted twice
     finally:
         await store.close()
+
+
+async def test_the_sqlite_thread_yields_the_cpu_to_requests(tmp_path):
+    """Background writes run at a lower CPU priority than the event loop (Linux)."""
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    store = SqliteStore(str(tmp_path / "nice.db"))
+    await store.open()
+    try:
+        thread_id = await store._run(lambda conn: threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, thread_id) > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    finally:
+        await store.close()
