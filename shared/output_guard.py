@@ -190,12 +190,14 @@ class GuardOutput(Stage):
                     yield event
                     continue
                 kept = []
+                changed = False  # an event the guard leaves as it is goes out as it came, not re-encoded
                 for choice in choices:
                     index = choice.get("index", 0)
                     channel = channels.get(index)
                     if channel is None:
                         channel = channels[index] = self._channel(ctx, matcher, f"choice {index}")
                     if channel.blocked:
+                        changed = True
                         continue  # the choice ended at the block: drop what follows
                     if chat:
                         delta = choice.get("delta")
@@ -207,6 +209,8 @@ class GuardOutput(Stage):
                     finishing = bool(choice.get("finish_reason"))
                     if finishing and not channel.blocked:
                         released += channel.flush()
+                    if channel.blocked or released != (piece if has_piece else "") or choice.get("logprobs") is not None:
+                        changed = True
                     choice = dict(choice)
                     choice.pop("logprobs", None)  # logprobs carry the raw tokens the guard may hold back
                     if channel.blocked:
@@ -218,10 +222,11 @@ class GuardOutput(Stage):
                         else:
                             choice["text"] = released
                     if has_piece and not released and not channel.blocked and not finishing and _only_content(choice, chat):
+                        changed = True
                         continue  # all of this piece is held back for now
                     kept.append(choice)
                 if kept:
-                    yield sse.encode_event({**payload, "choices": kept})
+                    yield sse.encode_event({**payload, "choices": kept}) if changed else event
         finally:
             closer = getattr(events, "aclose", None)
             if closer is not None:

@@ -220,3 +220,17 @@ async def test_default_rules_add_to_app_rules(logged_gateway, admin_token, issue
         finally:
             async with session.delete(f"{logged_gateway.url}{ADMIN}/policies/defaults"):
                 pass
+
+
+async def test_stream_events_the_guard_leaves_alone_are_relayed_byte_for_byte(logged_gateway, admin_token, issuer):
+    """The role chunk needs no guarding: it goes out exactly as Azure sent it (not re-encoded,
+    `logprobs: null` and all); events the guard changes are re-encoded."""
+    app_id = await _put_app(logged_gateway, admin_token, {"guards": {"rules": RULES, "output_action": "redact"}})
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True, **_reply("Project Falcon is here", 5)}
+    url = logged_gateway.url + "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {issuer.mint(app_id)}"}) as session:
+        async with session.post(url, json=body) as response:
+            events = [e for e in (await response.read()).split(b"\n\n") if e.startswith(b"data: {")]
+    role = next(e for e in events if b'"role":"assistant"' in e)
+    assert b'"logprobs":null' in role
+    assert b"[redacted]" in b"".join(events) and b"Falcon" not in b"".join(events)
