@@ -1,12 +1,13 @@
-"""The streamed answer: Starlette's StreamingResponse, watching for the client leaving with two
-plain asyncio tasks instead of an anyio task group.
+"""The streamed answer: Starlette's StreamingResponse, watching for the client leaving with one
+plain asyncio task instead of an anyio task group.
 
 On servers that speak ASGI 2.3 (uvicorn does), Starlette streams in one task and listens for
 `http.disconnect` in another, inside an anyio task group; setting that group up costs ~60 µs per
-stream, before the first byte (measured on the bench machine; two asyncio tasks: ~25 µs). The
-behaviour is the same: the first of the two to end cancels the other, and a client that leaves
-cancels the relay, which closes the upstream call (gateway._stream). Servers on ASGI 2.4 and hosts
-that read `body_iterator` themselves get Starlette's own code.
+stream, before the first byte (measured on the bench machine). Here the body streams in the
+request's own task and one watcher task listens; the behaviour is the same: a client that leaves
+cancels the relay, which closes the upstream call (gateway._stream), and the response ends
+quietly. Servers on ASGI 2.4 and hosts that read `body_iterator` themselves get Starlette's own
+code.
 """
 from __future__ import annotations
 
@@ -21,14 +22,23 @@ class RelayResponse(StreamingResponse):
         if scope["type"] != "http" or spec_version >= (2, 4) or self.background is not None:
             await super().__call__(scope, receive, send)
             return
-        stream = asyncio.ensure_future(self.stream_response(send))
-        watch = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        # The body streams in this task (its first byte goes out without waiting for another
+        # task to be scheduled); a watcher task cancels it if the client leaves.
+        streaming = asyncio.current_task()
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            await self.listen_for_disconnect(receive)
+            left = True
+            streaming.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await asyncio.wait((stream, watch), return_when=asyncio.FIRST_COMPLETED)
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            # The watcher's cancellation is delivered at the await the stream was waiting on.
+            if not left or streaming.uncancel() > 0:
+                raise  # cancelled from outside as well (a host timeout, shutdown)
         finally:
-            stream.cancel()
-            watch.cancel()
-            # The relay's own clean-up (closing the upstream call, the log record) finishes here.
-            await asyncio.gather(stream, watch, return_exceptions=True)
-        if not stream.cancelled() and stream.exception() is not None:
-            raise stream.exception()
+            watcher.cancel()

@@ -59,3 +59,21 @@ async def test_a_failing_send_is_raised():
 
     with pytest.raises(OSError):
         await RelayResponse(_never_ending([]))(SCOPE, receive, send)
+
+
+async def test_a_cancellation_from_outside_still_cancels():
+    """A host timeout or shutdown cancels the request's task: that is not a client leaving."""
+    log = []
+
+    async def send(message):
+        pass
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(RelayResponse(_never_ending(log))(SCOPE, receive, send))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["relay closed"]
