@@ -89,16 +89,20 @@ class Windows:
         return (first + timedelta(days=32)).replace(day=1)
 
     def seconds_left(self, window: str, at: datetime) -> int:
-        # Through timestamps: subtracting two times of one zone ignores a DST change between them.
-        return max(1, math.ceil(self.current(window, at)[1] - at.timestamp()))
+        return Windows.seconds_until(self.current(window, at)[1], at.timestamp())
 
     def ttl(self, window: str, at: datetime) -> int:
         return Windows.ttl_until(self.current(window, at)[1], at.timestamp())
 
     @staticmethod
+    def seconds_until(end: float, now: float) -> int:
+        # Through timestamps: subtracting two times of one zone ignores a DST change between them.
+        return max(1, math.ceil(end - now))
+
+    @staticmethod
     def ttl_until(end: float, now: float) -> int:
-        """A counter's lifetime: until its window ends (timestamps), and an hour more for admins."""
-        return max(1, math.ceil(end - now)) + 3600
+        """A counter's lifetime: until its window ends, and an hour more for admins."""
+        return Windows.seconds_until(end, now) + 3600
 
 
 def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
@@ -219,7 +223,7 @@ class EnforceQuota(Stage):
         leases, now = self.leases, time.time()
         covered = leases.take(charges, now)
         if all(covered):
-            return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
+            return ReserveOutcome(True, [leases.used(c) for c in charges])
         rest = [i for i, done in enumerate(covered) if not done]
         top_ups = top_ups_asked = [leases.top_up(charges[i]) for i in rest]
         try:
@@ -249,7 +253,7 @@ class EnforceQuota(Stage):
             self._settlements.add(stale)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(leases.idle_seconds, self._sweep)
-        return ReserveOutcome(True, [leases.used(c, 0) for c in charges])
+        return ReserveOutcome(True, [leases.used(c) for c in charges])
 
     def _sweep(self) -> None:
         """Hand idle leases back to the store (batched with settlements) and forget old

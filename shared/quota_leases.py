@@ -112,11 +112,10 @@ class LeaseBook:
         else:
             lease.store_used = used_now
 
-    def used(self, charge: CounterCharge, fallback: int) -> int:
-        """The counter's use as this instance sees it: the store's value minus its unspent lease."""
-        lease = self._leases.get((charge.subject, charge.counter))
-        if lease is None:
-            return fallback
+    def used(self, charge: CounterCharge) -> int:
+        """The counter's use as this instance sees it: the store's value minus its unspent lease
+        (every counter of a reservation has an entry once `take` or `record` has seen it)."""
+        lease = self._leases[(charge.subject, charge.counter)]
         return lease.store_used - lease.remaining
 
     def sweep(self, now: float) -> list[CounterCharge]:

@@ -86,8 +86,7 @@ class UpstreamClient:
             connector = aiohttp.TCPConnector(
                 limit=self._settings.upstream_max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
             )
-            # No cookie jar: a proxy must not carry one app's upstream cookies into another app's
-            # calls, and skipping the jar saves ~35 µs of CPU per call (measured).
+            # No cookie jar: a proxy must not carry one app's upstream cookies into another app's calls.
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",),
                 cookie_jar=aiohttp.DummyCookieJar(),

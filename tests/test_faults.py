@@ -170,6 +170,21 @@ async def test_upstream_cookies_are_never_sent_back(simulator, tmp_path, data_di
     assert received[ids[1]]["cookie"] is None
 
 
+class _LogStoreWith:
+    """What a LogWriter needs of a store: `store`'s writes, each batch first handed to `before`
+    (which may wait, or raise to fail the write)."""
+
+    def __init__(self, store, before) -> None:
+        self._store, self._before = store, before
+
+    async def write_encoded_logs(self, items):
+        await self._before(items)
+        await self._store.write_encoded_logs(items)
+
+    async def add_rollups(self, deltas):
+        await self._store.add_rollups(deltas)
+
+
 async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_next_writer(tmp_path):
     from shared.request_log import LogSpool, LogWriter
     from shared.store import StoreUnavailable
@@ -228,20 +243,15 @@ async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only
     store = SqliteStore(str(tmp_path / "p.db"))
     await store.open()
 
-    class FailsSecondBatch:
-        calls = 0
+    calls = []
 
-        async def write_encoded_logs(self, batch):
-            FailsSecondBatch.calls += 1
-            if FailsSecondBatch.calls == 2:
-                raise StoreUnavailable("down again")
-            await store.write_encoded_logs(batch)
-
-        async def add_rollups(self, deltas):
-            await store.add_rollups(deltas)
+    async def fail_the_second_batch(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise StoreUnavailable("down again")
 
     try:
-        writer = LogWriter(FailsSecondBatch(), 0.01, 2, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-a"))
+        writer = LogWriter(_LogStoreWith(store, fail_the_second_batch), 0.01, 2, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-a"))
         writer.start()
         await writer.close()
         assert writer.replayed == 2  # the first batch; the second failed
@@ -323,16 +333,11 @@ async def test_overflow_while_a_batch_is_being_written_loses_and_doubles_nothing
     store = SqliteStore(str(tmp_path / "f.db"))
     await store.open()
 
-    class SlowStore:
-        async def write_encoded_logs(self, items):
-            await asyncio.sleep(0.05)  # the queue overflows while this write is in flight
-            await store.write_encoded_logs(items)
-
-        async def add_rollups(self, deltas):
-            await store.add_rollups(deltas)
+    async def slowly(items):
+        await asyncio.sleep(0.05)  # the queue overflows while this write is in flight
 
     try:
-        writer = LogWriter(SlowStore(), 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-f"))
+        writer = LogWriter(_LogStoreWith(store, slowly), 0.01, 3, ZoneInfo("UTC"), spool=LogSpool(tmp_path / "spool", "store-f"))
         writer.start()
         records = _log_records("f", "app-f", 40)
         for record in records:

@@ -37,7 +37,7 @@ def test_first_call_learns_then_tops_up_one_at_a_time_below_half_the_limit():
     book.record(c, 22, 20, WINDOW_END, 0.0)
     assert book.take([c] * 20, 0.1) == [True] * 20
     assert book.take([c], 0.1) == [False]
-    assert book.used(c, 0) == 22  # 22 in the store, nothing unspent
+    assert book.used(c) == 22  # 22 in the store, nothing unspent
     book.record(c, 480, 0, WINDOW_END, 0.2)  # others used the counter meanwhile
     assert book.top_up(c) == 0  # 480 + 1 + 20 would pass half the limit
 
@@ -51,7 +51,7 @@ def test_give_back_and_changed_limit():
     covered = book.take([c, charge(counter="tpm:w")], 0.1)
     assert covered == [True, False]
     book.give_back([c, charge(counter="tpm:w")], covered)
-    assert book.used(c, 0) == 2
+    assert book.used(c) == 2
     assert book.take([charge(limit=2000)], 0.1) == [False]  # the policy changed: the old lease is not spent
     assert book.record(charge(limit=2000), 23, 0, WINDOW_END, 0.1) == 20  # and is handed back
 
@@ -67,7 +67,7 @@ def test_sweep_hands_back_idle_leases_and_forgets_ended_windows():
     assert book.sweep(1.0) == []  # used 0.5 s ago
     returned = book.sweep(10.0)
     assert [(r.counter, r.amount) for r in returned] == [("rpm:w", -19)]  # rpm:old's window ended: nothing to hand back
-    assert book.used(c, 0) == 3 and book.outstanding == 0  # two reserved in the store, one from the lease
+    assert book.used(c) == 3 and book.outstanding == 0  # two reserved in the store, one from the lease
     assert book.release_all(10.0) == []
 
 

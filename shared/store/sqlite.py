@@ -151,9 +151,10 @@ def _yield_cpu_to_requests() -> None:
 
     Its work is mostly background writes (log batches, cache entries, settlements) in bursts of a
     few milliseconds. At normal priority such a burst took the CPU from whatever a request was
-    waiting for — on the 2-core bench machine, the upstream answering: a stream's first byte came
-    ~0.4 ms later (p50, measured). At nice 10 it still gets an idle core whole and about a tenth
-    of a contended one; a request waits on this thread only when a quota lease runs out."""
+    waiting for — on the 2-core bench machine, the upstream answering (added stream first byte
+    1.32 → 1.12 ms between two `make bench` runs that differ by this change). At nice 10 it still
+    gets an idle core whole and about a tenth of a contended one; a request waits on this thread
+    only when a quota lease runs out."""
     if not sys.platform.startswith("linux"):  # elsewhere a thread id is not what setpriority takes
         return
     try:

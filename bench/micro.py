@@ -1,0 +1,90 @@
+"""Component micro-benchmarks behind two of the performance changes, each as a ratio in one run.
+
+    .venv/bin/python bench/micro.py
+
+1. SQLite time per request-log record, 600 batches of 100 through the store's own statement:
+   random ids (uuid4) against time-ordered ids (shared/context.new_request_id).
+2. Setting up a streamed response on an ASGI 2.3 server: Starlette's StreamingResponse (anyio task
+   group) against RelayResponse (shared/relay_response.py), 3 events per stream, no I/O.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared.context import new_request_id  # noqa: E402
+from shared.relay_response import RelayResponse  # noqa: E402
+from shared.store.sqlite import _INSERT_LOGS, _SCHEMA, _json_rows  # noqa: E402
+
+
+def log_write_us(new_id) -> float:
+    """µs of SQLite time per record (600 batches of 100, the table growing to 60,000 rows)."""
+    path = os.path.join(tempfile.mkdtemp(), "logs.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    blob = orjson.dumps({"request": {"messages": [{"role": "user", "content": "Summarise the request path. " * 6}]},
+                         "response": {"content": "word " * 150}, "usage": {"total_tokens": 170}})
+    spent = 0.0
+    for batch in range(600):
+        rows = [([new_id(), "app", "user", "gpt-4o-mini", 200, f"2026-11-24T21:{batch // 60 % 60:02d}:{batch % 60:02d}.{i:06d}",
+                  time.time() + 86400], blob) for i in range(100)]
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_INSERT_LOGS.format(verb="INSERT OR REPLACE"), (_json_rows(rows),))
+        conn.execute("COMMIT")
+        spent += time.perf_counter() - started
+    conn.close()
+    return spent / 60_000 * 1e6
+
+
+async def stream_setup_us(response_class, streams: int = 5000) -> float:
+    """µs per streamed response of 3 events, on an ASGI 2.3 server whose client stays."""
+    async def events():
+        for _ in range(3):
+            yield b"data: {}\n\n"
+
+    async def send(message):
+        pass
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    started = time.perf_counter()
+    for _ in range(streams):
+        await response_class(events(), media_type="text/event-stream")(scope, receive, send)
+    return (time.perf_counter() - started) / streams * 1e6
+
+
+def main() -> None:
+    from starlette.responses import StreamingResponse
+
+    import uvloop
+
+    uvloop.install()
+    rows = []
+    random_ids = log_write_us(lambda: uuid.uuid4().hex)
+    ordered_ids = log_write_us(new_request_id)
+    rows.append(("request log write, SQLite time per record", "uuid4 ids", random_ids, "time-ordered ids", ordered_ids))
+    starlette = asyncio.run(stream_setup_us(StreamingResponse))
+    relay = asyncio.run(stream_setup_us(RelayResponse))
+    rows.append(("streamed response, 3 events, ASGI 2.3", "StreamingResponse", starlette, "RelayResponse", relay))
+    print("| measure | before | µs | after | µs | after / before |\n|---|---|---:|---|---:|---:|")
+    for name, before, b, after, a in rows:
+        print(f"| {name} | {before} | {b:.1f} | {after} | {a:.1f} | {a / b:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
