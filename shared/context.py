@@ -32,7 +32,7 @@ class UpstreamResult:
     headers: dict[str, str]
     body: bytes = b""
     json: Any = None  # parsed body of a whole JSON response
-    events: AsyncIterator[bytes] | None = None  # each item is one complete SSE event, ending in a blank line
+    events: AsyncIterator[Any] | None = None  # sse.Event items, each one complete SSE event
 
     @property
     def is_stream(self) -> bool:
@@ -74,6 +74,8 @@ class RequestContext:
     quota: Any = None  # quota.Reservation, when limits apply
     cache: Any = None  # response_cache.CacheState, when the cache is in play
     system_prompt: str | None = None  # the app's prompt as applied (leak protection compares with it)
+    client_instructions: str | None = None  # Responses: the client's own instructions, shown back instead of the injected ones
+    usage: Any = None  # usage.Usage as settled when the exchange ended (the log reports the same figures)
     guard_decisions: list[dict[str, Any]] = field(default_factory=list)
     model_response: Any = None  # the upstream's whole answer before the output guard changed it
     app_id: str | None = None

@@ -26,11 +26,12 @@ from .errors import GatewayError
 from .identity import Authenticate, Authenticator
 from .job_launch import JobLauncher, QueueJobLauncher
 from .policy import effective_policy
-from .routes import Operation
 from .input_guard import GuardInput
 from .output_guard import GuardOutput
 from .system_prompt import ApplySystemPrompt
-from .model_list import ListModels
+from .model_list import list_models
+from .credentials import carries_credentials
+from .operations import OPERATIONS, Operation
 from .pipeline import Stage
 from .policy import builtin_defaults
 from .pricing import PricingTable
@@ -92,6 +93,7 @@ class Gateway:
         # Async jobs: a storage queue in Azure; the local host sets its in-process runtime here.
         self.job_launcher: JobLauncher | None = None
         self.stages: list[Stage] = []
+        self._pipelines: dict[Operation, list[Stage]] = {}  # per operation: the stages its table entry names
         self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
 
     # Lifecycle -------------------------------------------------------------------
@@ -144,7 +146,6 @@ class Gateway:
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes),
                 ApplyPolicy(resolver),
-                ListModels(settings.deployments),
                 GuardInput(),
                 ApplySystemPrompt(),
                 RequestStreamUsage(),
@@ -153,6 +154,7 @@ class Gateway:
                 GuardOutput(),
                 LogRequest(self.log_writer, settings),
             ]
+            self._pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
             # Everything built so far lives as long as the process: keep the collector from
             # walking it again and again (full collections were a cause of the latency tail).
             gc.freeze()
@@ -187,11 +189,13 @@ class Gateway:
         ctx.properties = _custom_properties(request)
         entered: list[Stage] = []
         try:
-            for stage in self.stages:
-                # A stage that answers (model list, cache hit) sets ctx.result; the later stages
-                # still run and decide for themselves (the quota counts a hit as a request).
+            for stage in self._pipelines[route.operation]:
+                # A stage that answers (a cache hit) sets ctx.result; the later stages still run
+                # and decide for themselves (the quota counts a hit as a request).
                 entered.append(stage)
                 await stage.before(ctx)
+            if route.operation.answered_by_gateway:
+                ctx.result = list_models(ctx, self.settings.deployments)
             if ctx.result is None and self._takes_job(ctx, async_jobs.prefers_async(request)):
                 return await self._submit_job(ctx, "prefer")
             if ctx.result is None:
@@ -261,7 +265,7 @@ class Gateway:
             async for event in result.events:
                 if ctx.first_byte_at is None:
                     ctx.first_byte_at = time.perf_counter()
-                yield event
+                yield event.encoded()
         except (asyncio.CancelledError, GeneratorExit):
             ctx.extra["client_disconnected"] = True
             ctx.status = 499  # the client went away mid-stream (nginx's convention)
@@ -280,8 +284,9 @@ class Gateway:
     def _takes_job(self, ctx: RequestContext, wanted: bool) -> bool:
         # A preference, not an order (RFC 7240): without a job runner, for streams, or when
         # the policy says no, the request is answered synchronously.
-        return (wanted and self.job_launcher is not None and not ctx.stream and ctx.route.operation is not Operation.MODELS
-                and ctx.policy.async_jobs.enabled)
+        # A request carrying data-source credentials is never stored as a job: they would be at rest.
+        return (wanted and self.job_launcher is not None and not ctx.stream and not ctx.route.operation.answered_by_gateway
+                and ctx.policy.async_jobs.enabled and not carries_credentials(ctx.route.operation, ctx.body))
 
     async def _submit_job(self, ctx: RequestContext, reason: str) -> Response:
         async_jobs.check_size(ctx)
@@ -370,7 +375,7 @@ class Gateway:
                     return {"state": "superseded"}
                 return {"state": "retry", "retry_after_seconds": wait, "error": {"status": exc.status, "code": exc.code}}
             return await self._end_job(job, ctx, error=exc)
-        for stage in reversed(self.stages):
+        for stage in reversed(self._pipelines[ctx.route.operation]):
             result = stage.after(ctx, result)
         return await self._end_job(job, ctx, result=result)
 
@@ -419,7 +424,7 @@ class Gateway:
 
     async def _finish(self, ctx: RequestContext, done: Stage | None = None) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
-        for stage in self.stages:
+        for stage in self._pipelines[ctx.route.operation]:
             if stage is not done:
                 await self._finish_stage(stage, ctx)
 

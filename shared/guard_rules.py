@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .text_normalize import View, skeleton, views
+from .text_normalize import NO_FOLDING, Folding, View, skeleton, views
 
 try:  # Python 3.11 keeps the parser here (re._parser from 3.11, sre_parse before)
     from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -69,6 +69,8 @@ class GuardSettings(BaseModel):
     output_action: Literal["redact", "block"] | None = None
     redaction: str | None = Field(default=None, max_length=64)
     leak_protection: LeakProtection | None = None
+    fold_kana: bool | None = Field(default=None, description="Word rules and leak protection treat katakana and hiragana alike (ヒミツ = ひみつ). Default on.")
+    fold_confusables: bool | None = Field(default=None, description="Word rules and leak protection treat look-alike characters as the letter they imitate (Unicode UTS #39 confusables: Cyrillic а = Latin a, rn = m). Default on.")
 
     @field_validator("rules")
     @classmethod
@@ -179,12 +181,13 @@ class RuleSet:
     """The rules of one policy for one direction, compiled once: the words into one trie-shaped
     regex over the skeleton view, the regexes into one alternation over the folded view."""
 
-    def __init__(self, rules: list[GuardRule]) -> None:
+    def __init__(self, rules: list[GuardRule], folding: Folding = NO_FOLDING) -> None:
+        self.folding = folding
         words = [r for r in rules if r.kind == "word"]
         regexes = [r for r in rules if r.kind == "regex"]
         self.word_rule: dict[str, str] = {}
         for rule in words:
-            self.word_rule.setdefault(skeleton(rule.pattern), rule.id)
+            self.word_rule.setdefault(skeleton(rule.pattern, folding), rule.id)
         self.words = re.compile(trie_regex(sorted(self.word_rule, key=len, reverse=True))) if self.word_rule else None
         self.regex_ids = {f"r{i}": r.id for i, r in enumerate(regexes)}
         self.regex = re.compile("|".join(f"(?P<r{i}>{r.pattern})" for i, r in enumerate(regexes))) if regexes else None
@@ -195,15 +198,15 @@ class RuleSet:
 class LeakIndex:
     """Every run of `min_chars` skeleton characters of the system prompt."""
 
-    def __init__(self, source: str, min_chars: int) -> None:
-        text = skeleton(source)
+    def __init__(self, source: str, min_chars: int, folding: Folding = NO_FOLDING) -> None:
+        text = skeleton(source, folding)
         self.min_chars = min_chars
         self.grams = frozenset(text[i : i + min_chars] for i in range(len(text) - min_chars + 1))
 
 
 @lru_cache(maxsize=256)
-def leak_index(source: str, min_chars: int) -> LeakIndex:
-    return LeakIndex(source, min_chars)
+def leak_index(source: str, min_chars: int, folding: Folding = NO_FOLDING) -> LeakIndex:
+    return LeakIndex(source, min_chars, folding)
 
 
 class GuardMatcher:
@@ -226,7 +229,7 @@ class GuardMatcher:
         """Hits in `text`, and the release point: the index up to which `text` may be released
         (everything before the shortest tail a later character could turn into a match). A
         whole text (`release=False`) has no later characters: its release point is its end."""
-        folded, skel = views(text)
+        folded, skel = views(text, self._rules.folding)
         rules, hits = self._rules, []
         if rules.words is not None:
             for match in rules.words.finditer(skel.text):
@@ -269,8 +272,9 @@ class GuardMatcher:
         return cut
 
 
-def matcher_for(rules: list[GuardRule], direction: str, leak_source: str | None = None, leak_min_chars: int = 40) -> GuardMatcher:
+def matcher_for(rules: list[GuardRule], direction: str, leak_source: str | None = None, leak_min_chars: int = 40,
+                folding: Folding = Folding()) -> GuardMatcher:
     """A matcher compiled on the spot (tests, tools). The gateway keeps compiled rule sets on
     the effective policy instead (`EffectivePolicy.rule_set`)."""
     chosen = [r for r in rules if r.applies_to in (direction, "both")]
-    return GuardMatcher(RuleSet(chosen), leak_index(leak_source, leak_min_chars) if leak_source else None)
+    return GuardMatcher(RuleSet(chosen, folding), leak_index(leak_source, leak_min_chars, folding) if leak_source else None)

@@ -1,40 +1,21 @@
-"""The input guard: forbidden words and patterns in what the client sends, before anything
-else is done with it. A hit is refused like Azure's own prompt filter: 400 `content_filter`,
-naming the rule id, never echoing the rule."""
+"""The input guard: forbidden words and patterns in everything the model will read, before
+anything else is done with the request. It reads every field the operation lists as read by the
+model (messages and their parts, names, tool and function definitions, tool-call arguments in the
+history, schemas, predictions, suffixes, Responses input items and instructions) as one text in
+reading order, so a word split across two parts, messages or input items is still found. A hit is
+refused like Azure's own prompt filter: 400 `content_filter`, naming the rule id, never echoing
+the rule."""
 from __future__ import annotations
-
-from typing import Any, Iterator
 
 from .context import RequestContext
 from .errors import GatewayError
 from .guard_rules import GuardMatcher
+from .operations import INPUT_GUARD
 from .pipeline import Stage
-from .routes import Operation
 
-
-def text_parts(value: Any) -> Iterator[str]:
-    """Every text a model would read in a request value: strings, content parts, tool results."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from text_parts(item)
-    elif isinstance(value, dict):
-        for key in ("content", "text", "input_text", "output", "arguments", "refusal"):
-            if key in value:
-                yield from text_parts(value[key])
-
-
-def request_texts(operation: Operation, body: dict[str, Any]) -> Iterator[str]:
-    if operation is Operation.CHAT:
-        yield from text_parts(body.get("messages"))
-    elif operation is Operation.RESPONSES:
-        yield from text_parts(body.get("instructions"))
-        yield from text_parts(body.get("input"))
-    elif operation is Operation.COMPLETIONS:
-        yield from text_parts(body.get("prompt"))
-    elif operation is Operation.EMBEDDINGS:
-        yield from text_parts(body.get("input"))
+# Between two fields: a line break, which the word rules' skeleton view ignores (so a word split
+# across fields still matches) and regex rules see as a boundary.
+_FIELD_SEPARATOR = "\n"
 
 
 def content_filter_error(rule: str, where: str) -> GatewayError:
@@ -49,17 +30,17 @@ def content_filter_error(rule: str, where: str) -> GatewayError:
 
 
 class GuardInput(Stage):
-    name = "input_guard"
+    name = INPUT_GUARD
 
     async def before(self, ctx: RequestContext) -> None:
         policy = ctx.policy
-        if policy is None or not policy.guard_rules or ctx.route.operation is Operation.MODELS:
+        if not policy.guard_rules:
             return
         matcher = GuardMatcher(policy.rule_set("input"))
         if matcher.empty:
             return
-        for text in request_texts(ctx.route.operation, ctx.body):
-            hits = matcher.find(text)
-            if hits:
-                ctx.guard_decisions.append({"direction": "input", "rule": hits[0].rule, "action": "block"})
-                raise content_filter_error(hits[0].rule, "prompt")
+        text = _FIELD_SEPARATOR.join(ctx.route.operation.reads.texts(ctx.body))
+        hits = matcher.find(text) if text else None
+        if hits:
+            ctx.guard_decisions.append({"direction": "input", "rule": hits[0].rule, "action": "block"})
+            raise content_filter_error(hits[0].rule, "prompt")

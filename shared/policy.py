@@ -17,6 +17,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .guard_rules import GuardRule, GuardSettings, LeakProtection, RuleSet
+from .text_normalize import Folding
 
 DEFAULTS_PARTITION = "_defaults"
 DEFAULTS_ID = "defaults"
@@ -63,6 +64,7 @@ class CacheSettings(BaseModel):
     replay_only: bool | None = Field(default=None, description="A miss is refused with 409 cache_miss instead of calling the model.")
     allow_replay_header: bool | None = Field(default=None, description="Let a request ask for replay-only with x-sekisho-cache: replay-only.")
     shared_scope: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:\-]{1,64}$", description="Share entries with the apps naming the same scope (default: the app's own).")
+    per_user: bool | None = Field(default=None, description="Each end user gets their own entries: one user's answer is never served to another.")
 
 
 class RetrySettings(BaseModel):
@@ -141,6 +143,8 @@ class EffectivePolicy(BaseModel):
     output_action: Literal["redact", "block"] = "block"
     redaction: str = "[redacted]"
     leak_protection: LeakProtection = Field(default_factory=LeakProtection)
+    fold_kana: bool = True
+    fold_confusables: bool = True
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings)
@@ -152,8 +156,12 @@ class EffectivePolicy(BaseModel):
         rule_sets = self.__pydantic_private__["_rule_sets"]  # not self._rule_sets: pydantic's __getattr__ is slow
         compiled = rule_sets.get(direction)
         if compiled is None:
-            compiled = rule_sets[direction] = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")])
+            compiled = rule_sets[direction] = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")], self.folding)
         return compiled
+
+    @property
+    def folding(self) -> Folding:
+        return Folding(kana=self.fold_kana, confusables=self.fold_confusables)
 
     def allows_deployment(self, deployment: str) -> bool:
         return "*" in self.allowed_deployments or deployment in self.allowed_deployments
@@ -164,7 +172,7 @@ def builtin_defaults(content_logging: str, retention_days: int) -> PolicySetting
         enabled=True, allowed_deployments=["*"], trust_user_header=False,
         content_logging=content_logging, retention_days=retention_days,
         app_limits=Limits(), user_limits=Limits(), default_completion_tokens=1024, quota_on_store_failure="closed",
-        cache=CacheSettings(enabled=False, ttl_seconds=86400, cache_nondeterministic=False, replay_only=False, allow_replay_header=False),
+        cache=CacheSettings(enabled=False, ttl_seconds=86400, cache_nondeterministic=False, replay_only=False, allow_replay_header=False, per_user=False),
         retry=RetrySettings(max_attempts=4, time_budget_seconds=30, base_delay_ms=500, max_delay_seconds=10),
         async_jobs=AsyncJobSettings(enabled=True, on_budget_exhausted=False, max_attempts=10, max_wait_seconds=1800, retention_hours=24),
     )
@@ -302,6 +310,8 @@ def effective_policy(
         output_action=guards.get("output_action") or "block",
         redaction=guards.get("redaction") or "[redacted]",
         leak_protection=LeakProtection.model_validate(guards.get("leak_protection") or {}),
+        fold_kana=guards.get("fold_kana") is not False,
+        fold_confusables=guards.get("fold_confusables") is not False,
         cache=CacheSettings.model_validate(merged.get("cache") or {}),
         retry=RetrySettings.model_validate(merged.get("retry") or {}),
         async_jobs=AsyncJobSettings.model_validate(merged.get("async_jobs") or {}),

@@ -1,8 +1,10 @@
 """Quotas and budgets: reserve before the upstream call, settle with the real usage after.
 
-For each request, the charges are: per subject (the app; and its end user, when the app names
-one), for every limit the policy sets — requests per minute (1), tokens per minute and per day
-(the estimate: prompt + max_tokens or the policy default), spend per month (the estimated cost,
+For each request, the charges are: per subject (the app; and its user — the end user it names,
+or, when it names none, the app itself as its own user, so that `user_limits` always apply), for
+every limit the policy sets — requests per minute (1), tokens per minute and per day (the
+estimate: the prompt, from every field the model reads, plus the answer's budget: max_tokens or
+the policy default, times `n`/`best_of`), spend per month (the estimated cost,
 in nano-units of SEKISHO_CURRENCY). All are reserved atomically in the store (`Store.reserve`);
 a request that would cross any limit is refused with 429 before it costs anything. When the
 exchange is over, the token and spend charges are settled to the real usage (upstream's usage,
@@ -20,16 +22,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from . import sse
 from .context import RequestContext
 from .errors import GatewayError
 from .pipeline import Stage
 from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
-from .routes import Operation
+from .operations import QUOTA, completion_budget
 from .counter_batch import CounterBatcher
 from .quota_leases import LeaseBook
 from .store import CounterCharge, ReserveOutcome, Store, StoreUnavailable
-from .token_estimate import count_tokens, estimate_prompt_tokens, requested_completion_tokens
-from .usage import usage_of
+from .token_estimate import count_tokens
+from .usage import Usage, usage_of
 
 logger = logging.getLogger("sekisho.quota")
 
@@ -106,11 +109,9 @@ class Windows:
 
 
 def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
-    """(subject, which limits apply): the app always; its end user when it is someone else."""
-    found = [(f"app:{app_id}", "app")]
-    if user_id and user_id != app_id:
-        found.append((f"user:{app_id}:{user_id}", "user"))
-    return found
+    """(subject, which limits apply): the app, and its user — the end user, or the app itself
+    when it names none (an app-only caller must not escape its per-user limits by naming nobody)."""
+    return [(f"app:{app_id}", "app"), (f"user:{app_id}:{user_id or app_id}", "user")]
 
 
 def quota_unavailable() -> GatewayError:
@@ -151,7 +152,7 @@ class MemoryCounters:
 
 
 class EnforceQuota(Stage):
-    name = "quota"
+    name = QUOTA
 
     def __init__(self, store: Store, pricing: PricingTable, windows: Windows, currency: str, lease_share: float = 0.0) -> None:
         self._store = store
@@ -164,19 +165,15 @@ class EnforceQuota(Stage):
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def before(self, ctx: RequestContext) -> None:
-        if ctx.route.operation is Operation.MODELS:
-            return
         policy = ctx.policy
         cached = ctx.result is not None  # a cache hit: it counts as a request, costs no tokens
         applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
         if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
             return  # no limit applies: nothing to reserve (the cost is still computed at the end)
         _, price = await self._pricing.price_for(ctx.deployment)
-        prompt = 0 if cached else estimate_prompt_tokens(ctx.route.operation.value, ctx.body)
-        if cached or ctx.route.operation is Operation.EMBEDDINGS:
-            completion = 0
-        else:
-            completion = requested_completion_tokens(ctx.body) or policy.default_completion_tokens
+        operation = ctx.route.operation
+        prompt = 0 if cached else operation.prompt_estimate(ctx.body, operation.reads)
+        completion = 0 if cached else completion_budget(operation, ctx.body, policy.default_completion_tokens)
         tokens = prompt + completion
         cost = cost_nanos(price, prompt, completion)
         ctx.extra["quota_estimate"] = {"prompt_tokens": prompt, "completion_tokens": completion}
@@ -296,30 +293,26 @@ class EnforceQuota(Stage):
             ctx.response_headers["x-ratelimit-remaining-tokens"] = str(remaining["tokens"])
 
     async def finish(self, ctx: RequestContext) -> None:
-        """Cost for the log and the header; settlement of the reservation, off the hot path."""
-        if ctx.route is None or ctx.route.operation is Operation.MODELS or ctx.body is None:
+        """Usage and cost for the log and the header; settlement of the reservation, off the hot path."""
+        if ctx.body is None:
             return
         usage = usage_of(ctx)
+        estimate = ctx.extra.get("quota_estimate", {})
+        if not usage.reported and ctx.stream_summary is not None and ctx.stream_summary.chunks:
+            # A stream without a usage chunk (cut short, or an upstream that sends none): what was
+            # relayed, plus the prompt's estimate. The log carries the same figures, marked estimated.
+            prompt = estimate.get("prompt_tokens")
+            if prompt is None:
+                operation = ctx.route.operation
+                prompt = operation.prompt_estimate(ctx.body, operation.reads) if operation.prompt_estimate else 0
+            completion = count_tokens(sse.streamed_text(ctx.stream_summary))
+            usage = Usage(prompt, completion, prompt + completion, 0, reported=False, estimated=True)
+        ctx.usage = usage
         succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
-        if usage.reported:
-            actual_tokens = usage.total_tokens
-        elif ctx.stream_summary is not None and ctx.stream_summary.chunks:
-            # A stream cut short has no usage chunk: count what was relayed, plus the prompt.
-            text = "".join("".join(c["text"]) for c in ctx.stream_summary.choices.values())
-            estimate = ctx.extra.get("quota_estimate", {})
-            actual_tokens = estimate.get("prompt_tokens", 0) + count_tokens(text)
-        else:
-            actual_tokens = 0  # nothing reached the model, or it refused: release
+        actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
         model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
         price_name, price = await self._pricing.price_for(model)
-        if usage.reported:
-            cost = usage_cost(price, usage)
-        elif actual_tokens:
-            estimate = ctx.extra.get("quota_estimate", {})
-            prompt = estimate.get("prompt_tokens", 0)
-            cost = cost_nanos(price, prompt, max(0, actual_tokens - prompt))
-        else:
-            cost = 0
+        cost = usage_cost(price, usage) if usage.total_tokens else 0
         ctx.extra["cost"] = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
         if (succeeded or cost) and ctx.status != 202:  # 202: an async job, priced when it ends
             ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"

@@ -26,7 +26,7 @@ from typing import Any
 from . import sse
 from .context import RequestContext
 from .rollups import Contribution, contribution, sum_contributions
-from .routes import Operation
+from .credentials import without_credentials
 from .store import EncodedLog, Store, StoreUnavailable
 from .telemetry import is_final
 from .usage import usage_of
@@ -36,13 +36,6 @@ logger = logging.getLogger("sekisho.request_log")
 # Which instance served a request: host name and process (Function App instances, local workers).
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 
-# Body fields that carry content (prompt) rather than parameters.
-_CONTENT_FIELDS = {
-    Operation.CHAT: ("messages",),
-    Operation.COMPLETIONS: ("prompt",),
-    Operation.EMBEDDINGS: ("input",),
-    Operation.RESPONSES: ("input", "instructions"),
-}
 _MAX_QUEUED_RECORDS = 20_000  # encoded: some 2–4 KB each with full content logging
 
 
@@ -73,7 +66,7 @@ def _response_content(ctx: RequestContext) -> Any:
         return None
     if ctx.model_response is not None or ctx.result.json is not None:
         body = ctx.model_response if ctx.model_response is not None else ctx.result.json
-        if isinstance(body, dict) and ctx.route is not None and ctx.route.operation is Operation.EMBEDDINGS:
+        if isinstance(body, dict) and ctx.route is not None and ctx.route.operation.answer_is_vectors:
             # Vectors are large and are not what an admin reads: keep their count and size.
             data = body.get("data") or []
             return {**{k: v for k, v in body.items() if k != "data"}, "data": f"[{len(data)} embedding(s)]"}
@@ -91,7 +84,9 @@ def _model(ctx: RequestContext) -> str | None:
 
 def build_record(ctx: RequestContext, content_level: str, retention_days: int) -> dict[str, Any]:
     body = ctx.body if isinstance(ctx.body, dict) else {}
-    content_fields = _CONTENT_FIELDS.get(ctx.route.operation, ()) if ctx.route else ()
+    if ctx.route is not None:
+        body = without_credentials(ctx.route.operation, body)  # never a credential at rest
+    content_fields = ctx.route.operation.content_fields if ctx.route else ()
     prompt = {k: body[k] for k in content_fields if k in body} or None
     parameters = {k: v for k, v in body.items() if k not in content_fields}
     error = None
@@ -124,7 +119,7 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int) -
         "parameters": parameters,
         "response": _apply_content_level(content_level, _response_content(ctx)),
         "content_logging": content_level,
-        "usage": usage_of(ctx).as_dict(),
+        "usage": (ctx.usage if ctx.usage is not None else usage_of(ctx)).as_dict(),
         "latency_ms": ctx.elapsed_ms(ctx.started, ctx.finished_at),
         "upstream_latency_ms": ctx.elapsed_ms(ctx.upstream_started, ctx.upstream_headers_at),
         "time_to_first_byte_ms": ctx.elapsed_ms(ctx.started, ctx.first_byte_at),

@@ -2,14 +2,16 @@
 
 Key: SHA-256 of the final upstream request (after the system prompt; `stream`, `stream_options`
 and `user` left out, so a streamed and a whole request share an entry), the operation and the
-deployment, within a scope — the app, unless its policy names a shared scope. What is stored is
+deployment — and the end user when the policy keeps entries per user — within a scope: the app,
+unless its policy names a shared scope. What is stored is
 the model's whole answer (a stream is assembled once complete; a cut stream is never stored); a
 hit is replayed whole, or as a valid SSE stream in Azure's chunk shape, and passes the output
 guard like a fresh answer. Concurrent identical misses in one instance wait for the first one
 (request coalescing) instead of each calling the model.
 
 Per request: `x-sekisho-cache: no-store` (neither read nor write), `refresh` (do not read,
-write), `replay-only` (when the policy allows the header), `x-sekisho-cache-ttl: <seconds>`.
+write), `replay-only` (when the policy allows the header), `x-sekisho-cache-ttl: <seconds>` (it can
+shorten an entry's life below the policy's TTL, never lengthen it).
 The answer says `x-sekisho-cache: HIT | MISS | BYPASS`.
 """
 from __future__ import annotations
@@ -29,7 +31,6 @@ from .context import RequestContext, UpstreamResult
 from .errors import GatewayError
 from .pipeline import Stage
 from .pricing import PricingTable, usage_cost
-from .routes import Operation
 from .counter_batch import CounterBatcher
 from .store import CounterCharge, Store, StoreError
 from .usage import Usage
@@ -57,14 +58,16 @@ class CacheState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def cache_key(ctx: RequestContext) -> str:
+def cache_key(ctx: RequestContext, per_user: bool = False) -> str:
     body = {k: v for k, v in ctx.body.items() if k not in _KEY_EXCLUDED}
-    material = {"operation": ctx.route.operation.value, "deployment": ctx.deployment, "body": body}
+    material = {"operation": ctx.route.operation.name, "deployment": ctx.deployment, "body": body}
+    if per_user:
+        material["user"] = ctx.user_id or ctx.app_id
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def deterministic(ctx: RequestContext) -> bool:
-    if ctx.route.operation is Operation.EMBEDDINGS:
+    if ctx.route.operation.always_deterministic:
         return True
     n = ctx.body.get("n")
     return ctx.body.get("temperature") == 0 and n in (None, 1)
@@ -93,7 +96,7 @@ class CacheResponses(Stage):
 
     # Lookup -------------------------------------------------------------------------------------
     async def before(self, ctx: RequestContext) -> None:
-        if ctx.result is not None or ctx.route.operation is Operation.MODELS:
+        if ctx.result is not None:
             return
         settings = ctx.policy.cache
         header = (ctx.http.headers.get(CACHE_HEADER) or "").strip().lower()
@@ -106,7 +109,7 @@ class CacheResponses(Stage):
             self._bypass(ctx)
             return
         ttl = self._ttl(ctx, settings.ttl_seconds)
-        state = ctx.cache = CacheState(settings.shared_scope or ctx.app_id, cache_key(ctx), ttl)
+        state = ctx.cache = CacheState(settings.shared_scope or ctx.app_id, cache_key(ctx, bool(settings.per_user)), ttl)
         if header != "refresh":
             entry = await self._lookup(state)
             if entry is None and not replay_only:
@@ -126,14 +129,15 @@ class CacheResponses(Stage):
         ctx.extra["cache"] = {"status": "BYPASS"}
 
     @staticmethod
-    def _ttl(ctx: RequestContext, default: int) -> int:
+    def _ttl(ctx: RequestContext, policy_ttl: int) -> int:
+        """The client may ask for a shorter life than the policy's, never a longer one."""
         text = ctx.http.headers.get(TTL_HEADER)
         if text is None:
-            return default
+            return policy_ttl
         text = text.strip()
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_TTL:
             raise GatewayError(400, "invalid_request", f"{TTL_HEADER} must be a whole number of seconds from 1 to {_MAX_TTL}.", param=TTL_HEADER)
-        return int(text)
+        return min(int(text), policy_ttl)
 
     async def _lookup(self, state: CacheState) -> dict[str, Any] | None:
         pending = self._pending.get((state.scope, state.key))
@@ -264,20 +268,23 @@ def entry_from(ctx: RequestContext) -> dict[str, Any] | None:
         return {"response": body, "cached_at": int(time.time())} if isinstance(body, dict) else None
     if summary.error:
         return None
-    if ctx.route.operation is Operation.RESPONSES:
+    shape = ctx.route.operation.stream_shape
+    if shape == "response_events":
         final = summary.final_response
         if not final or final.get("status") != "completed":
             return None
         return {"response": final, "cached_at": int(time.time())}
     if not summary.choices or any(c["finish_reason"] is None for c in summary.choices.values()):
         return None  # a stream that did not finish is never cached
-    chat = ctx.route.operation is Operation.CHAT
+    chat = shape == "chat_chunks"
     choices = []
     for index in sorted(summary.choices):
         slot = summary.choices[index]
         text = "".join(slot["text"])
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if slot.get("refusal"):
+                message["refusal"] = "".join(slot["refusal"])
             if slot["tool_calls"]:
                 message["tool_calls"] = [
                     {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
@@ -300,31 +307,39 @@ def _pieces(text: str) -> list[str]:
     return _PIECES.findall(text) or [text]
 
 
-async def replay_stream(ctx: RequestContext, response: dict[str, Any]) -> AsyncIterator[bytes]:
+async def replay_stream(ctx: RequestContext, response: dict[str, Any]) -> AsyncIterator[sse.Event]:
     """A cached answer as the SSE stream Azure would have sent."""
-    if ctx.route.operation is Operation.RESPONSES:
+    async for event in _replay_events(ctx, response):
+        yield event if isinstance(event, sse.Event) else sse.Event(event, None)
+
+
+async def _replay_events(ctx: RequestContext, response: dict[str, Any]) -> AsyncIterator[Any]:
+    shape = ctx.route.operation.stream_shape
+    if shape == "response_events":
         for event in _responses_events(response):
             yield event
         return
-    chat = ctx.route.operation is Operation.CHAT
+    chat = shape == "chat_chunks"
     base = {"id": response.get("id"), "object": "chat.completion.chunk" if chat else "text_completion",
             "created": response.get("created"), "model": response.get("model")}
     for choice in response.get("choices") or ():
         index = choice.get("index", 0)
         if chat:
             message = choice.get("message") or {}
-            yield sse.encode_event({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            yield sse.Event.of({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             for piece in _pieces(message.get("content") or ""):
-                yield sse.encode_event({**base, "choices": [{"index": index, "delta": {"content": piece}, "finish_reason": None}]})
+                yield sse.Event.of({**base, "choices": [{"index": index, "delta": {"content": piece}, "finish_reason": None}]})
+            if message.get("refusal"):
+                yield sse.Event.of({**base, "choices": [{"index": index, "delta": {"refusal": message["refusal"]}, "finish_reason": None}]})
             for position, call in enumerate(message.get("tool_calls") or ()):
-                yield sse.encode_event({**base, "choices": [{"index": index, "delta": {"tool_calls": [{**call, "index": position}]}, "finish_reason": None}]})
-            yield sse.encode_event({**base, "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}]})
+                yield sse.Event.of({**base, "choices": [{"index": index, "delta": {"tool_calls": [{**call, "index": position}]}, "finish_reason": None}]})
+            yield sse.Event.of({**base, "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}]})
         else:
             for piece in _pieces(choice.get("text") or ""):
-                yield sse.encode_event({**base, "choices": [{"index": index, "text": piece, "finish_reason": None}]})
-            yield sse.encode_event({**base, "choices": [{"index": index, "text": "", "finish_reason": choice.get("finish_reason")}]})
+                yield sse.Event.of({**base, "choices": [{"index": index, "text": piece, "finish_reason": None}]})
+            yield sse.Event.of({**base, "choices": [{"index": index, "text": "", "finish_reason": choice.get("finish_reason")}]})
     if ctx.client_wants_usage and response.get("usage"):
-        yield sse.encode_event({**base, "choices": [], "usage": response["usage"]})
+        yield sse.Event.of({**base, "choices": [], "usage": response["usage"]})
     yield b"data: [DONE]\n\n"
 
 
@@ -332,7 +347,7 @@ def _responses_events(response: dict[str, Any]):
     sequence = iter(range(100_000))
 
     def event(kind: str, **fields) -> bytes:
-        return sse.encode_event({"type": kind, "sequence_number": next(sequence), **fields}, kind)
+        return sse.Event.of({"type": kind, "sequence_number": next(sequence), **fields}, kind)
 
     yield event("response.created", response={**response, "status": "in_progress", "output": [], "usage": None})
     for output_index, item in enumerate(response.get("output") or ()):

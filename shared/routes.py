@@ -1,29 +1,16 @@
-"""The gateway's HTTP routes: one table used by function_app.py, the gateway and the local host.
+"""The gateway's HTTP routes, from the operations table: used by function_app.py, the gateway and
+the local host.
 
 Route templates use the Azure Functions syntax (`{name}` segments); `host.json` sets the route
 prefix to "" so these paths are the public URLs, as the openai SDK expects them.
 """
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-
-class Operation(str, enum.Enum):
-    """What the client asked the model to do; decides validation, usage parsing and logging."""
-
-    CHAT = "chat.completions"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
-    RESPONSES = "responses"
-    MODELS = "models.list"  # answered by the gateway itself, from the app's policy
-
-
-class Style(str, enum.Enum):
-    AZURE = "azure"  # /openai/deployments/{deployment}/... ?api-version=...
-    V1 = "v1"  # /openai/v1/... with the deployment in the body's `model`
+from .operations import OPERATIONS, Operation, Style
 
 
 @dataclass(frozen=True)
@@ -39,16 +26,10 @@ class ModelRoute:
         return "{deployment}" in self.template
 
 
-MODEL_ROUTES: tuple[ModelRoute, ...] = (
-    ModelRoute("azure_chat_completions", "openai/deployments/{deployment}/chat/completions", Operation.CHAT, Style.AZURE),
-    ModelRoute("azure_completions", "openai/deployments/{deployment}/completions", Operation.COMPLETIONS, Style.AZURE),
-    ModelRoute("azure_embeddings", "openai/deployments/{deployment}/embeddings", Operation.EMBEDDINGS, Style.AZURE),
-    ModelRoute("azure_responses", "openai/responses", Operation.RESPONSES, Style.AZURE),
-    ModelRoute("v1_chat_completions", "openai/v1/chat/completions", Operation.CHAT, Style.V1),
-    ModelRoute("v1_embeddings", "openai/v1/embeddings", Operation.EMBEDDINGS, Style.V1),
-    ModelRoute("v1_responses", "openai/v1/responses", Operation.RESPONSES, Style.V1),
-    ModelRoute("azure_models", "openai/models", Operation.MODELS, Style.AZURE, ("GET",)),
-    ModelRoute("v1_models", "openai/v1/models", Operation.MODELS, Style.V1, ("GET",)),
+# Every route of every operation in the table, in the table's order.
+MODEL_ROUTES: tuple[ModelRoute, ...] = tuple(
+    ModelRoute(spec.function_name, spec.template, operation, spec.style, spec.methods)
+    for operation in OPERATIONS for spec in operation.routes
 )
 
 ROUTES_BY_FUNCTION = {r.function_name: r for r in MODEL_ROUTES}

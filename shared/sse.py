@@ -14,6 +14,29 @@ from .context import StreamSummary
 DONE = b"[DONE]"
 
 
+class Event:
+    """One SSE event on its way to the client: the bytes as the upstream sent them, and its JSON
+    payload decoded once (by the relay). A stage that changes the payload calls `changed`; the
+    event is then encoded again on the way out, and only then."""
+
+    __slots__ = ("raw", "payload", "name")
+
+    def __init__(self, raw: bytes | None, payload: Any = None, name: str | None = None) -> None:
+        self.raw = raw
+        self.payload = payload  # a dict, or None for [DONE], comments and non-JSON data
+        self.name = name  # the `event:` line, if it had one
+
+    @classmethod
+    def of(cls, payload: dict[str, Any], name: str | None = None) -> "Event":
+        return cls(None, payload, name)
+
+    def changed(self, payload: dict[str, Any]) -> None:
+        self.payload, self.raw = payload, None
+
+    def encoded(self) -> bytes:
+        return self.raw if self.raw is not None else encode_event(self.payload, self.name)
+
+
 async def split_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Re-cut arbitrary byte chunks into complete SSE events (each ending in a blank line)."""
     buffer = b""
@@ -96,9 +119,16 @@ def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
 
 
 def _absorb_responses_event(summary: StreamSummary, kind: str, payload: dict[str, Any]) -> None:
-    if kind == "response.output_text.delta":
+    if kind in ("response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta"):
         slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
-        slot["text"].append(payload.get("delta") or "")
+        piece = payload.get("delta") or ""
+        if kind == "response.output_text.delta":
+            slot["text"].append(piece)
+        elif kind == "response.refusal.delta":
+            slot.setdefault("refusal", []).append(piece)
+        else:
+            call = slot["tool_calls"].setdefault(payload.get("output_index", 0), {"id": payload.get("item_id"), "name": "", "arguments": []})
+            call["arguments"].append(piece)
     elif kind in ("response.created", "response.completed", "response.failed", "response.incomplete"):
         response = payload.get("response") or {}
         summary.response_id = response.get("id") or summary.response_id
@@ -109,6 +139,18 @@ def _absorb_responses_event(summary: StreamSummary, kind: str, payload: dict[str
             summary.final_response = response
             slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
             slot["finish_reason"] = response.get("status")
+
+
+def streamed_text(summary: StreamSummary) -> str:
+    """Everything the model wrote in a stream so far: texts, refusals and tool calls."""
+    parts = []
+    for slot in summary.choices.values():
+        parts.extend(slot["text"])
+        parts.extend(slot.get("refusal") or ())
+        for call in slot["tool_calls"].values():
+            parts.append(call["name"])
+            parts.extend(call["arguments"])
+    return "\n".join(p for p in parts if p)
 
 
 def assembled_response(summary: StreamSummary) -> dict[str, Any]:

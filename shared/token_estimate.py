@@ -49,27 +49,11 @@ def prompt_tokens_for_messages(messages: list[Any]) -> int:
     return sum(_PER_MESSAGE + count_tokens(text_of(m)) for m in messages) + _REPLY_PRIMER
 
 
-def estimate_prompt_tokens(operation: str, body: dict[str, Any]) -> int:
-    if operation == "chat.completions":
-        messages = body.get("messages") or []
-        tools = body.get("tools")
-        return prompt_tokens_for_messages(messages) + _images(messages) * _IMAGE_TOKENS + (count_tokens(str(tools)) if tools else 0)
-    if operation == "responses":
-        value = body.get("input")
-        return count_tokens(text_of(value)) + count_tokens(body.get("instructions") or "") + _images(value) * _IMAGE_TOKENS
-    if operation == "embeddings":
-        value = body.get("input")
-        if isinstance(value, list) and value and isinstance(value[0], int):
-            return len(value)  # already token ids
-        if isinstance(value, list) and value and isinstance(value[0], list):
-            return sum(len(v) for v in value)
-        return count_tokens(text_of(value))
-    return count_tokens(text_of(body.get("prompt")))
+def message_overhead(messages: int) -> int:
+    """Tokens chat models add around messages (role and framing), beyond their text."""
+    return _PER_MESSAGE * messages + _REPLY_PRIMER
 
 
-def requested_completion_tokens(body: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and value > 0:
-            return value * max(1, int(body.get("n") or 1)) if name != "max_output_tokens" else value
-    return None
+def image_parts(value: Any) -> int:
+    """Tokens reserved for the images a prompt value carries (not measured: a high-detail tile set each)."""
+    return _images(value) * _IMAGE_TOKENS

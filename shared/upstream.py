@@ -276,8 +276,9 @@ class UpstreamClient:
             return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response))
         return await self._read_whole(ctx, response)
 
-    async def _relay(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """Yield the upstream's SSE events as they arrive, reading usage and text on the way.
+    async def _relay(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> AsyncIterator[sse.Event]:
+        """Yield the upstream's SSE events as they arrive, each decoded once, reading usage and
+        text on the way.
 
         Strips the usage-only chunk when the gateway (not the client) asked for it. If the upstream
         breaks mid-stream, the client gets one error event and the stream ends cleanly."""
@@ -285,8 +286,9 @@ class UpstreamClient:
         strip_usage = not ctx.client_wants_usage
         completed = False
         try:
-            async for event in sse.split_events(response.content.iter_any()):
-                data = sse.event_data(event)
+            async for raw in sse.split_events(response.content.iter_any()):
+                data = sse.event_data(raw)
+                payload = None
                 if data is not None and data != sse.DONE:
                     try:
                         payload = orjson.loads(data)
@@ -296,7 +298,10 @@ class UpstreamClient:
                         sse.absorb(summary, payload)
                         if strip_usage and sse.is_usage_only_chunk(payload):
                             continue
-                yield event
+                    else:
+                        payload = None
+                name = payload.get("type") if payload is not None and raw.startswith(b"event:") else None
+                yield sse.Event(raw, payload, name)
             completed = True
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             timeout = isinstance(exc, asyncio.TimeoutError)
@@ -304,7 +309,7 @@ class UpstreamClient:
             message = "The upstream stopped sending mid-stream." if timeout else "The upstream connection broke mid-stream."
             summary.error = {"code": code, "message": message}
             ctx.status = 504 if timeout else 502
-            yield sse.encode_event({"error": {"message": message, "type": "server_error", "code": code, "param": None}})
+            yield sse.Event.of({"error": {"message": message, "type": "server_error", "code": code, "param": None}})
         finally:
             # A stream left early (client gone, error) closes its connection instead of
             # returning a half-read one to the pool.

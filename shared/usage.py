@@ -14,14 +14,18 @@ class Usage:
     total_tokens: int = 0
     cached_tokens: int = 0
     reported: bool = False  # the upstream said so (vs. nothing known)
+    estimated: bool = False  # counted by the gateway (a stream with no usage chunk): what the quota was charged
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, int | bool]:
+        figures: dict[str, int | bool] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
             "cached_tokens": self.cached_tokens,
         }
+        if self.estimated:
+            figures["estimated"] = True
+        return figures
 
 
 def usage_of(ctx: RequestContext) -> Usage:

@@ -9,22 +9,16 @@ import orjson
 from . import errors
 from .context import RequestContext
 from .pipeline import Stage
-from .routes import Operation, Style, match_template
-
-# Fields each operation needs, with the type the upstream expects.
-_REQUIRED: dict[Operation, tuple[tuple[str, tuple[type, ...]], ...]] = {
-    Operation.CHAT: (("messages", (list,)),),
-    Operation.COMPLETIONS: (("prompt", (str, list)),),
-    Operation.EMBEDDINGS: (("input", (str, list)),),
-    Operation.RESPONSES: (("input", (str, list)),),
-}
+from .operations import STREAM_USAGE, VALIDATE, Operation, Style
+from .routes import match_template
 
 # Later stages walk the body recursively, and orjson writes at most 255 levels (the log record
 # and the cache key nest the body one or two levels deeper), while it reads up to 1024.
 MAX_JSON_DEPTH = 128
 
 # Counts that the quota estimate multiplies (max tokens × n): whole numbers, in Azure's ranges.
-_COUNT_FIELDS = {"n": 128, "max_tokens": 2**31 - 1, "max_completion_tokens": 2**31 - 1, "max_output_tokens": 2**31 - 1}
+_COUNT_LIMITS = {"n": 128, "best_of": 128}
+_MAX_COUNT = 2**31 - 1
 
 
 async def read_body(ctx: RequestContext, limit: int) -> bytes:
@@ -64,18 +58,13 @@ def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_JSON_DEPTH) -> bool
 
 def _check_fields_read_later(operation: Operation, body: dict[str, Any]) -> None:
     """Fields that later stages read (quota estimate, system prompt) must have the type they assume."""
-    if operation is not Operation.EMBEDDINGS:
-        for field, most in _COUNT_FIELDS.items():
-            value = body.get(field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
-                raise errors.invalid_request(f"'{field}' must be a whole number from 0 to {most}.", field)
-    if operation is Operation.RESPONSES and body.get("instructions") is not None and not isinstance(body["instructions"], str):
-        raise errors.invalid_request("'instructions' must be a string.", "instructions")
-    if operation is Operation.EMBEDDINGS and isinstance(body["input"], list):
-        items = body["input"]
-        if not (all(isinstance(i, str) for i in items) or all(_is_int(i) for i in items)
-                or all(isinstance(i, list) and all(_is_int(t) for t in i) for i in items)):
-            raise errors.invalid_request("'input' must be a string, an array of strings, an array of token ids, or an array of token id arrays.", "input")
+    for field in operation.counts:
+        value = body.get(field)
+        most = _COUNT_LIMITS.get(field, _MAX_COUNT)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
+            raise errors.invalid_request(f"'{field}' must be a whole number from 0 to {most}.", field)
+    if operation.check_body is not None:
+        operation.check_body(body)
 
 
 def _last_value(query: bytes, name: str) -> str | None:
@@ -87,17 +76,13 @@ def _last_value(query: bytes, name: str) -> str | None:
     return found
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _type_name(types: tuple[type, ...]) -> str:
     names = {str: "a string", list: "an array", dict: "an object"}
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
 class ValidateRequest(Stage):
-    name = "validate"
+    name = VALIDATE
 
     def __init__(self, max_body_bytes: int) -> None:
         self._limit = max_body_bytes
@@ -109,7 +94,8 @@ class ValidateRequest(Stage):
         query = ctx.http.scope.get("query_string", b"")
         if b"api-version" in query:
             ctx.api_version = _last_value(query, "api-version")
-        if route.operation is Operation.MODELS:
+        operation = route.operation
+        if operation.body == "none":
             return  # a GET without a body
         if route.deployment_in_path:
             # The host matched the route and decoded the segment once (Functions host and local host).
@@ -139,19 +125,17 @@ class ValidateRequest(Stage):
         elif ctx.deployment in (".", ".."):
             # A dot segment would be resolved away in the upstream URL, reaching another path.
             raise errors.invalid_request("The deployment name in the path is not valid.", "deployment")
-        for field, types in _REQUIRED[route.operation]:
+        for field, types in operation.required:
             if field not in body:
                 raise errors.invalid_request(f"Missing required parameter: '{field}'.", field)
             if not isinstance(body[field], types):
                 raise errors.invalid_request(f"'{field}' must be {_type_name(types)}.", field)
-        if route.operation is Operation.CHAT and not body["messages"]:
-            raise errors.invalid_request("'messages' must not be empty.", "messages")
-        _check_fields_read_later(route.operation, body)
+        _check_fields_read_later(operation, body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise errors.invalid_request("'stream' must be true or false.", "stream")
-        if stream and route.operation is Operation.EMBEDDINGS:
-            raise errors.invalid_request("Embeddings cannot be streamed.", "stream")
+        if stream and not operation.streams:
+            raise errors.invalid_request(f"The {operation.name} operation cannot be streamed.", "stream")
         ctx.stream = stream
 
 
@@ -161,10 +145,10 @@ class RequestStreamUsage(Stage):
     The client's own choice is remembered; the upstream relay strips the usage chunk when the
     client did not ask for it."""
 
-    name = "stream_usage"
+    name = STREAM_USAGE
 
     async def before(self, ctx: RequestContext) -> None:
-        if not ctx.stream or ctx.route.operation not in (Operation.CHAT, Operation.COMPLETIONS):
+        if not ctx.stream or not ctx.route.operation.stream_usage_option:
             return
         options = ctx.body.get("stream_options")
         if options is not None and not isinstance(options, dict):

@@ -233,6 +233,15 @@ async def test_streams_models_and_disabled_policies_are_answered_synchronously(j
     assert status == 200 and completion["object"] == "chat.completion"
 
 
+async def test_a_request_carrying_data_source_credentials_is_never_stored_as_a_job(jobs_setup, admin_token, issuer):
+    """A job document would hold the credentials at rest: such a request is answered synchronously."""
+    host, sim = jobs_setup
+    _, token = await _app(host, admin_token, issuer)
+    body = {**_chat_body(), "data_sources": [{"type": "azure_search", "parameters": {"authentication": {"type": "api_key", "key": "JOB-SECRET-1"}}}]}
+    status, headers, completion = await _call("POST", host.url + CHAT, token, body, ASYNC)
+    assert status == 200 and "Preference-Applied" not in headers and completion["object"] == "chat.completion"
+
+
 # The Azure path of the start: azure-storage-queue → the queue-triggered starter -----------------
 async def test_queue_launcher_enqueues_what_the_registered_starter_reads(tmp_path):
     """QueueJobLauncher against Azurite (the real SDK and wire protocol); the message it sends is

@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 import function_app
 from shared.localhost.functions_host import FunctionsAsgiApp, registered_functions
-from shared.routes import MODEL_ROUTES, Operation
+from shared import operations as ops
+from shared.routes import MODEL_ROUTES
 from shared.tokens import v2_issuer
 
 from .conftest import MAX_BODY_BYTES
@@ -285,7 +286,7 @@ POST_ROUTES = [r for r in MODEL_ROUTES if "POST" in r.methods]
 
 def route_path(route, deployment: str | None = None) -> str:
     if deployment is None:
-        deployment = "text-embedding-3-small" if route.operation is Operation.EMBEDDINGS else "gpt-4o-mini"
+        deployment = "text-embedding-3-small" if route.operation is ops.EMBEDDINGS else "gpt-4o-mini"
     path = "/" + route.template.replace("{deployment}", deployment)
     return path + ("?api-version=2025-04-01-preview" if route.style.value == "azure" else "")
 
@@ -293,25 +294,25 @@ def route_path(route, deployment: str | None = None) -> str:
 def base_body(route) -> dict[str, Any]:
     """A valid body for the route."""
     body: dict[str, Any] = {
-        Operation.CHAT: {"messages": [{"role": "user", "content": "hi"}]},
-        Operation.COMPLETIONS: {"prompt": "hi"},
-        Operation.EMBEDDINGS: {"input": "hi"},
-        Operation.RESPONSES: {"input": "hi"},
+        ops.CHAT: {"messages": [{"role": "user", "content": "hi"}]},
+        ops.COMPLETIONS: {"prompt": "hi"},
+        ops.EMBEDDINGS: {"input": "hi"},
+        ops.RESPONSES: {"input": "hi"},
     }[route.operation]
     if not route.deployment_in_path:
-        body["model"] = "text-embedding-3-small" if route.operation is Operation.EMBEDDINGS else "gpt-4o-mini"
+        body["model"] = "text-embedding-3-small" if route.operation is ops.EMBEDDINGS else "gpt-4o-mini"
     return body
 
 
 # Fields the gateway itself reads, by operation: validation, quota estimate, cache key and
 # determinism, system prompt, input guard, access (user), streaming. A path into the body.
 FIELDS_READ = {
-    Operation.CHAT: ["model", "messages", "messages.0", "messages.0.role", "messages.0.content", "messages.0.content.0",
+    ops.CHAT: ["model", "messages", "messages.0", "messages.0.role", "messages.0.content", "messages.0.content.0",
                      "stream", "stream_options", "stream_options.include_usage", "n", "max_tokens", "max_completion_tokens",
                      "temperature", "user", "tools"],
-    Operation.COMPLETIONS: ["model", "prompt", "prompt.0", "stream", "stream_options", "n", "max_tokens", "temperature", "user"],
-    Operation.EMBEDDINGS: ["model", "input", "input.0", "input.0.0", "stream", "user", "dimensions", "encoding_format"],
-    Operation.RESPONSES: ["model", "input", "input.0", "input.0.role", "input.0.content", "instructions", "stream",
+    ops.COMPLETIONS: ["model", "prompt", "prompt.0", "stream", "stream_options", "n", "max_tokens", "temperature", "user"],
+    ops.EMBEDDINGS: ["model", "input", "input.0", "input.0.0", "stream", "user", "dimensions", "encoding_format"],
+    ops.RESPONSES: ["model", "input", "input.0", "input.0.role", "input.0.content", "instructions", "stream",
                           "max_output_tokens", "temperature", "user"],
 }
 

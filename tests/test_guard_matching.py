@@ -118,3 +118,45 @@ def test_five_hundred_words_compile_into_one_pass():
     matcher = matcher_for(rules, "input")
     assert [h.rule for h in matcher.find("a text with forbidden250word inside")] == ["w250"]
     assert matcher.find("an innocent text " * 50) == []
+
+
+# Any default-ignorable code point, anywhere in a rule's word --------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+import regex  # noqa: E402
+
+IGNORABLE = [chr(c) for c in range(0x110000) if regex.match(r"\p{Default_Ignorable_Code_Point}", chr(c))]
+WORDS = [GuardRule(id="ja", pattern="社外秘"), GuardRule(id="en", pattern="Project Falcon"), GuardRule(id="kana", pattern="ひみつ")]
+
+
+@st.composite
+def dodged(draw):
+    """A rule's word with default-ignorable code points inserted at random places."""
+    word = draw(st.sampled_from(["社外秘", "Project Falcon", "ヒミツ", "PROJECT FALCON"]))
+    chars = list(word)
+    for _ in range(draw(st.integers(1, 4))):
+        chars.insert(draw(st.integers(0, len(chars))), draw(st.sampled_from(IGNORABLE)))
+    return "".join(chars)
+
+
+def test_the_ignorable_list_is_the_unicode_property():
+    assert len(IGNORABLE) > 4000 and {"\u00ad", "\u034f", "\u115f", "\u3164", "\ufe0f", "\uffa0", "\U000e0001", "\U000e0100"} <= set(IGNORABLE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(dodged())
+def test_any_ignorable_code_point_in_a_word_is_still_found_in_input(text):
+    assert matcher_for(WORDS, "input").find(f"before {text} after")
+
+
+@settings(max_examples=200, deadline=None)
+@given(dodged(), st.lists(st.integers(1, 6), min_size=1, max_size=30))
+def test_any_ignorable_code_point_in_a_word_is_still_redacted_in_a_stream(text, cuts):
+    reply = f"The file {text} is here."
+    channel = GuardedChannel(matcher_for(WORDS, "output"), "redact", "[x]", [], "test")
+    out, position = "", 0
+    for size in cuts:
+        out += channel.feed(reply[position : position + size])
+        position += size
+    out += channel.feed(reply[position:]) + channel.flush()
+    assert "[x]" in out and out.startswith("The file ") and out.endswith(" is here.")

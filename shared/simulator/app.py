@@ -7,7 +7,9 @@ Controls, all optional:
   so a client can steer the simulator through the gateway): `latency_ms`, `chunk_interval_ms`,
   `chunks`, `reply` (exact reply text), `fail` (429/500/503 …), `retry_after_ms`,
   `break_after_chunks` (drop the connection mid-stream), `annotations` (Azure's delta-less
-  content-filter chunks), `set_cookie` (a Set-Cookie header on the answer, as an affinity cookie).
+  content-filter chunks), `set_cookie` (a Set-Cookie header on the answer, as an affinity cookie),
+  `tool_calls` (a list of `{"name", "arguments"}`: the model calls these tools instead of
+  answering; Responses: function_call output items), `refusal` (the model refuses with this text).
 - Control routes: `POST /_sim/faults` `{"status": 429, "count": 2, "retry_after_ms": 1000,
   "deployment": "…"}` makes the next matching requests fail; `POST /_sim/reset`; `GET /_sim/stats`
   lists the requests received (time, path, deployment, status) for tests that measure retries.
@@ -201,13 +203,24 @@ class Simulator:
         completion_id = "chatcmpl-" + request_id.replace("-", "")[:29]
         fingerprint = "fp_b705f0c291"
         headers = self._headers(request_id)
+        calls = _tool_calls(controls, request_id)
+        refusal = controls.get("refusal") if isinstance(controls.get("refusal"), str) else None
+        if calls:
+            finish = "tool_calls"
         if not body.get("stream"):
+            def message(reply: list[str]) -> dict[str, Any]:
+                if calls:
+                    return {"role": "assistant", "content": None, "refusal": None, "annotations": [],
+                            "tool_calls": [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}
+                if refusal is not None:
+                    return {"role": "assistant", "content": None, "refusal": refusal, "annotations": []}
+                return {"role": "assistant", "content": "".join(reply), "refusal": None, "annotations": []}
+
             payload = {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": fingerprint,
                 "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": "".join(r), "refusal": None, "annotations": []},
-                     "finish_reason": finish, "logprobs": None, "content_filter_results": _FILTER_OK}
+                    {"index": i, "message": message(r), "finish_reason": finish, "logprobs": None, "content_filter_results": _FILTER_OK}
                     for i, r in enumerate(replies)
                 ],
                 "usage": usage,
@@ -225,10 +238,21 @@ class Simulator:
         events = [b"data: " + orjson.dumps({"choices": [], "created": 0, "id": "", "model": "", "object": "", "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTER_OK}]}) + b"\n\n"]
         for i in range(n):
             events.append(chunk([{"index": i, "delta": {"role": "assistant", "content": "", "refusal": None}, "finish_reason": None, "logprobs": None, "content_filter_results": {}}]))
-        for position in range(max(len(r) for r in replies)):
-            for i, reply in enumerate(replies):
-                if position < len(reply):
-                    events.append(chunk([{"index": i, "delta": {"content": reply[position]}, "finish_reason": None, "logprobs": None, "content_filter_results": _FILTER_OK}]))
+        if calls:
+            for i in range(n):
+                for number, call in enumerate(calls):
+                    events.append(chunk([{"index": i, "delta": {"tool_calls": [{"index": number, "id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}]}, "finish_reason": None, "logprobs": None}]))
+                    for piece in gen.split_reply(call["arguments"], controls.get("chunks")):
+                        events.append(chunk([{"index": i, "delta": {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}, "finish_reason": None, "logprobs": None}]))
+        elif refusal is not None:
+            for i in range(n):
+                for piece in gen.split_reply(refusal, controls.get("chunks")):
+                    events.append(chunk([{"index": i, "delta": {"refusal": piece}, "finish_reason": None, "logprobs": None}]))
+        else:
+            for position in range(max(len(r) for r in replies)):
+                for i, reply in enumerate(replies):
+                    if position < len(reply):
+                        events.append(chunk([{"index": i, "delta": {"content": reply[position]}, "finish_reason": None, "logprobs": None, "content_filter_results": _FILTER_OK}]))
         if controls.get("annotations"):
             for i in range(n):
                 events.append(chunk([{"index": i, "finish_reason": None, "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 10}, "content_filter_results": _FILTER_OK}]))
@@ -293,11 +317,20 @@ class Simulator:
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": input_tokens + output_tokens,
         }
-        message = {"type": "message", "id": message_id, "status": "completed", "role": "assistant",
-                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        calls = _tool_calls(controls, request_id)
+        refusal = controls.get("refusal") if isinstance(controls.get("refusal"), str) else None
+        if refusal is not None:
+            message = {"type": "message", "id": message_id, "status": "completed", "role": "assistant",
+                       "content": [{"type": "refusal", "refusal": refusal}]}
+        else:
+            message = {"type": "message", "id": message_id, "status": "completed", "role": "assistant",
+                       "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        function_calls = [{"type": "function_call", "id": "fc_" + call["id"][5:], "call_id": call["id"], "name": call["name"],
+                           "arguments": call["arguments"], "status": "completed"} for call in calls]
+        output = function_calls if calls else [message]
         response = {
             "id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
-            "model": model, "output": [message], "usage": usage, "error": None, "incomplete_details": None,
+            "model": model, "output": output, "usage": usage, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": limit, "parallel_tool_calls": True,
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0), "tool_choice": "auto", "tools": [],
             "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": body.get("metadata") or {},
@@ -311,10 +344,31 @@ class Simulator:
         def event(kind: str, **fields) -> bytes:
             return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, "sequence_number": next(sequence), **fields}) + b"\n\n"
 
+        events = [event("response.created", response=pending), event("response.in_progress", response=pending)]
+        if calls:
+            for number, item in enumerate(function_calls):
+                events.append(event("response.output_item.added", output_index=number, item={**item, "arguments": "", "status": "in_progress"}))
+                events += [event("response.function_call_arguments.delta", item_id=item["id"], output_index=number, delta=piece)
+                           for piece in gen.split_reply(item["arguments"], controls.get("chunks"))]
+                events.append(event("response.function_call_arguments.done", item_id=item["id"], output_index=number, arguments=item["arguments"]))
+                events.append(event("response.output_item.done", output_index=number, item=item))
+            events.append(event("response.completed", response=response))
+            return await self._stream(request, events, controls, headers)
         item_pending = {**message, "status": "in_progress", "content": []}
-        events = [
-            event("response.created", response=pending),
-            event("response.in_progress", response=pending),
+        if refusal is not None:
+            part = message["content"][0]
+            events += [
+                event("response.output_item.added", output_index=0, item=item_pending),
+                event("response.content_part.added", item_id=message_id, output_index=0, content_index=0, part={"type": "refusal", "refusal": ""}),
+                *[event("response.refusal.delta", item_id=message_id, output_index=0, content_index=0, delta=piece)
+                  for piece in gen.split_reply(refusal, controls.get("chunks"))],
+                event("response.refusal.done", item_id=message_id, output_index=0, content_index=0, refusal=refusal),
+                event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part=part),
+                event("response.output_item.done", output_index=0, item=message),
+                event("response.completed", response=response),
+            ]
+            return await self._stream(request, events, controls, headers)
+        events += [
             event("response.output_item.added", output_index=0, item=item_pending),
             event("response.content_part.added", item_id=message_id, output_index=0, content_index=0, part={"type": "output_text", "text": "", "annotations": []}),
         ]
@@ -344,6 +398,17 @@ class Simulator:
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": d, "object": "model", "created": 0, "owned_by": "simulator"} for d in [*self.config.chat_deployments, *self.config.embedding_deployments]]
         return web.json_response({"object": "list", "data": data})
+
+
+def _tool_calls(controls: dict[str, Any], request_id: str) -> list[dict[str, str]]:
+    """The tool calls a request asked the simulator to make (`x_sim.tool_calls`)."""
+    calls = []
+    for number, call in enumerate(controls.get("tool_calls") or ()):
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            arguments = call.get("arguments", "{}")
+            calls.append({"id": f"call_{request_id.replace('-', '')[:20]}{number}", "name": call["name"],
+                          "arguments": arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()})
+    return calls
 
 
 def build_app(config: SimulatorConfig | None = None) -> web.Application:

@@ -1,0 +1,273 @@
+"""What the gateway serves: one table of operations.
+
+Each entry says everything the stages need to know about one kind of request: its routes (Azure
+style and v1 style), what its body must hold, whether it streams and may be cached, every field
+the model reads (the input guard and the quota estimate walk these), every field the model writes
+(the output guard acts on these, in whole answers and in stream events), how the prompt is sized
+and the answer's length bounded, where the app's system prompt goes, where credentials may sit in
+a request (never stored), and which stages apply. Stages read the entry; none branches on which
+operation it is. Adding an operation is one entry here plus its tests (docs/architecture.md
+shows one being added).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import errors
+from .field_paths import FieldSet
+from .token_estimate import count_tokens, image_parts, message_overhead
+
+
+class Style(str, enum.Enum):
+    AZURE = "azure"  # /openai/deployments/{deployment}/... ?api-version=...
+    V1 = "v1"  # /openai/v1/... with the deployment in the body's `model`
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    function_name: str  # the Azure Functions function name
+    template: str  # Azure Functions route template ({name} segments); host.json's route prefix is ""
+    style: Style
+    methods: tuple[str, ...] = ("POST",)
+
+
+# Stages that an operation may ask for (the gateway builds each operation's pipeline from these).
+AUTHENTICATE, VALIDATE, ACCESS = "authenticate", "validate", "access"
+INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE = "input_guard", "system_prompt", "stream_usage"
+CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG = "cache", "quota", "output_guard", "request_log"
+MODEL_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE, CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG})
+
+# Fields that count something the quota estimate multiplies: whole numbers in Azure's ranges.
+_MAX_INT32 = 2**31 - 1
+
+# Where Azure's "On Your Data" and other extensions carry credentials to their data sources.
+# Every field named like a secret below these roots is masked wherever a request is stored.
+DATA_SOURCE_ROOTS = ("data_sources", "dataSources")
+
+
+def _prompt_estimate_messages(body: dict[str, Any], reads: FieldSet) -> int:
+    messages = body.get("messages") or []
+    return count_tokens("\n".join(reads.texts(body))) + message_overhead(len(messages)) + image_parts(messages)
+
+
+def _prompt_estimate_text(body: dict[str, Any], reads: FieldSet) -> int:
+    return count_tokens("\n".join(reads.texts(body))) + image_parts(body.get("input"))
+
+
+def _prompt_estimate_embeddings(body: dict[str, Any], reads: FieldSet) -> int:
+    value = body.get("input")
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return len(value)  # already token ids
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return sum(len(v) for v in value)
+    return count_tokens("\n".join(reads.texts(body)))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_embedding_input(body: dict[str, Any]) -> None:
+    items = body["input"]
+    if isinstance(items, list) and not (all(isinstance(i, str) for i in items) or all(_is_int(i) for i in items)
+                                        or all(isinstance(i, list) and all(_is_int(t) for t in i) for i in items)):
+        raise errors.invalid_request("'input' must be a string, an array of strings, an array of token ids, or an array of token id arrays.", "input")
+
+
+def _check_instructions(body: dict[str, Any]) -> None:
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise errors.invalid_request("'instructions' must be a string.", "instructions")
+
+
+def _check_messages(body: dict[str, Any]) -> None:
+    if not body["messages"]:
+        raise errors.invalid_request("'messages' must not be empty.", "messages")
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: each entry is one operation
+class Operation:
+    name: str  # as logged: chat.completions, responses, …
+    routes: tuple[RouteSpec, ...]
+    stages: frozenset[str]
+    body: str = "json"  # json, or none (a GET)
+    required: tuple[tuple[str, tuple[type, ...]], ...] = ()
+    check_body: Callable[[dict[str, Any]], None] | None = None  # more than required fields and types
+    content_fields: tuple[str, ...] = ()  # logged as the prompt (under the app's content-logging level)
+    reads: FieldSet = field(default_factory=FieldSet)  # every field the model reads, in reading order
+    writes: FieldSet = field(default_factory=FieldSet)  # every field the model writes, whole answer
+    stream_shape: str | None = None  # chat_chunks, text_chunks or response_events (None: never streams)
+    stream_writes: FieldSet = field(default_factory=FieldSet)  # the fields it writes inside one stream event
+    stream_usage_option: bool = False  # accepts stream_options.include_usage
+    counts: tuple[str, ...] = ()  # whole-number fields that size the answer (validated)
+    completion_limits: tuple[str, ...] = ()  # fields bounding each answer's tokens, first set wins
+    choices: tuple[str, ...] = ()  # fields multiplying the answers generated (n, best_of)
+    prompt_estimate: Callable[[dict[str, Any], FieldSet], int] | None = None
+    always_deterministic: bool = False  # the same request gives the same answer whatever its sampling fields
+    system_prompt: str | None = None  # where the app's prompt goes: messages, instructions or prompt
+    credential_roots: tuple[str, ...] = ()  # request fields whose secret-named members are never stored
+    answered_by_gateway: bool = False  # the gateway answers itself (no upstream call)
+    answer_is_vectors: bool = False  # the answer's `data` holds vectors: logged as their count
+
+    @property
+    def streams(self) -> bool:
+        return self.stream_shape is not None
+
+    @property
+    def value(self) -> str:  # the name, as enum members had it
+        return self.name
+
+    def applies(self, stage: str) -> bool:
+        return stage in self.stages
+
+
+_CHAT_READS = FieldSet(
+    # The model reads the tool and function definitions and the answer's schema before the messages.
+    "tools[].function.name", "tools[].function.description", "tools[].function.parameters.**",
+    "functions[].name", "functions[].description", "functions[].parameters.**",
+    "response_format.json_schema.**",
+    "messages[].name",
+    "messages[].content", "messages[].content[].text", "messages[].content[].refusal",
+    "messages[].refusal",
+    "messages[].tool_calls[].function.name", "messages[].tool_calls[].function.arguments",
+    "messages[].function_call.name", "messages[].function_call.arguments",
+    "messages[].audio.transcript",
+    "prediction.content", "prediction.content[].text",
+)
+_CHAT_WRITES = FieldSet(
+    "choices[].message.content", "choices[].message.refusal",
+    "choices[].message.tool_calls[].function.name", "choices[].message.tool_calls[].function.arguments",
+    "choices[].message.function_call.name", "choices[].message.function_call.arguments",
+    "choices[].message.audio.transcript",
+)
+_CHAT_STREAM_WRITES = FieldSet(
+    "choices[].delta.content", "choices[].delta.refusal",
+    "choices[].delta.tool_calls[].function.name", "choices[].delta.tool_calls[].function.arguments",
+    "choices[].delta.function_call.name", "choices[].delta.function_call.arguments",
+    "choices[].delta.audio.transcript",
+)
+
+CHAT = Operation(
+    name="chat.completions",
+    routes=(RouteSpec("azure_chat_completions", "openai/deployments/{deployment}/chat/completions", Style.AZURE),
+            RouteSpec("v1_chat_completions", "openai/v1/chat/completions", Style.V1)),
+    stages=MODEL_STAGES,
+    required=(("messages", (list,)),),
+    check_body=_check_messages,
+    content_fields=("messages", "prediction"),
+    reads=_CHAT_READS,
+    writes=_CHAT_WRITES,
+    stream_shape="chat_chunks",
+    stream_writes=_CHAT_STREAM_WRITES,
+    stream_usage_option=True,
+    counts=("n", "max_tokens", "max_completion_tokens"),
+    completion_limits=("max_completion_tokens", "max_tokens"),
+    choices=("n",),
+    prompt_estimate=_prompt_estimate_messages,
+    system_prompt="messages",
+    credential_roots=DATA_SOURCE_ROOTS,
+)
+
+COMPLETIONS = Operation(
+    name="completions",
+    routes=(RouteSpec("azure_completions", "openai/deployments/{deployment}/completions", Style.AZURE),),
+    stages=MODEL_STAGES,
+    required=(("prompt", (str, list)),),
+    content_fields=("prompt", "suffix"),
+    reads=FieldSet("prompt", "prompt[]", "suffix"),
+    writes=FieldSet("choices[].text"),
+    stream_shape="text_chunks",
+    stream_writes=FieldSet("choices[].text"),
+    stream_usage_option=True,
+    counts=("n", "best_of", "max_tokens"),
+    completion_limits=("max_tokens",),
+    choices=("n", "best_of"),
+    prompt_estimate=_prompt_estimate_text,
+    system_prompt="prompt",
+)
+
+EMBEDDINGS = Operation(
+    name="embeddings",
+    routes=(RouteSpec("azure_embeddings", "openai/deployments/{deployment}/embeddings", Style.AZURE),
+            RouteSpec("v1_embeddings", "openai/v1/embeddings", Style.V1)),
+    stages=MODEL_STAGES - {SYSTEM_PROMPT, STREAM_USAGE, OUTPUT_GUARD},
+    required=(("input", (str, list)),),
+    check_body=_check_embedding_input,
+    content_fields=("input",),
+    reads=FieldSet("input", "input[]"),
+    prompt_estimate=_prompt_estimate_embeddings,
+    always_deterministic=True,
+    answer_is_vectors=True,
+)
+
+_RESPONSES_READS = FieldSet(
+    "instructions",
+    "tools[].name", "tools[].description", "tools[].parameters.**",
+    "tools[].function.name", "tools[].function.description", "tools[].function.parameters.**",
+    "text.format.name", "text.format.description", "text.format.schema.**",
+    "prompt.variables.**",
+    "input",
+    "input[].name", "input[].content", "input[].content[].text", "input[].content[].refusal",
+    "input[].arguments", "input[].input", "input[].output", "input[].output[].text",
+    "input[].summary[].text",
+    "input[].text",  # an input_text item given at the top level
+)
+_RESPONSES_WRITES = FieldSet(
+    "output[].content[].text", "output[].content[].refusal",
+    "output[].name", "output[].arguments", "output[].input",
+    "output[].summary[].text",
+)
+
+RESPONSES = Operation(
+    name="responses",
+    routes=(RouteSpec("azure_responses", "openai/responses", Style.AZURE),
+            RouteSpec("v1_responses", "openai/v1/responses", Style.V1)),
+    stages=MODEL_STAGES - {STREAM_USAGE},
+    required=(("input", (str, list)),),
+    check_body=_check_instructions,
+    content_fields=("input", "instructions", "prompt"),
+    reads=_RESPONSES_READS,
+    writes=_RESPONSES_WRITES,
+    stream_shape="response_events",
+    # Responses events carry their piece in `delta` and the whole field at `.done`; which field it
+    # is comes from the event type (response_events in output_guard.py).
+    stream_writes=FieldSet("delta", "text", "refusal", "arguments", "name"),
+    counts=("max_output_tokens",),
+    completion_limits=("max_output_tokens",),
+    prompt_estimate=_prompt_estimate_text,
+    system_prompt="instructions",
+    credential_roots=DATA_SOURCE_ROOTS,
+)
+
+MODELS = Operation(
+    name="models.list",
+    routes=(RouteSpec("azure_models", "openai/models", Style.AZURE, ("GET",)),
+            RouteSpec("v1_models", "openai/v1/models", Style.V1, ("GET",))),
+    stages=frozenset({AUTHENTICATE, VALIDATE, ACCESS, REQUEST_LOG}),
+    body="none",
+    answered_by_gateway=True,
+)
+
+OPERATIONS: tuple[Operation, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MODELS)
+BY_NAME = {op.name: op for op in OPERATIONS}
+
+
+def completion_budget(operation: Operation, body: dict[str, Any], default: int) -> int:
+    """The most answer tokens a request can cost: its own limit (or the policy's default when it
+    sets none) times the number of answers generated (`n`, `best_of`), whether or not a limit was
+    given. Zero for operations that write no answer (embeddings)."""
+    if not operation.writes:
+        return 0
+    per_answer = default
+    for name in operation.completion_limits:
+        value = body.get(name)
+        if _is_int(value) and value > 0:
+            per_answer = value
+            break
+    answers = 1
+    for name in operation.choices:
+        value = body.get(name)
+        if _is_int(value) and value > answers:
+            answers = value  # best_of generates best_of answers and returns n of them
+    return per_answer * answers
