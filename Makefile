@@ -21,7 +21,7 @@ $(NODE_STAMP): package.json package-lock.json
 	touch $(NODE_STAMP)
 
 run: $(STAMP)
-	$(PY) -m shared.localhost
+	$(PY) -m shared.local.host
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest

@@ -2,7 +2,7 @@
 
 Every HTTP function is thin: it hands the request to the gateway package (`shared/`). HTTP
 streaming is on (azurefunctions-extensions-http-fastapi), so all HTTP functions take and return
-the FastAPI (Starlette) types. The local host (`python -m shared.localhost`) serves exactly the
+the FastAPI (Starlette) types. The local host (`python -m shared.local.host`) serves exactly the
 functions registered here, read off `app`.
 
 Two rules of the Functions host shape the routes: a route may not start with `admin` or
@@ -12,15 +12,15 @@ routes here may match the same path, and there is no catch-all route.
 
 Async jobs (`Prefer: respond-async`) run as a Durable Functions orchestration; the HTTP function
 stores the job and enqueues it, and a queue-triggered starter with the durable client binding
-starts the orchestration (why the queue: shared/job_orchestration.py).
+starts the orchestration (why the queue: shared/jobs/orchestration.py).
 """
 import azure.durable_functions as df
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
-from shared.async_jobs import JOB_ROUTE
 from shared.gateway import Gateway
-from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, START_QUEUE, decode, encode, orchestrate_job
+from shared.jobs.documents import JOB_ROUTE
+from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, START_QUEUE, decode, encode, orchestrate_job
 from shared.routes import ADMIN_PREFIX, HEALTH_ROUTE, ROUTES_BY_FUNCTION
 
 app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
@@ -86,7 +86,7 @@ async def sekisho_job_give_up(task: str) -> str:
     return encode(await gateway.give_up_job(decode(task)))
 
 
-# Admin API (admin app role required; see shared/admin_api.py) ----------------------------
+# Admin API (admin app role required; see shared/admin/api.py) ----------------------------
 @app.function_name("admin_page")
 @app.route(route=ADMIN_PREFIX, methods=["GET"])
 async def admin_page(req: Request) -> Response:

@@ -5,7 +5,7 @@
 1. SQLite time per request-log record, 600 batches of 100 through the store's own statement:
    random ids (uuid4) against time-ordered ids (shared/context.new_request_id).
 2. Setting up a streamed response on an ASGI 2.3 server: Starlette's StreamingResponse (anyio task
-   group) against RelayResponse (shared/relay_response.py), 3 events per stream, no I/O.
+   group) against RelayResponse (shared/upstream/relay_response.py), 3 events per stream, no I/O.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shared.context import new_request_id  # noqa: E402
-from shared.relay_response import RelayResponse  # noqa: E402
 from shared.store.sqlite import _INSERT_LOGS, _SCHEMA, _json_rows  # noqa: E402
+from shared.upstream.relay_response import RelayResponse  # noqa: E402
 
 
 def log_write_us(new_id) -> float:
@@ -69,9 +69,8 @@ async def stream_setup_us(response_class, streams: int = 5000) -> float:
 
 
 def main() -> None:
-    from starlette.responses import StreamingResponse
-
     import uvloop
+    from starlette.responses import StreamingResponse
 
     uvloop.install()
     rows = []

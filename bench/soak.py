@@ -41,7 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.local_issuer import LocalIssuer  # noqa: E402
+from shared.local.issuer import LocalIssuer  # noqa: E402
 from tests.servers import free_port, stop, wait_for_port  # noqa: E402
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
@@ -89,13 +89,13 @@ async def one_request(session: aiohttp.ClientSession, base: str, token: str, num
 async def run(args) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="sekisho-soak-"))
     sim_port, port = free_port(), free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "shared.simulator", "--port", str(sim_port), "--api-key", "soak-key",
+    sim = subprocess.Popen([sys.executable, "-m", "shared.local.simulator", "--port", str(sim_port), "--api-key", "soak-key",
                             "--latency-ms", "30", "--chunk-interval-ms", "10"], cwd=ROOT)
     wait_for_port(sim_port, sim)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     env.update({"AZURE_OPENAI_ENDPOINT": f"http://127.0.0.1:{sim_port}", "AZURE_OPENAI_API_KEY": "soak-key",
                 "SEKISHO_SQLITE_PATH": str(data_dir / "sekisho.db"), "SEKISHO_DEPLOYMENTS": "gpt-4o-mini,text-embedding-3-small"})
-    host = subprocess.Popen([sys.executable, "-m", "shared.localhost", "--port", str(port), "--quiet", "--no-seed",
+    host = subprocess.Popen([sys.executable, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed",
                              "--data-dir", str(data_dir), "--workers", str(args.workers)], cwd=ROOT, env=env)
     wait_for_port(port, host)
     base = f"http://127.0.0.1:{port}"

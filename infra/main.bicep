@@ -212,7 +212,7 @@ var names = {
   vnet: 'vnet-${namePrefix}-${resourceToken}'
 }
 var deploymentContainerName = 'deployment-package'
-// The async-job start queue: shared/job_orchestration.py START_QUEUE (checked by tests/test_infra.py).
+// The async-job start queue: shared/jobs/orchestration.py START_QUEUE (checked by tests/test_infra.py).
 var jobQueueName = 'sekisho-jobs'
 var dataPublicNetworkAccess = enablePrivateNetworking ? 'Disabled' : 'Enabled'
 var homeTenantId = tenant().tenantId

@@ -53,13 +53,34 @@ class StreamSummary:
 
 
 @dataclass
+class UpstreamCall:
+    """What the call to the upstream did (upstream/client.py fills it): for the log and headers."""
+
+    url: str | None = None
+    request_id: str | None = None  # the upstream's apim-request-id / x-request-id
+    backend: str | None = None  # the backend that answered last
+    retries: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # one per try: backend, status or error, ms
+    started: float | None = None
+    headers_at: float | None = None
+
+
+@dataclass
 class RequestContext:
+    """One request on its way through the pipeline.
+
+    The core (who, what, the body, the answer, timings) is shared; each stage keeps its own
+    typed part here (`cache`, `quota`, `accounting`, `system_prompt`, `guard_decisions`) and
+    contributes its own fields to the log record through its `record` hook (pipeline.py); the
+    record's fields are declared in one place, records/request_log.py."""
+
     request_id: str
     http: Request
     route: ModelRoute | None
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     started: float = field(default_factory=time.perf_counter)
 
+    # The request, as the validate stage read it.
     deployment: str | None = None
     api_version: str | None = None
     raw_body: bytes = b""
@@ -67,38 +88,37 @@ class RequestContext:
     body_modified: bool = False  # a stage changed `body`; the upstream gets it re-encoded
     stream: bool = False
     client_wants_usage: bool = False  # the client itself asked for stream_options.include_usage
+    properties: dict[str, str] = field(default_factory=dict)  # x-sekisho-property-* headers
 
-    # Filled by the identity and access stages; cache, quota and guards add theirs.
-    identity: Any = None  # identity.Identity
-    policy: Any = None  # policy.EffectivePolicy
-    quota: Any = None  # quota.Reservation, when limits apply
-    cache: Any = None  # response_cache.CacheState, when the cache is in play
-    system_prompt: str | None = None  # the app's prompt as applied (leak protection compares with it)
-    client_instructions: str | None = None  # Responses: the client's own instructions, shown back instead of the injected ones
-    usage: Any = None  # usage.Usage as settled when the exchange ended (the log reports the same figures)
-    guard_decisions: list[dict[str, Any]] = field(default_factory=list)
-    model_response: Any = None  # the upstream's whole answer before the output guard changed it
+    # Who is calling, and under which policy (authenticate and access stages).
+    identity: Any = None  # identity.authenticate.Identity
+    policy: Any = None  # policy.policies.EffectivePolicy
     app_id: str | None = None
     app_name: str | None = None
     user_id: str | None = None
     tenant_id: str | None = None
-    properties: dict[str, str] = field(default_factory=dict)
+    claimed_user_ignored: bool = False  # the app named a user but is not trusted to
 
+    # The stages' own parts.
+    system_prompt: Any = None  # policy.system_prompt.AppliedPrompt, when the app's prompt went in
+    guard_decisions: list[dict[str, Any]] = field(default_factory=list)  # input and output guards
+    cache: Any = None  # cache.responses.CacheState, when the cache is in play
+    quota: Any = None  # quota.enforce.Reservation, while limits are reserved and not yet settled
+    accounting: Any = None  # quota.enforce.Accounting: estimate, refusal, cost
+    usage: Any = None  # usage.Usage as settled when the exchange ended (the log reports the same figures)
+    job: dict[str, Any] | None = None  # the async job this request became (jobs/documents.job_summary)
+
+    # The answer.
+    upstream: UpstreamCall = field(default_factory=UpstreamCall)
     result: UpstreamResult | None = None
+    model_response: Any = None  # the upstream's whole answer before a stage changed it for the client
+    stream_summary: StreamSummary | None = None
     error: Exception | None = None
     status: int | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
-
-    upstream_started: float | None = None
-    upstream_headers_at: float | None = None
+    client_disconnected: bool = False
     first_byte_at: float | None = None
     finished_at: float | None = None
-    upstream_url: str | None = None
-    upstream_request_id: str | None = None
-    retries: int = 0
-    backend: str | None = None
-    stream_summary: StreamSummary | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def elapsed_ms(self, since: float | None = None, until: float | None = None) -> float | None:
         if since is None:

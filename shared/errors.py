@@ -47,7 +47,7 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
-# Constructors for the rows of GUIDE §3 that the gateway raises itself.
+# Constructors for the errors of the README's error table that the gateway raises itself.
 def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param=param)
 

@@ -18,33 +18,34 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import async_jobs, errors, telemetry
-from .access import ApplyPolicy, PolicyCache, PolicyResolver, forbidden
-from .admin_api import AdminApi, PolicyService
+from . import errors, sse
+from .admin.api import AdminApi, PolicyService
+from .cache.responses import CacheResponses
 from .context import RequestContext, UpstreamResult, new_request_id
 from .errors import GatewayError
-from .identity import Authenticate, Authenticator
-from .job_launch import JobLauncher, QueueJobLauncher
-from .policy import effective_policy
-from .input_guard import GuardInput
-from .output_guard import GuardOutput
-from .system_prompt import ApplySystemPrompt
-from .model_list import list_models
-from .credentials import carries_credentials
+from .guards.input_guard import GuardInput
+from .guards.output_guard import GuardOutput
+from .identity.authenticate import Authenticate, Authenticator
+from .identity.tokens import JwksCache, TokenValidator
+from .jobs import documents as jobs
+from .jobs.launch import JobLauncher, QueueJobLauncher
+from .jobs.runner import JobRunner
 from .operations import OPERATIONS, Operation
 from .pipeline import Stage
-from .policy import builtin_defaults
-from .pricing import PricingTable
-from .quota import EnforceQuota, Windows
-from .relay_response import RelayResponse
-from .response_cache import CacheResponses
-from .request_log import INSTANCE, LogSpool, LogWriter, build_record
+from .policy.access import ApplyPolicy, PolicyCache, PolicyResolver
+from .policy.model_list import list_models
+from .policy.policies import builtin_defaults
+from .policy.system_prompt import ApplySystemPrompt
+from .quota.enforce import EnforceQuota, Windows
+from .quota.pricing import PricingTable
+from .records import telemetry
+from .records.request_log import INSTANCE, LogRequest, LogSpool, LogWriter
 from .routes import ModelRoute
 from .settings import Settings
-from .store import PreconditionFailed, Store, StoreError, open_store
-from .tokens import JwksCache, TokenValidator
-from .backends import BackendPool, Circuit
-from .upstream import UpstreamClient
+from .store import Store, open_store
+from .upstream.backends import BackendPool, Circuit
+from .upstream.client import UpstreamClient
+from .upstream.relay_response import RelayResponse
 from .validation import RequestStreamUsage, ValidateRequest
 
 logger = logging.getLogger("sekisho.gateway")
@@ -52,24 +53,6 @@ logger = logging.getLogger("sekisho.gateway")
 REQUEST_ID_HEADER = "x-sekisho-request-id"
 _PROPERTY_PREFIX_BYTES = b"x-sekisho-property-"
 _MAX_PROPERTIES = 20
-
-
-class LogRequest(Stage):
-    """Last stage: every request that reached the gateway leaves exactly one record."""
-
-    name = "request_log"
-
-    def __init__(self, writer: LogWriter, settings: Settings) -> None:
-        self._writer = writer
-        self._settings = settings
-
-    async def finish(self, ctx: RequestContext) -> None:
-        policy = ctx.policy
-        content = policy.content_logging if policy else self._settings.log_content
-        retention = policy.retention_days if policy else self._settings.log_retention_days
-        record = build_record(ctx, content, retention)
-        self._writer.submit(record)
-        telemetry.emit(record)
 
 
 class Gateway:
@@ -92,6 +75,7 @@ class Gateway:
         self.resolver: PolicyResolver | None = None
         # Async jobs: a storage queue in Azure; the local host sets its in-process runtime here.
         self.job_launcher: JobLauncher | None = None
+        self.jobs: JobRunner | None = None
         self.stages: list[Stage] = []
         self._pipelines: dict[Operation, list[Stage]] = {}  # per operation: the stages its table entry names
         self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
@@ -142,6 +126,7 @@ class Gateway:
                 backends=self.backends,
             )
             self.admin.usage.on_reset = self.quota.leases.forget_subject
+            log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
             self.stages = [
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes),
@@ -152,9 +137,11 @@ class Gateway:
                 self.cache,
                 self.quota,
                 GuardOutput(),
-                LogRequest(self.log_writer, settings),
+                log_request,
             ]
-            self._pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
+            self._pipelines = log_request.pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
+            self.jobs = JobRunner(store, self.upstream, authenticator, resolver, self._builtin_policy, self.job_launcher,
+                                  finish=self._finish, after=self._after)
             # Everything built so far lives as long as the process: keep the collector from
             # walking it again and again (full collections were a cause of the latency tail).
             gc.freeze()
@@ -196,16 +183,16 @@ class Gateway:
                 await stage.before(ctx)
             if route.operation.answered_by_gateway:
                 ctx.result = list_models(ctx, self.settings.deployments)
-            if ctx.result is None and self._takes_job(ctx, async_jobs.prefers_async(request)):
-                return await self._submit_job(ctx, "prefer")
+            if ctx.result is None and self.jobs.takes(ctx, jobs.prefers_async(request)):
+                return await self.jobs.submit(ctx, "prefer")
             if ctx.result is None:
                 try:
                     ctx.result = await self.upstream.send(ctx)
                 except GatewayError as exc:
                     # The policy may turn "still 429 when the retry budget ran out" into a job.
-                    if exc.code == "upstream_rate_limited" and self._takes_job(ctx, ctx.policy.async_jobs.on_budget_exhausted):
+                    if exc.code == "upstream_rate_limited" and self.jobs.takes(ctx, ctx.policy.async_jobs.on_budget_exhausted):
                         try:
-                            return await self._submit_job(ctx, "retry_budget")
+                            return await self.jobs.submit(ctx, "retry_budget")
                         except GatewayError:
                             raise exc from None  # the client asked for nothing async: it gets the 429
                     raise
@@ -221,7 +208,7 @@ class Gateway:
             # The client went away (or the host timed out) before the answer: finish anyway, so
             # the log, the quota and the cache's waiting requests are not left hanging.
             ctx.status = ctx.status or 499
-            ctx.extra["client_disconnected"] = True
+            ctx.client_disconnected = True
             ctx.finished_at = time.perf_counter()
             if ctx.result is not None and ctx.result.events is not None:
                 await asyncio.shield(ctx.result.events.aclose())
@@ -267,160 +254,34 @@ class Gateway:
                     ctx.first_byte_at = time.perf_counter()
                 yield event.encoded()
         except (asyncio.CancelledError, GeneratorExit):
-            ctx.extra["client_disconnected"] = True
+            ctx.client_disconnected = True
             ctx.status = 499  # the client went away mid-stream (nginx's convention)
             raise
         finally:
             ctx.finished_at = time.perf_counter()
             if ctx.stream_summary is not None and ctx.stream_summary.error and ctx.status == 200:
                 ctx.status = 502
-            # Closing the upstream iterator releases its connection at once.
-            aclose = getattr(result.events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await sse.close(result.events)  # releases the upstream connection at once
             await asyncio.shield(self._finish(ctx))
 
-    # Async jobs (async_jobs.py, job_orchestration.py) ----------------------------------------
-    def _takes_job(self, ctx: RequestContext, wanted: bool) -> bool:
-        # A preference, not an order (RFC 7240): without a job runner, for streams, or when
-        # the policy says no, the request is answered synchronously.
-        # A request carrying data-source credentials is never stored as a job: they would be at rest.
-        return (wanted and self.job_launcher is not None and not ctx.stream and not ctx.route.operation.answered_by_gateway
-                and ctx.policy.async_jobs.enabled and not carries_credentials(ctx.route.operation, ctx.body))
-
-    async def _submit_job(self, ctx: RequestContext, reason: str) -> Response:
-        async_jobs.check_size(ctx)
-        job = async_jobs.new_job(ctx, reason)
-        unavailable = GatewayError(503, "async_unavailable", "The job could not be queued; try again, or call without 'Prefer: respond-async'.",
-                                   error_type="server_error")
-        try:
-            job["etag"] = await self.store.put_job(job)
-        except Exception:
-            logger.exception("job %s could not be stored", ctx.request_id)
-            raise unavailable from None  # the reservation is still this request's: released as it ends
-        ctx.quota = None  # from here on the job owns the reservation and settles it, once
-        try:
-            await self.job_launcher.launch(job)
-        except Exception:
-            logger.exception("job %s could not be queued", ctx.request_id)
-            await self._end_job(job, async_jobs.restore_context(job, ctx.policy), error=unavailable)
-            raise unavailable from None
-        ctx.extra["job"] = async_jobs.job_summary(job)
-        ctx.status = 202
-        ctx.finished_at = time.perf_counter()
-        await self._finish(ctx)
-        headers = dict(ctx.response_headers)
-        if reason == "prefer":
-            headers["Preference-Applied"] = "respond-async"
-        return async_jobs.accepted_response(job, async_jobs.status_url(ctx.http, job["id"]), headers)
-
+    # Async jobs: the lifecycle lives in jobs/runner.py; these start the gateway and hand over.
     async def job_status(self, request: Request, job_id: str) -> Response:
-        """GET on a job's status URL, by the app (and, for delegated tokens, the user) that owns it."""
         started = await self._start_or_error()
-        if started is not None:
-            return started
-        try:
-            identity = await self.authenticator.authenticate(request)
-            try:
-                job = await self.store.get_job(identity.app_id, job_id)
-            except StoreError:
-                raise GatewayError(503, "store_unavailable", "The job store is unavailable; poll again shortly.",
-                                   error_type="server_error", headers={"Retry-After": str(async_jobs.POLL_SECONDS)}) from None
-            if job is None or (identity.delegated and job["user_id"] != identity.user_oid):
-                raise errors.not_found(f"No job {job_id!r} for this application (jobs are kept for their retention time).")
-        except GatewayError as exc:
-            return _error_response(exc, exc.headers)
-        return async_jobs.status_response(job, async_jobs.status_url(request, job_id))
-
-    async def _load_job(self, task: dict) -> tuple[dict | None, RequestContext | None, GatewayError | None]:
-        """The job and a request context to finish it; a refusal when its app may no longer call."""
-        job = await self.store.get_job(task["app_id"], task["job_id"])
-        if job is None or job["status"] in async_jobs.FINISHED:
-            return job, None, None  # expired, or finished by an earlier run of this step (replay)
-        try:
-            policy = await self.resolver.resolve(job["app_id"], job["user_id"])
-        except GatewayError as refusal:  # the app was removed meanwhile
-            return job, async_jobs.restore_context(job, effective_policy(job["app_id"], self._builtin_policy, None, None, None)), refusal
-        ctx = async_jobs.restore_context(job, policy)
-        if not policy.enabled:
-            return job, ctx, forbidden("This application or user was disabled on the gateway while the job waited.")
-        return job, ctx, None
+        return started or await self.jobs.status(request, job_id)
 
     async def run_job_attempt(self, task: dict) -> dict:
-        """The attempt activity: one upstream call (failing over, never sleeping). Finishes the
-        job, or reports how long to wait before the next attempt. Every change of the job is a
-        conditional write, so that two runs of one step (Durable may run an activity twice)
-        cannot both call the model on its behalf and both finish it."""
         await self.start()
-        job, ctx, refusal = await self._load_job(task)
-        if ctx is None:
-            return {"state": job["status"] if job else "missing"}
-        if refusal is not None:
-            return await self._end_job(job, ctx, error=refusal)
-        async_jobs.mark(job, async_jobs.RUNNING, attempts=task["attempt"], waited_seconds=task["waited_seconds"])
-        try:
-            job["etag"] = await self.store.put_job(job, if_match=job["etag"])  # claim this attempt
-        except PreconditionFailed:
-            return {"state": "superseded"}
-        ctx.extra["job"] = async_jobs.job_summary(job)
-        try:
-            result = await self.upstream.send(ctx, may_wait=False)
-        except GatewayError as exc:
-            if exc.code in ("upstream_rate_limited", "upstream_error", "upstream_timeout"):
-                wait = async_jobs.wait_before_next_attempt(exc, task["attempt"])
-                async_jobs.mark(job, async_jobs.WAITING)
-                try:
-                    await self.store.put_job(job, if_match=job["etag"])
-                except PreconditionFailed:
-                    return {"state": "superseded"}
-                return {"state": "retry", "retry_after_seconds": wait, "error": {"status": exc.status, "code": exc.code}}
-            return await self._end_job(job, ctx, error=exc)
-        for stage in reversed(self._pipelines[ctx.route.operation]):
-            result = stage.after(ctx, result)
-        return await self._end_job(job, ctx, result=result)
+        return await self.jobs.run_attempt(task)
 
     async def give_up_job(self, task: dict) -> dict:
-        """The give-up activity: attempts or waiting time used up."""
         await self.start()
-        job, ctx, refusal = await self._load_job(task)
-        if ctx is None:
-            return {"state": job["status"] if job else "missing"}
-        async_jobs.mark(job, job["status"], attempts=task["attempt"], waited_seconds=task["waited_seconds"])
-        last = task.get("last_error") or {}
-        if refusal is not None:
-            error = refusal
-        elif last.get("code") == "upstream_rate_limited":
-            error = GatewayError(429, "upstream_rate_limited",
-                                 f"Azure OpenAI kept rate limiting this deployment: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s of waiting did not get through.",
-                                 error_type="rate_limit_error", headers={"Retry-After": "60"})
-        else:
-            error = GatewayError(last.get("status") or 502, last.get("code") or "upstream_error",
-                                 f"Azure OpenAI kept failing: {task['attempt']} attempt(s) over {task['waited_seconds']:.0f} s did not get an answer.")
-        return await self._end_job(job, ctx, error=error)
+        return await self.jobs.give_up(task)
 
-    async def _end_job(self, job: dict, ctx: RequestContext, *, result: UpstreamResult | None = None, error: GatewayError | None = None) -> dict:
-        """Finish the job's request like the synchronous path would, at most once: the job is
-        marked finished (conditionally) before the reservation is settled and the log written."""
-        if error is not None:
-            ctx.error, ctx.status = error, error.status
-            async_jobs.record_error(job, error)
-        else:
-            ctx.result, ctx.status = result, result.status
-            async_jobs.record_result(job, ctx, result)
-        try:
-            job["etag"] = await self.store.put_job(job, if_match=job.get("etag"))
-        except PreconditionFailed:
-            return {"state": "superseded"}  # another run of this step got there first
-        ctx.finished_at = ctx.first_byte_at = time.perf_counter()
-        ctx.extra["job"] = async_jobs.job_summary(job)
-        await self._finish(ctx)  # settles the reservation, writes the log record under the job's id
-        if job.get("result") and "x-sekisho-cost" in ctx.response_headers:
-            job["result"]["headers"]["x-sekisho-cost"] = ctx.response_headers["x-sekisho-cost"]
-            try:
-                await self.store.put_job(job, if_match=job["etag"])
-            except Exception:
-                logger.warning("job %s: the cost header could not be added to its answer", job["id"])
-        return {"state": job["status"]}
+    def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
+        """The pipeline's way out (reverse order) for an answer the upstream gave a job."""
+        for stage in reversed(self._pipelines[ctx.route.operation]):
+            result = stage.after(ctx, result)
+        return result
 
     async def _finish(self, ctx: RequestContext, done: Stage | None = None) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
@@ -500,9 +361,9 @@ def _custom_properties(request: Request) -> dict[str, str]:
 
 
 def _backend_headers(ctx: RequestContext) -> None:
-    if ctx.backend:
-        ctx.response_headers["x-sekisho-backend"] = ctx.backend
-        ctx.response_headers["x-sekisho-retries"] = str(ctx.retries)
+    if ctx.upstream.backend:
+        ctx.response_headers["x-sekisho-backend"] = ctx.upstream.backend
+        ctx.response_headers["x-sekisho-retries"] = str(ctx.upstream.retries)
 
 
 def _error_response(error: GatewayError, headers: dict[str, str]) -> Response:

@@ -1,17 +1,21 @@
-"""The ordered stages a request passes through (GUIDE §2).
+"""The stages a request passes through.
 
-Each stage owns one concept and lives in its own module. `before` runs in order on the way in
-and may refuse the request (raise GatewayError) or answer it itself (set `ctx.result`, as the
-cache will); `after` runs in reverse order on the way out and may wrap the result (the output
-guard wraps streams); `finish` runs once the exchange is over, streams included, whether it
-succeeded or not, in pipeline order so that the request log (last) sees what others added
-(quota settlement and cost, then the log).
+Each stage owns one concept and lives in its own module; which stages an operation runs is the
+operations table's choice (operations.py), in the order the gateway lists them (gateway.py):
+authenticate → validate → access → input_guard → system_prompt → stream_usage → cache → quota →
+output_guard → request_log.
 
-The order is built in gateway.py: authenticate → validate → access → model_list →
-stream_usage → quota → [upstream] → request_log. Guards, system prompt and cache slot in
-before the quota in their own issues.
+`before` runs in order on the way in and may refuse the request (raise GatewayError) or answer it
+itself (set `ctx.result`, as a cache hit does); `after` runs in reverse order on the way out and
+may wrap the result (the output guard wraps streams); `finish` runs once the exchange is over,
+streams included, whether it succeeded or not, in pipeline order so that the request log (last)
+sees what the others settled (quota and cost, then the log). `record` is the stage's own part of
+the log record, read from its own part of the context; the fields it may use are declared in
+records/request_log.py.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from .context import RequestContext, UpstreamResult
 
@@ -27,3 +31,6 @@ class Stage:
 
     async def finish(self, ctx: RequestContext) -> None:
         return None
+
+    def record(self, ctx: RequestContext) -> dict[str, Any]:
+        return {}

@@ -37,6 +37,13 @@ class Event:
         return self.raw if self.raw is not None else encode_event(self.payload, self.name)
 
 
+async def close(events: Any) -> None:
+    """Close a stream of events now: its upstream connection is released, not left to the collector."""
+    closer = getattr(events, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
 async def split_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Re-cut arbitrary byte chunks into complete SSE events (each ending in a blank line)."""
     buffer = b""

@@ -8,8 +8,8 @@ import orjson
 
 from . import errors
 from .context import RequestContext
-from .pipeline import Stage
 from .operations import STREAM_USAGE, VALIDATE, Operation, Style
+from .pipeline import Stage
 from .routes import match_template
 
 # Later stages walk the body recursively, and orjson writes at most 255 levels (the log record

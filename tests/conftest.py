@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from shared.admin_api import PolicyService
-from shared.local_issuer import LocalIssuer
+from shared.admin.api import PolicyService
+from shared.local.issuer import LocalIssuer
 from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
 

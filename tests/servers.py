@@ -75,7 +75,7 @@ def start_simulator(chunk_interval_ms: float = 0, latency_ms: float = 0) -> Simu
     port = free_port()
     key = "sim-test-key"
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.simulator", "--port", str(port), "--api-key", key,
+        [sys.executable, "-m", "shared.local.simulator", "--port", str(port), "--api-key", key,
          "--chunk-interval-ms", str(chunk_interval_ms), "--latency-ms", str(latency_ms)],
         cwd=ROOT,
     )
@@ -100,7 +100,7 @@ def start_local_host(env: dict[str, str], data_dir: str | Path, workers: int = 1
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     full_env.update(env)
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.localhost", "--port", str(port), "--quiet", "--no-seed", "--data-dir", str(data_dir), "--workers", str(workers)],
+        [sys.executable, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed", "--data-dir", str(data_dir), "--workers", str(workers)],
         cwd=ROOT, env=full_env,
     )
     wait_for_port(port, process)

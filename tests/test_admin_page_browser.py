@@ -48,7 +48,7 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
                                     json={"messages": [{"role": "user", "content": text}]}) as response:
                 assert response.status == 200
     env = {**os.environ, "SEKISHO_SQLITE_PATH": sqlite_path}
-    link = subprocess.run([sys.executable, "-m", "shared.cli", "--data-dir", str(data_dir), "admin-login", "--url", gateway.url],
+    link = subprocess.run([sys.executable, "-m", "shared.admin.cli", "--data-dir", str(data_dir), "admin-login", "--url", gateway.url],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
     async with async_playwright() as playwright:

@@ -17,10 +17,9 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 
-from shared import telemetry
-from shared.rollups import ROLLUP_COUNTERS, group, rollup_deltas
+from shared.records import telemetry
+from shared.records.rollups import ROLLUP_COUNTERS, group, rollup_deltas
 from shared.store import LogQuery
-
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "/sekisho/admin"
@@ -169,7 +168,7 @@ def test_workbook_queries_name_only_emitted_fields():
 
 async def test_admin_page_sign_in_by_one_time_link(gateway, sqlite_path, token, data_dir):
     env = {**os.environ, "SEKISHO_SQLITE_PATH": sqlite_path}
-    link = subprocess.run([sys.executable, "-m", "shared.cli", "--data-dir", str(data_dir), "admin-login", "--url", gateway.url],
+    link = subprocess.run([sys.executable, "-m", "shared.admin.cli", "--data-dir", str(data_dir), "admin-login", "--url", gateway.url],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert link.startswith(f"{gateway.url}/sekisho/admin/login?code=")
     async with aiohttp.ClientSession() as session:
@@ -197,10 +196,10 @@ async def test_admin_page_sign_in_by_one_time_link(gateway, sqlite_path, token, 
 
 def test_cli_report_prints_and_exports_csv(gateway, sqlite_path, data_dir, tmp_path):
     env = {**os.environ, "SEKISHO_SQLITE_PATH": sqlite_path}
-    table = subprocess.run([sys.executable, "-m", "shared.cli", "report", "--by", "app"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    table = subprocess.run([sys.executable, "-m", "shared.admin.cli", "report", "--by", "app"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     assert table.splitlines()[0].split()[:3] == ["app_id", "requests", "errors"]
     out = tmp_path / "chargeback.csv"
-    subprocess.run([sys.executable, "-m", "shared.cli", "report", "--by", "day", "--csv", str(out)], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "shared.admin.cli", "report", "--by", "day", "--csv", str(out)], cwd=ROOT, env=env, check=True)
     rows = list(csv.DictReader(out.open()))
     assert rows and set(rows[0]) >= {"day", "requests", "prompt_tokens", "completion_tokens", "cost"}
     assert all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", r["day"]) for r in rows)

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 import aiohttp
 import pytest
 
-from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, decode, orchestrate_job
-from shared.localhost.durable_runtime import ActivityCall, LocalOrchestrationContext, Timer
+from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, decode, orchestrate_job
+from shared.local.host.durable_runtime import ActivityCall, LocalOrchestrationContext, Timer
 
 from .conftest import _gateway_env
 from .servers import start_local_host, start_simulator, stop
@@ -252,9 +252,9 @@ async def test_queue_launcher_enqueues_what_the_registered_starter_reads(tmp_pat
     from azure.storage.queue.aio import QueueClient
 
     import function_app
-    from shared.job_launch import QueueJobLauncher
-    from shared.job_orchestration import ORCHESTRATOR, START_QUEUE
-    from shared.localhost.durable_runtime import InstanceStatus
+    from shared.jobs.launch import QueueJobLauncher
+    from shared.jobs.orchestration import ORCHESTRATOR, START_QUEUE
+    from shared.local.host.durable_runtime import InstanceStatus
     from shared.settings import Settings
 
     from .servers import start_azurite_queue
@@ -285,7 +285,7 @@ async def test_queue_launcher_enqueues_what_the_registered_starter_reads(tmp_pat
                 self.started.append((name, instance_id, decode(client_input)))
                 return instance_id
 
-        from shared.localhost.functions_host import registered_functions
+        from shared.local.host.functions_host import registered_functions
 
         (registered,) = [f for f in registered_functions(function_app.app) if f.get_function_name() == "job_starter"]
         starter = registered.get_user_function().client_function  # the user code inside the durable client wrapper

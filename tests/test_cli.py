@@ -16,7 +16,7 @@ def cli(data_dir, sqlite_path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEKISHO_")}
     env.update({"SEKISHO_STORE": "sqlite", "SEKISHO_SQLITE_PATH": sqlite_path})
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "shared.admin.cli", "--data-dir", str(data_dir), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
 

@@ -1,4 +1,4 @@
-"""GUIDE §3 errors that the foundation raises: each in the OpenAI shape, each logged."""
+"""The errors the gateway raises itself: each in the OpenAI shape, each logged."""
 from __future__ import annotations
 
 import aiohttp

@@ -186,7 +186,7 @@ class _LogStoreWith:
 
 
 async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_next_writer(tmp_path):
-    from shared.request_log import LogSpool, LogWriter
+    from shared.records.request_log import LogSpool, LogWriter
     from shared.store import StoreUnavailable
 
     class DownStore:
@@ -231,7 +231,7 @@ async def test_records_the_store_cannot_take_are_spooled_and_replayed_by_the_nex
 async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only_the_rest(tmp_path):
     from zoneinfo import ZoneInfo
 
-    from shared.request_log import LogSpool, LogWriter
+    from shared.records.request_log import LogSpool, LogWriter
     from shared.store import StoreUnavailable
 
     live = LogSpool(tmp_path / "spool", "store-a")
@@ -267,7 +267,7 @@ async def test_a_live_writers_spool_is_not_taken_and_a_partial_replay_keeps_only
 
 
 async def test_a_record_the_store_cannot_serialise_does_not_stop_the_others(tmp_path):
-    from shared.request_log import LogWriter
+    from shared.records.request_log import LogWriter
 
     store = SqliteStore(str(tmp_path / "s.db"))
     await store.open()
@@ -289,8 +289,8 @@ async def test_a_record_the_store_cannot_serialise_does_not_stop_the_others(tmp_
 async def test_an_overflowing_queue_spools_and_the_writer_replays_it_when_caught_up(tmp_path, monkeypatch):
     from zoneinfo import ZoneInfo
 
-    from shared import request_log
-    from shared.request_log import LogSpool, LogWriter
+    from shared.records import request_log
+    from shared.records.request_log import LogSpool, LogWriter
 
     monkeypatch.setattr(request_log, "_MAX_QUEUED_RECORDS", 4)
     store = SqliteStore(str(tmp_path / "o.db"))
@@ -313,7 +313,7 @@ async def test_an_overflowing_queue_spools_and_the_writer_replays_it_when_caught
 async def test_spooled_records_with_line_separators_survive_the_round_trip(tmp_path):
     import io
 
-    from shared.request_log import LogSpool
+    from shared.records.request_log import LogSpool
 
     spool = LogSpool(tmp_path / "spool", "store-u")
     records = [{"id": "u1", "text": "a\u2028b\u2029c\u0085d"}, {"id": "u2", "text": "plain"}]
@@ -326,8 +326,8 @@ async def test_spooled_records_with_line_separators_survive_the_round_trip(tmp_p
 async def test_overflow_while_a_batch_is_being_written_loses_and_doubles_nothing(tmp_path, monkeypatch):
     from zoneinfo import ZoneInfo
 
-    from shared import request_log
-    from shared.request_log import LogSpool, LogWriter
+    from shared.records import request_log
+    from shared.records.request_log import LogSpool, LogWriter
 
     monkeypatch.setattr(request_log, "_MAX_QUEUED_RECORDS", 6)
     store = SqliteStore(str(tmp_path / "f.db"))

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import inspect
-import re
 import json
+import re
 from pathlib import Path
 
 import aiohttp
-import azure.functions as func
 import pytest
 from azurefunctions.extensions.http.fastapi import Request
 
 import function_app
-from shared.localhost.functions_host import FunctionsAsgiApp, registered_functions
+from shared.local.host.functions_host import FunctionsAsgiApp, registered_functions
 from shared.routes import MODEL_ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +75,7 @@ def test_durable_functions_are_registered():
     queue = next(b for b in registered["job_starter"][1] if b["type"] == "queueTrigger")
     assert queue["queueName"] == "sekisho-jobs" and queue["connection"] == "AzureWebJobsStorage"
     # The activity names the orchestrator calls are the registered function names.
-    from shared.job_orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR
+    from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR
 
     assert {ORCHESTRATOR, ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY} <= set(registered)
 

@@ -37,10 +37,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import function_app
-from shared.localhost.functions_host import FunctionsAsgiApp, registered_functions
 from shared import operations as ops
+from shared.identity.tokens import v2_issuer
+from shared.local.host.functions_host import FunctionsAsgiApp, registered_functions
 from shared.routes import MODEL_ROUTES
-from shared.tokens import v2_issuer
 
 from .conftest import MAX_BODY_BYTES
 
@@ -742,7 +742,7 @@ async def test_log_writer_survives_a_record_it_cannot_write():
     request was logged again (BUG-6, fixed in 58892a7). The writer must outlive such a record."""
     import orjson
 
-    from shared.request_log import LogWriter
+    from shared.records.request_log import LogWriter
 
     class SerialisingStore:  # what the SQLite adapter does: orjson.dumps each record
         def __init__(self) -> None:
@@ -769,8 +769,8 @@ async def test_log_writer_survives_a_record_it_cannot_write():
 
 @pytest.mark.parametrize("principal", [{"claims": 5}, {"claims": [{"typ": ["x"], "val": 1}]}, {"claims": None}])
 def test_easy_auth_principal_of_the_wrong_shape_is_401(principal):
-    from shared import easy_auth
     from shared.errors import GatewayError
+    from shared.identity.authenticate import easy_auth
 
     header = base64.b64encode(json.dumps(principal).encode()).decode()
     with pytest.raises(GatewayError) as caught:

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
-from shared.credentials import MARKER
+from shared.records.credentials import MARKER
 
 ADMIN = "/sekisho/admin"
 RULES = [
@@ -369,7 +369,7 @@ def test_the_readme_lists_every_field_the_guards_read_and_write():
     for operation in OPERATIONS:
         for path in (*operation.reads, *operation.writes):
             assert f"`{path}`" in readme, (operation.name, path)
-    from shared.output_guard import _RESPONSE_DELTAS
+    from shared.guards.output_guard import _RESPONSE_DELTAS
 
     for kind in _RESPONSE_DELTAS:
         assert f"`{kind.rsplit('.', 1)[0]}.delta`" in readme, kind

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from shared.guard_rules import LEAK_RULE, GuardRule, GuardSettings, matcher_for
-from shared.output_guard import GuardedChannel
+from shared.guards.output_guard import GuardedChannel
+from shared.guards.rules import LEAK_RULE, GuardRule, GuardSettings, matcher_for
 
 RULES = [
     GuardRule(id="ja-secret", pattern="機密"),
@@ -121,9 +121,9 @@ def test_five_hundred_words_compile_into_one_pass():
 
 
 # Any default-ignorable code point, anywhere in a rule's word --------------------------------------
+import regex  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-import regex  # noqa: E402
 
 IGNORABLE = [chr(c) for c in range(0x110000) if regex.match(r"\p{Default_Ignorable_Code_Point}", chr(c))]
 WORDS = [GuardRule(id="ja", pattern="社外秘"), GuardRule(id="en", pattern="Project Falcon"), GuardRule(id="kana", pattern="ひみつ")]

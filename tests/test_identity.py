@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from openai import AzureOpenAI
 
-from shared.local_issuer import new_key
+from shared.local.issuer import new_key
 
 from .conftest import TEST_APP_ID
 
@@ -167,9 +167,10 @@ async def test_easy_auth_header_is_ignored_unless_enabled(gateway, issuer):
 
 
 async def test_easy_auth_principal_when_enabled(simulator, tmp_path, issuer, data_dir):
+    from shared.store.sqlite import SqliteStore
+
     from .conftest import _gateway_env, _seed, run_async
     from .servers import start_local_host, stop
-    from shared.store.sqlite import SqliteStore
 
     path = str(tmp_path / "easy.db")
     run_async(_seed(SqliteStore(path)))

@@ -10,7 +10,7 @@ reviewer would catch, reading the templates with tree-sitter-bicep (a syntax tre
   app settings in infra/modules/function-app.bicep or listed, with its reason, in
   infra/optional-settings.json; nothing is in both, nothing stale, no unknown names, no secrets;
 - the Cosmos DB containers (names, partition keys, TTL) equal shared/store/base.py CONTAINERS,
-  and the async-job queue equals shared/job_orchestration.py START_QUEUE;
+  and the async-job queue equals shared/jobs/orchestration.py START_QUEUE;
 - every role definition id in the templates is a documented built-in id (table below), the
   security defaults hold (no shared keys, no local auth, HTTPS/TLS 1.2, no FTP), and the
   workbook JSON that main.bicep loads exists and parses.
@@ -27,7 +27,7 @@ from typing import Any
 import tree_sitter
 import tree_sitter_bicep
 
-from shared.job_orchestration import START_QUEUE
+from shared.jobs.orchestration import START_QUEUE
 from shared.settings import PLATFORM_SAMPLE, SETTINGS
 from shared.store.base import CONTAINERS
 

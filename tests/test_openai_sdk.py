@@ -133,7 +133,7 @@ def test_unknown_body_fields_reach_the_upstream(azure):
 
 def test_base64_decoding_matches_the_simulator():
     # Guard for the test above: the simulator's base64 is little-endian float32, as Azure's.
-    from shared.simulator.generator import embedding, encode_base64
+    from shared.local.simulator.generator import embedding, encode_base64
 
     vector = embedding("x", 4)
     decoded = struct.unpack("<4f", base64.b64decode(encode_base64(vector)))

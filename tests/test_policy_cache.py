@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared.access import PolicyCache
+from shared.policy.access import PolicyCache
 
 
 class SlowStore:

@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai import AsyncAzureOpenAI
 
-from shared.pricing import BUILTIN_PRICES, cost_nanos, match_price
-from shared.quota import Windows
+from shared.quota.enforce import Windows
+from shared.quota.pricing import BUILTIN_PRICES, cost_nanos, match_price
 
 from .servers import post_all
 
@@ -234,7 +234,7 @@ def _context(policy_settings: dict):
     from starlette.requests import Request
 
     from shared.context import RequestContext
-    from shared.policy import PolicySettings, builtin_defaults, effective_policy, PolicyDocument
+    from shared.policy.policies import PolicyDocument, PolicySettings, builtin_defaults, effective_policy
     from shared.routes import ROUTES_BY_FUNCTION
 
     app = PolicyDocument(id="app", app_id="a1", kind="app", settings=PolicySettings.model_validate(policy_settings))
@@ -248,8 +248,8 @@ def _context(policy_settings: dict):
 
 async def test_store_failure_fail_closed_is_503():
     from shared.errors import GatewayError
-    from shared.pricing import PricingTable
-    from shared.quota import EnforceQuota
+    from shared.quota.enforce import EnforceQuota
+    from shared.quota.pricing import PricingTable
 
     stage = EnforceQuota(_DownStore(), PricingTable(_DownStore(), 60), Windows("UTC"), "USD")
     with pytest.raises(GatewayError) as caught:
@@ -259,15 +259,15 @@ async def test_store_failure_fail_closed_is_503():
 
 async def test_store_failure_fail_open_counts_in_memory():
     from shared.errors import GatewayError
-    from shared.pricing import PricingTable
-    from shared.quota import EnforceQuota
+    from shared.quota.enforce import EnforceQuota
+    from shared.quota.pricing import PricingTable
 
     stage = EnforceQuota(_DownStore(), PricingTable(_DownStore(), 60), Windows("UTC"), "USD")
     settings = {"app_limits": {"requests_per_minute": 2}, "quota_on_store_failure": "open"}
     for _ in range(2):
         ctx = _context(settings)
         await stage.before(ctx)
-        assert ctx.extra["quota_degraded"] is True
+        assert ctx.accounting.degraded is True
     with pytest.raises(GatewayError) as caught:  # the in-memory limiter still limits
         await stage.before(_context(settings))
     assert caught.value.status == 429

@@ -1,4 +1,4 @@
-"""Quota leases (shared/quota_leases.py): the book's rules, and their effect through the gateway
+"""Quota leases (shared/quota/leases.py): the book's rules, and their effect through the gateway
 on both stores — fewer store reservations, headers as if every request had reserved, nothing
 over the limit, and the unspent share handed back."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from shared.quota_leases import LeaseBook
+from shared.quota.leases import LeaseBook
 from shared.store import CounterCharge
 
 from .test_quota import _away_from_minute_boundary, _chat, _register, _settled, _usage

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from shared.relay_response import RelayResponse
+from shared.upstream.relay_response import RelayResponse
 
 SCOPE = {"type": "http", "asgi": {"spec_version": "2.3"}}
 

@@ -7,7 +7,6 @@ from openai import AsyncAzureOpenAI
 
 from shared.store import LogQuery
 
-
 from .conftest import TEST_APP_ID
 
 _TOKEN: list[str] = []

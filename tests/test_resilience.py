@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import AsyncAzureOpenAI
 
-from shared.backends import KeyVaultKeyAuth
+from shared.upstream.backends import KeyVaultKeyAuth
 
 from .conftest import _gateway_env
 from .servers import start_local_host, start_simulator, stop

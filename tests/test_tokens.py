@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 
 from shared.errors import GatewayError
-from shared.local_issuer import LocalIssuer, new_key
-from shared.tokens import JwksCache, TokenValidator
+from shared.identity.tokens import JwksCache, TokenValidator
+from shared.local.issuer import LocalIssuer, new_key
 
 
 @pytest.fixture

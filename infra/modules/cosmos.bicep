@@ -31,7 +31,7 @@ param autoscaleMaxThroughput int = 1000
 @description('Principal id of the Function App identity.')
 param appPrincipalId string
 
-@description('Object ids of operators (users or groups) who run `python -m shared.cli` against this account.')
+@description('Object ids of operators (users or groups) who run `python -m shared.admin.cli` against this account.')
 param operatorPrincipalIds array = []
 
 @description('Public network access. Disabled only together with private endpoints (main.bicep enablePrivateNetworking).')

@@ -1,5 +1,5 @@
 // Key Vault (RBAC permission model) for upstream api-keys of backends that cannot use Entra ID
-// (backend `auth: key_vault` in the deployment catalogue, shared/backends.py). The Function App
+// (backend `auth: key_vault` in the deployment catalogue, shared/upstream/backends.py). The Function App
 // identity may read secrets; operators may be granted the right to write them.
 
 @description('Key Vault name (3-24 letters, digits and hyphens, globally unique).')

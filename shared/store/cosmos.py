@@ -18,10 +18,10 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import CosmosClient
 
-from ..rollups import ROLLUP_COUNTERS
-from ..telemetry import is_final
+from ..records.rollups import ROLLUP_COUNTERS
+from ..records.telemetry import is_final
 from .base import (
-    CONTAINERS, JOBS, POLICIES, USAGE_ROLLUPS, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, JOBS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 

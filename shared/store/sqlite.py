@@ -20,12 +20,11 @@ from typing import Any, Callable, TypeVar
 
 import orjson
 
-from ..rollups import ROLLUP_COUNTERS
-from ..telemetry import is_final
-
+from ..records.rollups import ROLLUP_COUNTERS
+from ..records.telemetry import is_final
 from .base import (
-    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, EncodedLog, POLICIES, USAGE_ROLLUPS, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, AlreadyExists, CounterCharge, LogQuery, PreconditionFailed,
-    ReserveOutcome, Store, StoreUnavailable,
+    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
+    EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable,
 )
 
 T = TypeVar("T")

@@ -1,0 +1,478 @@
+"""The admin API: policies and the request log, for callers with the admin app role.
+
+`PolicyService` holds the rules for changing policies (validation, ETags, cache invalidation);
+the HTTP handlers here and the CLI both go through it, so both validate input the same way.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from .. import errors
+from ..errors import GatewayError
+from ..identity.authenticate import Authenticator
+from ..policy.access import PolicyCache, forbidden, require_admin
+from ..policy.policies import (
+    APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
+)
+from ..records import rollups
+from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
+from . import sessions as admin_sessions
+from .charts import bar_chart
+
+logger = logging.getLogger("sekisho.admin")
+
+
+def _locate(kind: str, app_id: str | None, user_id: str | None) -> tuple[str, str]:
+    if kind == "defaults":
+        return DEFAULTS_PARTITION, DEFAULTS_ID
+    check_id(app_id, "app id")
+    if kind == "app":
+        return app_id, APP_DOC_ID
+    return app_id, user_doc_id(check_id(user_id, "user id"))
+
+
+class PolicyService:
+    def __init__(self, store: Store, cache: PolicyCache | None = None) -> None:
+        self._store = store
+        self._cache = cache
+
+    async def get(self, kind: str, app_id: str | None = None, user_id: str | None = None) -> dict[str, Any] | None:
+        partition, doc_id = _locate(kind, app_id, user_id)
+        return await self._store.get_policy(partition, doc_id)
+
+    async def list(self, app_id: str | None = None) -> list[dict[str, Any]]:
+        return await self._store.list_policies(app_id)
+
+    async def put(
+        self, kind: str, app_id: str | None, user_id: str | None, data: Any, *,
+        actor: str | None, if_match: str | None = None, create_only: bool = False,
+    ) -> tuple[dict[str, Any], bool]:
+        """Create or replace a layer; returns (document, created)."""
+        if not isinstance(data, dict):
+            raise PolicyError("Invalid policy: the body must be a JSON object")
+        if kind != "defaults":
+            check_id(app_id, "app id")
+        doc = build_document(kind, app_id, user_id, data, actor)
+        existed = await self._store.get_policy(doc.app_id, doc.id) is not None
+        stored = await self._store.put_policy(doc.to_store(), if_match=if_match, create_only=create_only)
+        if self._cache is not None:
+            self._cache.invalidate(doc.app_id)
+        logger.info("policy %s/%s written by %s", doc.app_id, doc.id, actor)
+        return stored, not existed
+
+    async def delete(self, kind: str, app_id: str | None, user_id: str | None, *, actor: str | None, if_match: str | None = None) -> bool:
+        partition, doc_id = _locate(kind, app_id, user_id)
+        deleted = await self._store.delete_policy(partition, doc_id, if_match=if_match)
+        if self._cache is not None:
+            self._cache.invalidate(partition)
+        logger.info("policy %s/%s deleted by %s", partition, doc_id, actor)
+        return deleted
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error(error: GatewayError) -> Response:
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type="application/json")
+
+
+class UsageService:
+    """Current quota use against limits, per app or user, and resets. Shared by the API and the CLI."""
+
+    def __init__(self, store: Store, resolver, windows, currency: str) -> None:
+        self._store = store
+        self._resolver = resolver
+        self._windows = windows
+        self._currency = currency
+        # The serving gateway forgets its own quota leases of a reset subject (quota_leases.py).
+        self.on_reset: Callable[[str], None] | None = None
+
+    def _subject(self, app_id: str, user_id: str | None) -> str:
+        check_id(app_id, "app id")
+        return f"app:{app_id}" if user_id is None else f"user:{app_id}:{check_id(user_id, 'user id')}"
+
+    async def show(self, app_id: str, user_id: str | None = None) -> dict[str, Any]:
+        from ..quota.enforce import METRICS
+
+        policy = await self._resolver.resolve(app_id, user_id)
+        limits = policy.app_limits if user_id is None else policy.user_limits
+        at = self._windows.now()
+        names = {m.name: f"{m.key}:{self._windows.key(m.window, at)}" for m in METRICS}
+        used = await self._store.read_counters(self._subject(app_id, user_id), list(names.values()))
+        metrics = {}
+        for metric in METRICS:
+            value = used[names[metric.name]]
+            limit = getattr(limits, metric.name)
+            if metric.kind == "spend":
+                value = value / 1e9
+            metrics[metric.name] = {
+                "used": value,
+                "limit": limit,
+                "remaining": None if limit is None else max(0, limit - value),
+                "window": self._windows.key(metric.window, at),
+                "resets_in_seconds": self._windows.seconds_left(metric.window, at),
+            }
+        return {"app_id": app_id, "user_id": user_id, "currency": self._currency, "timezone": str(self._windows.zone), "metrics": metrics}
+
+    async def reset(self, app_id: str, user_id: str | None, metric_names: list[str] | None) -> list[str]:
+        from ..quota.enforce import METRICS, METRICS_BY_NAME
+
+        chosen = metric_names or [m.name for m in METRICS]
+        unknown = [n for n in chosen if n not in METRICS_BY_NAME]
+        if unknown:
+            raise PolicyError(f"unknown metric(s) {unknown}; known: {sorted(METRICS_BY_NAME)}")
+        at = self._windows.now()
+        counters = [f"{METRICS_BY_NAME[n].key}:{self._windows.key(METRICS_BY_NAME[n].window, at)}" for n in chosen]
+        subject = self._subject(app_id, user_id)
+        await self._store.reset_counters(subject, counters)
+        if self.on_reset is not None:
+            self.on_reset(subject)
+        logger.info("quota counters %s reset for %s/%s", chosen, app_id, user_id)
+        return chosen
+
+
+class PricingService:
+    def __init__(self, store: Store, pricing) -> None:
+        self._store = store
+        self._pricing = pricing
+
+    async def list(self) -> list[dict[str, Any]]:
+        from ..quota.pricing import price_documents
+
+        overridden = {d["id"] for d in await self._store.list_prices()}
+        self._pricing.invalidate()
+        return price_documents(await self._pricing.prices(), overridden)
+
+    async def put(self, model: str, data: Any) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from ..quota.pricing import Price
+
+        check_id(model, "model")
+        try:
+            price = Price.model_validate(data)
+        except ValidationError as exc:
+            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid price")) from None
+        doc = await self._store.put_price({"id": model.lower(), **price.model_dump()})
+        self._pricing.invalidate()
+        return doc
+
+    async def delete(self, model: str) -> bool:
+        deleted = await self._store.delete_price(model.lower())
+        self._pricing.invalidate()
+        return deleted
+
+
+class CacheService:
+    """Hit rate and savings per app, and purging an app's entries."""
+
+    def __init__(self, store: Store, resolver, cache) -> None:
+        self._store = store
+        self._resolver = resolver
+        self._cache = cache
+
+    async def stats(self, app_id: str) -> dict[str, Any]:
+        check_id(app_id, "app id")
+        return await self._cache.stats(app_id)
+
+    async def purge(self, app_id: str) -> dict[str, Any]:
+        check_id(app_id, "app id")
+        policy = await self._resolver.resolve(app_id, None)
+        scope = policy.cache.shared_scope or app_id
+        if self._cache is not None:
+            await self._cache.flush_writes()  # entries of this instance still on their way go too
+        purged = await self._store.cache_purge(scope)
+        logger.info("response cache of scope %s purged (%s entries)", scope, purged)
+        return {"scope": scope, "purged": purged}
+
+
+class DeploymentService:
+    """The deployment catalogue: which backends serve each deployment."""
+
+    def __init__(self, store: Store, pool) -> None:
+        self._store = store
+        self._pool = pool
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._store.list_deployments()
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        return await self._store.get_deployment(name)
+
+    async def put(self, name: str, data: Any) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from ..upstream.backends import DeploymentSpec
+
+        if not isinstance(data, dict):
+            raise PolicyError("Invalid deployment: the body must be a JSON object")
+        try:
+            spec = DeploymentSpec.model_validate({**data, "id": name})
+        except ValidationError as exc:
+            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid deployment")) from None
+        doc = await self._store.put_deployment(spec.model_dump())
+        if self._pool is not None:
+            self._pool.invalidate(name)
+        logger.info("deployment %s written", name)
+        return doc
+
+    def health(self) -> list[dict[str, Any]]:
+        """This instance's view of each backend (circuit, cool-down)."""
+        return self._pool.status() if self._pool is not None else []
+
+    async def delete(self, name: str) -> bool:
+        deleted = await self._store.delete_deployment(name)
+        if self._pool is not None:
+            self._pool.invalidate(name)
+        return deleted
+
+
+def _answers_with_errors(handler):
+    """Admin handlers raise; this turns what they raise into OpenAI-shaped error answers."""
+
+    @functools.wraps(handler)
+    async def answer(self, request: Request, *args, **kwargs) -> Response:
+        try:
+            return await handler(self, request, *args, **kwargs)
+        except GatewayError as exc:
+            return _error(exc)
+        except PolicyError as exc:
+            return _error(errors.invalid_request(str(exc)))
+        except PreconditionFailed as exc:
+            return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
+        except AlreadyExists as exc:
+            return _error(GatewayError(409, "conflict", str(exc)))
+
+    return answer
+
+
+class AdminApi:
+    def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None) -> None:
+        self._authenticator = authenticator
+        self._role = admin_role
+        self._policies = policies
+        self._store = store
+        self._currency = currency
+        self.usage = UsageService(store, resolver, windows, currency)
+        self.prices = PricingService(store, pricing)
+        self.cache = CacheService(store, resolver, cache)
+        self.catalogue = DeploymentService(store, backends)
+
+    async def _admin(self, request: Request):
+        session = request.cookies.get(admin_sessions.COOKIE)
+        if session and "authorization" not in request.headers and "x-ms-client-principal" not in request.headers:
+            # The admin page's own session (local sign-in): read-only, so GET only.
+            if request.method != "GET":
+                raise forbidden("An admin page session can only read; changes need a bearer token with the admin role.")
+            actor = await admin_sessions.session_actor(self._store, session)
+            if actor is None:
+                raise GatewayError(401, "invalid_token", "The admin session has expired; sign in again.")
+            return admin_sessions.SessionIdentity(actor, self._role)
+        identity = await self._authenticator.authenticate(request)
+        if identity.source == "easy_auth_browser" and request.method != "GET":
+            raise forbidden("A browser sign-in can only read; changes need a bearer token with the admin role.")
+        require_admin(identity, self._role)
+        return identity
+
+    @_answers_with_errors
+    async def policies(self, request: Request, kind: str | None, app_id: str | None = None, user_id: str | None = None) -> Response:
+        """kind None: list; else GET/PUT/DELETE one layer (defaults, app, user)."""
+        identity = await self._admin(request)
+        actor = identity.user_oid or identity.app_id
+        if kind is None:
+            app_filter = request.query_params.get("app_id")
+            return _json({"object": "list", "data": await self._policies.list(app_filter)})
+        if request.method == "GET":
+            doc = await self._policies.get(kind, app_id, user_id)
+            if doc is None:
+                raise errors.not_found("No such policy.")
+            return _json(doc, headers={"ETag": doc["etag"]})
+        if_match = request.headers.get("if-match")
+        if request.method == "PUT":
+            try:
+                data = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+            create_only = request.headers.get("if-none-match") == "*"
+            doc, created = await self._policies.put(kind, app_id, user_id, data, actor=actor, if_match=if_match, create_only=create_only)
+            return _json(doc, 201 if created else 200, headers={"ETag": doc["etag"]})
+        if request.method == "DELETE":
+            if not await self._policies.delete(kind, app_id, user_id, actor=actor, if_match=if_match):
+                raise errors.not_found("No such policy.")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+
+    async def _json_body(self, request: Request) -> Any:
+        raw = await request.body()
+        if not raw.strip():
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+
+    @_answers_with_errors
+    async def usage_view(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
+        await self._admin(request)
+        if reset:
+            body = await self._json_body(request) or {}
+            metrics = body.get("metrics") if isinstance(body, dict) else None
+            if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+                raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
+            return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
+        return _json(await self.usage.show(app_id, user_id))
+
+    @_answers_with_errors
+    async def cache_view(self, request: Request, app_id: str, purge: bool) -> Response:
+        await self._admin(request)
+        return _json(await (self.cache.purge(app_id) if purge else self.cache.stats(app_id)))
+
+    @_answers_with_errors
+    async def deployments(self, request: Request, name: str | None = None) -> Response:
+        await self._admin(request)
+        if name is None:
+            return _json({"object": "list", "data": await self.catalogue.list(),
+                          "health": self.catalogue.health()})
+        if request.method == "GET":
+            doc = await self.catalogue.get(name)
+            if doc is None:
+                raise errors.not_found("No such deployment in the catalogue.")
+            return _json(doc)
+        if request.method == "PUT":
+            return _json(await self.catalogue.put(name, await self._json_body(request)))
+        if request.method == "DELETE":
+            if not await self.catalogue.delete(name):
+                raise errors.not_found("No such deployment in the catalogue.")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+
+    @_answers_with_errors
+    async def pricing(self, request: Request, model: str | None = None) -> Response:
+        await self._admin(request)
+        if model is None:
+            return _json({"object": "list", "data": await self.prices.list()})
+        if request.method == "PUT":
+            return _json(await self.prices.put(model, await self._json_body(request)))
+        if request.method == "DELETE":
+            if not await self.prices.delete(model):
+                raise errors.not_found("No stored price for that model (built-in prices cannot be deleted).")
+            return Response(status_code=204)
+        raise GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+
+    @_answers_with_errors
+    async def logs(self, request: Request, request_id: str | None = None) -> Response:
+        await self._admin(request)
+        if request_id is not None:
+            record = await self._store.get_log(request_id)
+            if record is None:
+                raise errors.not_found("No log record with that request id.")
+            return _json(record)
+        params = request.query_params
+        status = params.get("status")
+        limit = params.get("limit", "100")
+        # isascii(): str.isdigit() also accepts '²' or '١', which int() refuses.
+        if (status is not None and not (status.isascii() and status.isdigit())) or not (limit.isascii() and limit.isdigit()):
+            raise errors.invalid_request("status and limit must be whole numbers.")
+        cache, guard = params.get("cache") or None, params.get("guard") or None
+        if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
+            raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
+        if guard is not None and guard not in ("true", "false"):
+            raise errors.invalid_request("guard must be true or false.", "guard")
+        query = LogQuery(
+            app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
+            status=int(status) if status else None, since=params.get("since") or None, until=params.get("until") or None,
+            cache=cache, guard=None if guard is None else guard == "true", limit=min(int(limit), 1000),
+        )
+        return _json({"object": "list", "data": await self._store.query_logs(query)})
+
+    # Reports from the usage roll-ups ------------------------------------------------------------
+    async def _report_rows(self, request: Request) -> tuple[list[dict[str, Any]], str]:
+        params = request.query_params
+        by = params.get("by", "app")
+        if by not in rollups.GROUPS:
+            raise errors.invalid_request(f"by must be one of {', '.join(rollups.GROUPS)}.", "by")
+        since, until = params.get("since") or None, params.get("until") or None
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not _is_day(value):
+                raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
+        rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        return rollups.group(rows, by), by
+
+    @_answers_with_errors
+    async def reports(self, request: Request, report: str) -> Response:
+        await self._admin(request)
+        rows, by = await self._report_rows(request)
+        if report == "usage":
+            if request.query_params.get("format") == "csv":
+                return Response(rollups.to_csv(rows, by), media_type="text/csv; charset=utf-8",
+                                headers={"Content-Disposition": f'attachment; filename="sekisho-usage-by-{by}.csv"'})
+            return _json({"object": "list", "by": by, "currency": self._currency, "data": rows})
+        if report == "chart":
+            metric = request.query_params.get("metric", "cost")
+            if metric not in ("cost", "requests", "total_tokens", "errors", "cache_hits"):
+                raise errors.invalid_request("metric must be cost, requests, total_tokens, errors or cache_hits.", "metric")
+            label = {"app": "app_id", "user": "user_id", "deployment": "deployment", "model": "model", "day": "day"}[by]
+            points = [(str(row[label]), float(row[metric])) for row in rows[:60]]
+            title = f"{metric.replace('_', ' ')} by {by}" + (f" ({self._currency})" if metric == "cost" else "")
+            return Response(bar_chart(points, title), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+        raise errors.not_found(f"No report {report!r}: usage or chart.")
+
+    # The admin page ---------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        """The page (admins only). Without any credentials: how to sign in, as a 401 page."""
+        signed_in = any(h in request.headers for h in ("authorization", "x-ms-client-principal")) or admin_sessions.COOKIE in request.cookies
+        if not signed_in:
+            return HTMLResponse(_SIGN_IN_PAGE, status_code=401)
+        try:
+            await self._admin(request)
+        except GatewayError as exc:
+            return HTMLResponse(_message_page(exc.message), status_code=exc.status)
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+    async def login(self, request: Request) -> Response:
+        """Redeem a one-time login code (from `python -m shared.admin.cli admin-login`) for a session."""
+        code = request.query_params.get("code", "")
+        session = await admin_sessions.redeem_login_code(self._store, code) if code else None
+        if session is None:
+            return HTMLResponse(_message_page("This login link is invalid, used or expired. Run `python -m shared.admin.cli admin-login` for a new one."), status_code=401)
+        secure = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        return Response(status_code=303, headers={"Location": admin_sessions.COOKIE_PATH, "Set-Cookie": admin_sessions.cookie_header(session, secure),
+                                                  "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+def _is_day(value: str) -> bool:
+    import re
+
+    return re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is not None
+
+
+_PAGE = Path(__file__).parent / "ui" / "index.html"
+# The page loads nothing from elsewhere and runs only its own script.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
+_SIGN_IN_PAGE = """<!doctype html><meta charset="utf-8"><title>Sekisho admin: sign in</title>
+<body style="font-family:system-ui,sans-serif;max-width:40em;margin:3em auto">
+<h1>Sekisho admin</h1><p>Sign in first.</p>
+<ul><li>In Azure: <a href="/.auth/login/aad?post_login_redirect_uri=/sekisho/admin">sign in with Microsoft Entra ID</a>
+(App Service Authentication; your account needs the gateway's admin app role).</li>
+<li>Locally: run <code>python -m shared.admin.cli admin-login</code> and open the link it prints.</li></ul></body>"""
+
+
+def _message_page(message: str) -> str:
+    from html import escape
+
+    return f'<!doctype html><meta charset="utf-8"><title>Sekisho admin</title><body style="font-family:system-ui,sans-serif;max-width:40em;margin:3em auto"><h1>Sekisho admin</h1><p>{escape(message)}</p></body>'
+
+
+__all__ = ["AdminApi", "PolicyService", "forbidden"]

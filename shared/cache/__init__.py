@@ -1,0 +1,1 @@
+"""The response cache: exact-match answers, stream replay, coalescing, replay-only mode."""

@@ -1,0 +1,412 @@
+"""The output guard: the same rules on what the model answers, plus system-prompt leak
+protection, on every field the model writes (the operation's `writes` and `stream_writes`:
+content, refusals, tool-call names and arguments, Responses output items and function-call
+arguments), on whole answers and inside streams.
+
+A stream is guarded per channel: one written field of one choice, tool call or output part.
+Each new piece of text is scanned together with the text still held back; everything is released
+at once except the shortest tail that a later character could still turn into a match (the
+longest rule's span, or the leak threshold). On a hit the policy's action applies: `redact`
+replaces the matched text, `block` ends the choice there with `finish_reason: "content_filter"`
+(Responses: status `incomplete`, reason `content_filter`). Blocked streams are read to their end
+without relaying, so the usage chunk still arrives and the cost stays exact.
+
+Stream events arrive decoded once (`sse.Event`); an event the guard leaves alone goes out as the
+upstream sent it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, AsyncIterator
+
+import orjson
+
+from .. import sse
+from ..context import RequestContext, UpstreamResult
+from ..field_paths import EACH, Location, replace
+from ..operations import OUTPUT_GUARD, Operation
+from ..pipeline import Stage
+from .rules import GuardMatcher, leak_index
+
+
+class GuardedChannel:
+    def __init__(self, matcher: GuardMatcher, action: str, redaction: str, decisions: list, where: str) -> None:
+        self._matcher = matcher
+        self._action = action
+        self._redaction = redaction
+        self._decisions = decisions
+        self._where = where
+        self.text = ""  # the guarded text so far (redactions applied, cut at a block)
+        self.released = 0
+        self._settled = 0  # text before this index is final (released, or a redaction)
+        self.blocked: str | None = None
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """Add text; returns what may be sent to the client now."""
+        if self.blocked:
+            return ""
+        self.text += piece
+        start = max(self.released, self._settled)
+        region = self.text[start:]
+        # Only the unreleased tail is scanned: a match cannot start in text already released.
+        hits, region_cut = self._matcher.scan(region, release=not final) if region else ([], 0)
+        cut = len(self.text) if final else start + region_cut
+        if not final:
+            pending = [h for h in hits if start + h.end > cut]  # could still grow: decide later
+            hits = [h for h in hits if start + h.end <= cut]
+            if pending:
+                cut = min(cut, start + min(h.start for h in pending))
+        if hits and self._action == "block":
+            hit = hits[0]
+            self._decide(hit.rule, "block")
+            self.text = self.text[: start + hit.start]
+            self.blocked = hit.rule
+            out, self.released = self.text[self.released :], len(self.text)
+            return out
+        if hits:
+            pieces, position = [], 0
+            for hit in hits:
+                if hit.start < position:
+                    continue  # overlaps an earlier hit
+                pieces.append(region[position : hit.start])
+                pieces.append(self._redaction)
+                position = hit.end
+                self._decide(hit.rule, "redact")
+            pieces.append(region[position:])
+            before = len(self.text)
+            self.text = self.text[:start] + "".join(pieces)
+            self._settled = start + len("".join(pieces[:-1]))
+            cut = max(self._settled, cut + (len(self.text) - before)) if not final else len(self.text)
+        cut = max(self.released, min(cut, len(self.text)))
+        out, self.released = self.text[self.released : cut], cut
+        return out
+
+    def flush(self) -> str:
+        return self.feed("", final=True)
+
+    def _decide(self, rule: str, action: str) -> None:
+        self._decisions.append({"direction": "output", "rule": rule, "action": action, "where": self._where})
+
+
+def _filter_result(rule: str) -> dict[str, Any]:
+    return {"custom_blocklists": {"filtered": True, "details": [{"filtered": True, "id": rule}]}}
+
+
+def _where(location: Location) -> str:
+    """The field as the log names it: its path with the array positions filled in."""
+    indexes = iter(location.indexes)
+    return "".join(f"{part}[{next(indexes, '')}]" if number < location.path.count(EACH) else part
+                   for number, part in enumerate(location.path.split(EACH)))
+
+
+def _structured(location: Location) -> str | None:
+    """The message member a written field belongs to when it is structured (a tool call)."""
+    for member in ("tool_calls", "function_call"):
+        if f".{member}" in location.path:
+            return member
+    return None
+
+
+class GuardOutput(Stage):
+    name = OUTPUT_GUARD
+
+    def _matcher(self, ctx: RequestContext) -> GuardMatcher | None:
+        policy = ctx.policy
+        if policy is None:
+            return None
+        leak = ctx.system_prompt.text if ctx.system_prompt is not None and policy.leak_protection.enabled else None
+        if not policy.guard_rules and not leak:
+            return None
+        leaks = leak_index(leak, policy.leak_protection.min_chars, policy.folding) if leak else None
+        matcher = GuardMatcher(policy.rule_set("output"), leaks)
+        return None if matcher.empty else matcher
+
+    def _channel(self, ctx: RequestContext, matcher: GuardMatcher, where: str) -> GuardedChannel:
+        return GuardedChannel(matcher, ctx.policy.output_action, ctx.policy.redaction, ctx.guard_decisions, where)
+
+    def after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
+        if result.status != 200:
+            return result
+        matcher = self._matcher(ctx)
+        if matcher is None:
+            return result
+        operation = ctx.route.operation
+        if result.is_stream:
+            guard = _STREAM_GUARDS.get(operation.stream_shape)
+            if guard is not None:
+                result.events = guard(self, ctx, matcher, result.events)
+            return result
+        if not isinstance(result.json, dict):
+            return result
+        if not any(matcher.find(location.text) for location in operation.writes.locations(result.json)):
+            return result  # the common case: nothing to change, so no copy of the answer
+        body = copy.deepcopy(result.json)
+        self._guard_whole(ctx, matcher, operation, body)
+        if ctx.guard_decisions:
+            ctx.model_response = result.json
+            result.json, result.body = body, orjson.dumps(body)
+        return result
+
+    # Whole answers --------------------------------------------------------------------------
+    def _guard_whole(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, body: dict) -> None:
+        blocked_choices: dict[int, str] = {}
+        response_blocked = False
+        per_choice = operation.stream_shape != "response_events"
+        for location in list(operation.writes.locations(body)):
+            choice = body["choices"][_position(body["choices"], location.indexes[0])] if per_choice else None
+            if choice is not None and id(choice) in blocked_choices:
+                continue  # the choice ended at an earlier block
+            channel = self._channel(ctx, matcher, _where(location))
+            channel.feed(location.text, final=True)
+            if channel.text != location.text:
+                replace(location, channel.text)
+                if choice is not None:
+                    choice["logprobs"] = None  # they would carry what was redacted or cut
+            if not channel.blocked:
+                continue
+            if choice is None:
+                response_blocked = True
+                continue
+            blocked_choices[id(choice)] = channel.blocked
+            member = _structured(location)
+            message = choice.get("message")
+            if member and isinstance(message, dict):
+                message.pop(member, None)  # a tool call cut short cannot be made
+            choice["finish_reason"] = "content_filter"
+            choice["content_filter_results"] = {**(choice.get("content_filter_results") or {}), **_filter_result(channel.blocked)}
+        if response_blocked:
+            body["status"] = "incomplete"
+            body["incomplete_details"] = {"reason": "content_filter"}
+
+    # Chat and completions streams -----------------------------------------------------------
+    async def _choice_stream(self, ctx: RequestContext, matcher: GuardMatcher, events: AsyncIterator[sse.Event]) -> AsyncIterator[sse.Event]:
+        writes = ctx.route.operation.stream_writes
+        channels: dict[tuple, GuardedChannel] = {}
+        blocked: dict[int, str] = {}  # choice index → the rule that ended it
+        ended: set[int] = set()  # blocked choices whose content_filter finish went out
+        try:
+            async for event in events:
+                payload = event.payload
+                choices = payload.get("choices") if isinstance(payload, dict) else None
+                if not choices or not isinstance(choices, list):
+                    yield event
+                    continue
+                # The payload is this event's own (decoded for it alone): changed in place.
+                changed = False
+                for location in list(writes.locations(payload)):
+                    index = location.indexes[0]
+                    if index in blocked:
+                        continue
+                    key = (location.path, location.indexes)
+                    channel = channels.get(key)
+                    if channel is None:
+                        channel = channels[key] = self._channel(ctx, matcher, _where(location))
+                    released = channel.feed(location.text)
+                    if released != location.text:
+                        replace(location, released)
+                        changed = True
+                    if channel.blocked:
+                        blocked[index] = channel.blocked
+                kept = []
+                for position, choice in enumerate(choices):
+                    if not isinstance(choice, dict):
+                        kept.append(choice)
+                        continue
+                    index = choice.get("index", position)
+                    if index in ended:
+                        changed = True
+                        continue  # the choice ended at the block: drop what follows
+                    if choice.get("finish_reason") and index not in blocked:
+                        for (path, indexes), channel in channels.items():
+                            if indexes[0] == index and (rest := channel.flush()):
+                                _append(choice, path, indexes[1:], rest)
+                                changed = True
+                            if indexes[0] == index and channel.blocked and index not in blocked:
+                                blocked[index] = channel.blocked  # found only once the text was whole
+                    if index in blocked:
+                        choice["finish_reason"] = "content_filter"
+                        choice["content_filter_results"] = _filter_result(blocked[index])
+                        ended.add(index)
+                        changed = True
+                    if changed and "logprobs" in choice:
+                        choice.pop("logprobs", None)  # logprobs carry the raw tokens the guard may hold back
+                    if changed and _only_empty_pieces(choice):
+                        continue  # all of this piece is held back for now
+                    kept.append(choice)
+                if not changed:
+                    yield event
+                elif kept:
+                    payload["choices"] = kept
+                    event.changed(payload)
+                    yield event
+        finally:
+            await sse.close(events)
+
+    # Responses API streams ---------------------------------------------------------------------
+    async def _response_stream(self, ctx: RequestContext, matcher: GuardMatcher, events: AsyncIterator[sse.Event]) -> AsyncIterator[sse.Event]:
+        writes = ctx.route.operation.writes
+        channels: dict[tuple, GuardedChannel] = {}
+        state = {"blocked": None}
+
+        def channel_for(key: tuple, where: str) -> GuardedChannel:
+            channel = channels.get(key)
+            if channel is None:
+                channel = channels[key] = self._channel(ctx, matcher, where)
+            return channel
+
+        def guard_object(holder: dict, member: str, output_index: int | None, final: bool) -> None:
+            """Texts inside an item, part or response object, as the channels guarded them."""
+            value = holder.get(member)
+            if member == "item":
+                wrapped, base = {"output": [value]}, output_index
+            elif member == "part":
+                wrapped, base = {"output": [{"content": [value]}]}, output_index
+            else:
+                wrapped, base = value, None
+            for location in list(writes.locations(wrapped)):
+                indexes = ((base,) + location.indexes[1:]) if base is not None else location.indexes
+                if member == "part":
+                    indexes = (base, holder.get("content_index", 0))
+                key = (location.path.rsplit(".", 1)[-1], indexes)
+                channel = channels.get(key)
+                if channel is not None and final:
+                    channel.flush()  # the object holds the whole text: nothing is held back any more
+                else:
+                    if not location.text:
+                        continue
+                    # Text that no delta carried (or a partial object): guarded on its own.
+                    channel = channel_for(key, _where(location)) if final else self._channel(ctx, matcher, _where(location))
+                    channel.feed(location.text, final=True)
+                if channel.blocked:
+                    state["blocked"] = channel.blocked
+                if channel.text != location.text:
+                    replace(location, channel.text)
+
+        try:
+            async for event in events:
+                payload = event.payload
+                kind = payload.get("type") if isinstance(payload, dict) else None
+                field = _RESPONSE_DELTAS.get(kind) if kind else None
+                if field is not None:
+                    key = (field, _response_indexes(payload, field))
+                    channel = channel_for(key, f"output[{key[1][0]}].{field}")
+                    if kind.endswith(".delta"):
+                        released = channel.feed(payload.get("delta") or "")
+                        if channel.blocked:
+                            state["blocked"] = channel.blocked
+                        if released != (payload.get("delta") or ""):
+                            if not released:
+                                continue
+                            event.changed({**payload, "delta": released})
+                        yield event
+                        continue
+                    rest = channel.flush()
+                    if channel.blocked:
+                        state["blocked"] = channel.blocked
+                    if rest:
+                        delta_kind = kind[: -len(".done")] + ".delta"
+                        yield sse.Event.of({**payload, "type": delta_kind, "delta": rest}, delta_kind)
+                    if payload.get(field) != channel.text:
+                        event.changed({**payload, field: channel.text})
+                    yield event
+                    continue
+                member = "response" if isinstance(payload, dict) and isinstance(payload.get("response"), dict) else \
+                    "item" if kind in ("response.output_item.added", "response.output_item.done") else \
+                    "part" if kind in ("response.content_part.added", "response.content_part.done") else None
+                if member is None:
+                    yield event
+                    continue
+                changed = copy.deepcopy(payload)
+                final = kind.endswith(".done") or kind in ("response.completed", "response.incomplete", "response.failed")
+                guard_object(changed, member, payload.get("output_index", 0), final)
+                if member == "response" and state["blocked"] and final:
+                    changed["response"]["status"] = "incomplete"
+                    changed["response"]["incomplete_details"] = {"reason": "content_filter"}
+                if changed != payload:
+                    event.changed(changed)
+                yield event
+        finally:
+            await sse.close(events)
+
+
+# Responses stream events that carry a written field piece by piece (.delta) or whole (.done).
+_RESPONSE_DELTAS = {
+    "response.output_text.delta": "text", "response.output_text.done": "text",
+    "response.refusal.delta": "refusal", "response.refusal.done": "refusal",
+    "response.function_call_arguments.delta": "arguments", "response.function_call_arguments.done": "arguments",
+    "response.custom_tool_call_input.delta": "input", "response.custom_tool_call_input.done": "input",
+    "response.reasoning_summary_text.delta": "text", "response.reasoning_summary_text.done": "text",
+}
+
+
+def _response_indexes(payload: dict, field: str) -> tuple:
+    output_index = payload.get("output_index", 0)
+    if field in ("arguments", "input"):
+        return (output_index,)
+    return (output_index, payload.get("content_index", payload.get("summary_index", 0)))
+
+
+def _position(items: list, identity: int) -> int:
+    for position, item in enumerate(items):
+        if isinstance(item, dict) and item.get("index") == identity:
+            return position
+    return identity
+
+
+def _append(choice: dict, path: str, indexes: tuple, text: str) -> None:
+    """Add `text` at `path` (a stream-write path) inside `choice`, creating what is missing: the
+    held-back rest of a channel goes out in the choice's finishing chunk."""
+    segments = path.split(EACH, 1)[1].lstrip(".") if path.startswith("choices" + EACH) else path
+    node: Any = choice
+    pending = list(indexes)
+    parts = [p for p in segments.replace(EACH, "." + EACH).split(".") if p]
+    for position, part in enumerate(parts):
+        last = position == len(parts) - 1
+        if part == EACH:
+            identity = pending.pop(0)
+            entry = next((e for e in node if isinstance(e, dict) and e.get("index") == identity), None)
+            if entry is None:
+                entry = {"index": identity}
+                node.append(entry)
+            node = entry
+            continue
+        if last:
+            node[part] = (node.get(part) or "") + text
+            return
+        nxt = parts[position + 1]
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt == EACH else {}
+        node = node[part]
+
+
+def _only_empty_pieces(choice: dict) -> bool:
+    """A streamed choice that carries nothing but empty pieces of held-back text."""
+    if choice.get("finish_reason") or choice.get("logprobs"):
+        return False
+    if "text" in choice:
+        return choice["text"] == "" and set(choice) <= {"index", "text", "finish_reason", "logprobs"}
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or set(choice) - {"index", "delta", "finish_reason", "logprobs", "content_filter_results"}:
+        return False
+    if set(delta) - {"content", "refusal", "tool_calls", "function_call"}:
+        return False
+    for name in ("content", "refusal"):
+        if delta.get(name):
+            return False
+    for call in delta.get("tool_calls") or ():
+        if not isinstance(call, dict) or call.get("id") or set(call) - {"index", "function"}:
+            return False
+        function = call.get("function") or {}
+        if function.get("name") or function.get("arguments"):
+            return False
+    function_call = delta.get("function_call")
+    if isinstance(function_call, dict) and (function_call.get("name") or function_call.get("arguments")):
+        return False
+    return True
+
+
+_STREAM_GUARDS = {
+    "chat_chunks": GuardOutput._choice_stream,
+    "text_chunks": GuardOutput._choice_stream,
+    "response_events": GuardOutput._response_stream,
+}

@@ -1,0 +1,129 @@
+"""An ASGI app made from the HTTP functions registered on an Azure Functions `FunctionApp`.
+
+The route table is read off the FunctionApp object (route template, methods, handler), so the
+local host serves exactly what Azure would, with the same handlers. Matching follows the
+Functions host's precedence: literal segments beat parameters, and catch-all (`{*x}`) routes
+come last.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import azure.functions as func
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...errors import error_body
+from ...routes import compile_template
+
+logger = logging.getLogger("sekisho.localhost")
+
+
+@dataclass(frozen=True)
+class HttpFunction:
+    name: str
+    route: str
+    methods: frozenset[str]
+    handler: Callable[[Request], Awaitable[Response]]
+    pattern: re.Pattern[str]
+
+    @property
+    def precedence(self) -> tuple[int, int, int]:
+        segments = self.route.strip("/").split("/")
+        catch_all = any(s.startswith("{*") for s in segments)
+        parameters = sum(1 for s in segments if s.startswith("{"))
+        return (1 if catch_all else 0, parameters, -len(segments))
+
+
+def registered_functions(app: func.FunctionApp) -> list:
+    """`app.get_functions()`, called once per app.
+
+    The Functions worker calls it once at indexing; a second call reports every function as a
+    duplicate name (it validates against state kept on the app), so the result is kept on the app."""
+    functions = getattr(app, "_sekisho_indexed_functions", None)
+    if functions is None:
+        functions = app.get_functions()
+        app._sekisho_indexed_functions = functions
+    return functions
+
+
+def http_functions(app: func.FunctionApp) -> list[HttpFunction]:
+    """The HTTP-triggered functions of `app`, in matching order."""
+    found = []
+    for function in registered_functions(app):
+        trigger = function.get_trigger()
+        if getattr(trigger, "type", None) != "httpTrigger":
+            continue
+        route = trigger.route or function.get_function_name()
+        methods = frozenset(str(getattr(m, "value", m)).upper() for m in (trigger.methods or ("GET", "POST")))
+        found.append(
+            HttpFunction(
+                name=function.get_function_name(),
+                route=route,
+                methods=methods,
+                handler=function.get_user_function(),
+                pattern=compile_template(route),
+            )
+        )
+    return sorted(found, key=lambda f: f.precedence)
+
+
+class FunctionsAsgiApp:
+    """Routes each request to the first registered function whose route and method match."""
+
+    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None) -> None:
+        self.functions = http_functions(app)
+        self._matched: dict[tuple[str, str], tuple[HttpFunction | None, dict[str, str]]] = {}
+        self._on_shutdown = list(on_shutdown or ())
+
+    def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
+        known = self._matched.get((method, path))
+        if known is None:
+            if len(self._matched) >= 1024:  # paths carry deployment names: keep the memo bounded
+                self._matched.clear()
+            known = self._matched[(method, path)] = self._match(method, path.strip("/"))
+        return known[0], dict(known[1])
+
+    def _match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
+        for function in self.functions:
+            found = function.pattern.fullmatch(path)
+            if found is not None and method in function.methods:
+                return function, found.groupdict()  # the server decoded the path once already
+        return None, {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        function, params = self.match(scope["method"], scope["path"])
+        if function is None:
+            body = error_body(f"No route for {scope['method']} {scope['path']}.", "not_found", "invalid_request_error")
+            response = Response(body, status_code=404, media_type="application/json")
+        else:
+            scope["path_params"] = params
+            try:
+                response = await function.handler(Request(scope, receive))
+            except Exception:
+                logger.exception("function %s raised", function.name)
+                body = error_body("The function raised an exception.", "server_error", "server_error")
+                response = Response(body, status_code=500, media_type="application/json")
+        await response(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for hook in self._on_shutdown:
+                    try:
+                        await hook()
+                    except Exception:
+                        logger.exception("shutdown hook failed")
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,1 @@
+"""Quotas and budgets: reservations against limits, leases, prices and costs."""

@@ -1,0 +1,390 @@
+"""Quotas and budgets: reserve before the upstream call, settle with the real usage after.
+
+For each request, the charges are: per subject (the app; and its user — the end user it names,
+or, when it names none, the app itself as its own user, so that `user_limits` always apply), for
+every limit the policy sets — requests per minute (1), tokens per minute and per day (the
+estimate: the prompt, from every field the model reads, plus the answer's budget: max_tokens or
+the policy default, times `n`/`best_of`), spend per month (the estimated cost,
+in nano-units of SEKISHO_CURRENCY). All are reserved atomically in the store (`Store.reserve`);
+a request that would cross any limit is refused with 429 before it costs anything. When the
+exchange is over, the token and spend charges are settled to the real usage (upstream's usage,
+the stream's usage chunk) or released if the call failed; the request charge stays.
+
+Windows are calendar-aligned in SEKISHO_QUOTA_TIMEZONE: a minute, a day, a month.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .. import sse
+from ..context import RequestContext
+from ..errors import GatewayError
+from ..operations import QUOTA, completion_budget
+from ..pipeline import Stage
+from ..store import CounterCharge, ReserveOutcome, Store, StoreUnavailable
+from ..store.counter_batch import CounterBatcher
+from ..token_estimate import count_tokens
+from ..usage import Usage, usage_of
+from .leases import LeaseBook
+from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
+
+logger = logging.getLogger("sekisho.quota")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the Limits field
+    key: str  # counter name prefix
+    window: str  # minute, day, month
+    kind: str  # requests, tokens, spend
+    code: str  # the 429 code
+
+
+METRICS = (
+    Metric("requests_per_minute", "rpm", "minute", "requests", "rate_limit_exceeded"),
+    Metric("tokens_per_minute", "tpm", "minute", "tokens", "rate_limit_exceeded"),
+    Metric("tokens_per_day", "tpd", "day", "tokens", "insufficient_quota"),
+    Metric("spend_per_month", "spend", "month", "spend", "insufficient_quota"),
+)
+METRICS_BY_NAME = {m.name: m for m in METRICS}
+
+
+class Windows:
+    """Calendar windows in one time zone: their keys, ends, and counter lifetimes."""
+
+    def __init__(self, timezone: str) -> None:
+        self.zone = ZoneInfo(timezone)
+        self._keys: dict[tuple[str, tuple], tuple[str, float]] = {}  # per minute: formatting costs more than a lookup
+
+    def now(self) -> datetime:
+        return datetime.now(self.zone)
+
+    def key(self, window: str, at: datetime) -> str:
+        return self.current(window, at)[0]
+
+    def current(self, window: str, at: datetime) -> tuple[str, float]:
+        """(key, end timestamp) of the window holding `at`, remembered for the current minute."""
+        minute = (at.year, at.month, at.day, at.hour, at.minute, at.fold)
+        known = self._keys.get((window, minute))
+        if known is None:
+            if len(self._keys) > 64:
+                self._keys.clear()
+            known = self._keys[(window, minute)] = (
+                at.strftime({"minute": "%Y-%m-%dT%H:%M", "day": "%Y-%m-%d", "month": "%Y-%m"}[window]),
+                self.end(window, at).timestamp(),
+            )
+        return known
+
+    def end(self, window: str, at: datetime) -> datetime:
+        if window == "minute":
+            start = at.replace(second=0, microsecond=0)
+            return start + timedelta(minutes=1)
+        if window == "day":
+            # Aware arithmetic in Python is wall-clock: this is the next local midnight, DST or not.
+            return at.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        first = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return (first + timedelta(days=32)).replace(day=1)
+
+    def seconds_left(self, window: str, at: datetime) -> int:
+        return Windows.seconds_until(self.current(window, at)[1], at.timestamp())
+
+    def ttl(self, window: str, at: datetime) -> int:
+        return Windows.ttl_until(self.current(window, at)[1], at.timestamp())
+
+    @staticmethod
+    def seconds_until(end: float, now: float) -> int:
+        # Through timestamps: subtracting two times of one zone ignores a DST change between them.
+        return max(1, math.ceil(end - now))
+
+    @staticmethod
+    def ttl_until(end: float, now: float) -> int:
+        """A counter's lifetime: until its window ends, and an hour more for admins."""
+        return Windows.seconds_until(end, now) + 3600
+
+
+def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
+    """(subject, which limits apply): the app, and its user — the end user, or the app itself
+    when it names none (an app-only caller must not escape its per-user limits by naming nobody)."""
+    return [(f"app:{app_id}", "app"), (f"user:{app_id}:{user_id or app_id}", "user")]
+
+
+def quota_unavailable() -> GatewayError:
+    return GatewayError(503, "quota_unavailable", "Quota counters are unavailable; try again shortly.", error_type="server_error")
+
+
+@dataclass
+class Reservation:
+    """What a request holds against its limits until it is settled."""
+
+    charges: list[CounterCharge]
+    metrics: list[Metric]
+    degraded: bool
+
+    def to_document(self) -> dict:
+        """For an async job document: the job settles the reservation when it ends."""
+        return {"charges": [asdict(c) for c in self.charges], "metrics": [m.name for m in self.metrics], "degraded": self.degraded}
+
+    @classmethod
+    def from_document(cls, doc: dict) -> "Reservation":
+        return cls([CounterCharge(**c) for c in doc["charges"]], [METRICS_BY_NAME[name] for name in doc["metrics"]], doc["degraded"])
+
+
+@dataclass
+class Accounting:
+    """The quota stage's part of a request: what it estimated, refused and cost."""
+
+    estimate: dict | None = None  # prompt_tokens and completion_tokens reserved
+    degraded: bool = False  # counted in memory: the store was down (fail-open policy)
+    refused: dict | None = None  # the limit that refused the request
+    cost: dict | None = None  # amount, currency, price used
+
+    def to_document(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_document(cls, doc: dict | None) -> "Accounting":
+        return cls(**(doc or {}))
+
+    def record(self) -> dict:
+        fields = {"quota_estimate": self.estimate, "cost": self.cost}
+        if self.degraded:
+            fields["quota_degraded"] = True
+        if self.refused:
+            fields["quota_refused"] = self.refused
+        return {name: value for name, value in fields.items() if value is not None}
+
+
+class MemoryCounters:
+    """Fail-open counters, per instance, while the store is down (policy quota_on_store_failure=open)."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str], int] = {}
+
+    def reserve(self, charges: list[CounterCharge]):
+        from ..store import ReserveOutcome
+
+        current = [self._values.get((c.subject, c.counter), 0) for c in charges]
+        for index, (charge, used) in enumerate(zip(charges, current)):
+            if charge.limit is not None and used + charge.amount > charge.limit:
+                return ReserveOutcome(False, current, index)
+        for charge in charges:
+            key = (charge.subject, charge.counter)
+            self._values[key] = self._values.get(key, 0) + charge.amount
+        if len(self._values) > 100_000:
+            self._values.clear()
+        return ReserveOutcome(True, [u + c.amount for u, c in zip(current, charges)])
+
+    def adjust(self, charges: list[CounterCharge]) -> None:
+        for charge in charges:
+            key = (charge.subject, charge.counter)
+            self._values[key] = self._values.get(key, 0) + charge.amount
+
+
+class EnforceQuota(Stage):
+    name = QUOTA
+
+    def __init__(self, store: Store, pricing: PricingTable, windows: Windows, currency: str, lease_share: float = 0.0) -> None:
+        self._store = store
+        self._pricing = pricing
+        self._windows = windows
+        self._currency = currency
+        self._memory = MemoryCounters()
+        self._settlements = CounterBatcher(store, what="quota settlement")
+        self.leases = LeaseBook(lease_share)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def before(self, ctx: RequestContext) -> None:
+        policy = ctx.policy
+        cached = ctx.result is not None  # a cache hit: it counts as a request, costs no tokens
+        applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
+        if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
+            return  # no limit applies: nothing to reserve (the cost is still computed at the end)
+        _, price = await self._pricing.price_for(ctx.deployment)
+        operation = ctx.route.operation
+        prompt = 0 if cached else operation.prompt_estimate(ctx.body, operation.reads)
+        completion = 0 if cached else completion_budget(operation, ctx.body, policy.default_completion_tokens)
+        tokens = prompt + completion
+        cost = cost_nanos(price, prompt, completion)
+        accounting = ctx.accounting = Accounting(estimate={"prompt_tokens": prompt, "completion_tokens": completion})
+        at = self._windows.now()
+        now = at.timestamp()
+        windows = {}  # window → (key, ttl, end), worked out once per request
+        charges, metrics, ends = [], [], []
+        for subject, limits in applicable:
+            for metric in METRICS:
+                limit = getattr(limits, metric.name)
+                if limit is None or (cached and metric.kind != "requests"):
+                    continue
+                window = windows.get(metric.window)
+                if window is None:
+                    key, end = self._windows.current(metric.window, at)
+                    window = windows[metric.window] = (key, Windows.ttl_until(end, now), end)
+                amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
+                limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)
+                charges.append(CounterCharge(subject, f"{metric.key}:{window[0]}", amount, limit_units, window[1]))
+                metrics.append(metric)
+                ends.append(window[2])
+        if not charges:
+            return
+        degraded = False
+        try:
+            outcome = await self._reserve(charges, ends)
+        except StoreUnavailable as exc:
+            if policy.quota_on_store_failure == "closed":
+                logger.error("quota store unavailable, refusing (fail-closed): %s", exc)
+                raise quota_unavailable() from None
+            logger.warning("quota store unavailable, counting in memory (fail-open): %s", exc)
+            degraded = True
+            outcome = self._memory.reserve(charges)
+        accounting.degraded = degraded
+        if not outcome.admitted:
+            self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
+        ctx.quota = Reservation(charges, metrics, degraded)
+        self._remaining_headers(ctx, charges, metrics, outcome.used)
+
+    async def _reserve(self, charges: list[CounterCharge], ends: list[float]) -> ReserveOutcome:
+        """Reserve every charge: from this instance's leases where they cover it, in the store
+        (atomically, topping leases up while the counter is far from its limit) for the rest."""
+        leases, now = self.leases, time.time()
+        covered = leases.take(charges, now)
+        if all(covered):
+            return ReserveOutcome(True, [leases.used(c) for c in charges])
+        rest = [i for i, done in enumerate(covered) if not done]
+        top_ups = top_ups_asked = [leases.top_up(charges[i]) for i in rest]
+        try:
+            outcome = await self._store.reserve([replace(charges[i], amount=charges[i].amount + t) for i, t in zip(rest, top_ups)])
+            if not outcome.admitted and any(top_ups):  # the counter moved on since we last saw it
+                top_ups = [0] * len(rest)
+                outcome = await self._store.reserve([charges[i] for i in rest])
+        except BaseException:
+            leases.give_back(charges, covered)
+            raise
+        finally:
+            for i, leased in zip(rest, top_ups_asked):
+                if leased:
+                    leases.top_up_done(charges[i])
+        if not outcome.admitted:
+            leases.give_back(charges, covered)
+            used = [0] * len(charges)
+            for i, value in zip(rest, outcome.used):
+                used[i] = value
+                leases.learn(charges[i], value, ends[i], now)
+            return ReserveOutcome(False, used, rest[outcome.failed])
+        stale = []
+        for i, value, leased in zip(rest, outcome.used, top_ups):
+            if unspent := leases.record(charges[i], value, leased, ends[i], now):
+                stale.append(replace(charges[i], amount=-unspent, limit=None))
+        if stale:
+            self._settlements.add(stale)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(leases.idle_seconds, self._sweep)
+        return ReserveOutcome(True, [leases.used(c) for c in charges])
+
+    def _sweep(self) -> None:
+        """Hand idle leases back to the store (batched with settlements) and forget old
+        counters, every second while the book holds any."""
+        self._sweeper = None
+        returned = self.leases.sweep(time.time())
+        if returned:
+            self._settlements.add(returned)
+        if self.leases:
+            self._sweeper = asyncio.get_running_loop().call_later(self.leases.idle_seconds, self._sweep)
+
+    def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:
+        retry_after = self._windows.seconds_left(metric.window, at)
+        who = "application" if charge.subject.startswith("app:") else "user"
+        if metric.kind == "spend":
+            detail = f"the {who}'s monthly budget of {nanos_to_amount(charge.limit):.2f} {self._currency} would be exceeded"
+        elif metric.kind == "requests":
+            detail = f"the {who}'s limit of {charge.limit} requests per minute is reached"
+        else:
+            per = "minute" if metric.window == "minute" else "day"
+            detail = f"the {who}'s limit of {charge.limit} tokens per {per} would be exceeded ({used} used, this request needs up to {charge.amount})"
+        ctx.accounting.refused = {"metric": metric.name, "subject": charge.subject}
+        raise GatewayError(
+            429, metric.code, f"Quota: {detail}. Retry after {retry_after} seconds.",
+            error_type="rate_limit_error" if metric.code == "rate_limit_exceeded" else "insufficient_quota",
+            headers={"Retry-After": str(retry_after), "retry-after-ms": str(retry_after * 1000),
+                     "x-ratelimit-remaining-requests" if metric.kind == "requests" else "x-ratelimit-remaining-tokens": "0"},
+        )
+
+    def _remaining_headers(self, ctx, charges, metrics, used) -> None:
+        remaining = {"requests": None, "tokens": None}
+        for charge, metric, value in zip(charges, metrics, used):
+            if metric.kind in remaining:
+                left = max(0, charge.limit - value)
+                current = remaining[metric.kind]
+                remaining[metric.kind] = left if current is None else min(current, left)
+        if remaining["requests"] is not None:
+            ctx.response_headers["x-ratelimit-remaining-requests"] = str(remaining["requests"])
+        if remaining["tokens"] is not None:
+            ctx.response_headers["x-ratelimit-remaining-tokens"] = str(remaining["tokens"])
+
+    def record(self, ctx: RequestContext) -> dict:
+        return ctx.accounting.record() if ctx.accounting is not None else {}
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """Usage and cost for the log and the header; settlement of the reservation, off the hot path."""
+        if ctx.body is None:
+            return
+        usage = usage_of(ctx)
+        accounting = ctx.accounting = ctx.accounting or Accounting()
+        estimate = accounting.estimate or {}
+        if not usage.reported and ctx.stream_summary is not None and ctx.stream_summary.chunks:
+            # A stream without a usage chunk (cut short, or an upstream that sends none): what was
+            # relayed, plus the prompt's estimate. The log carries the same figures, marked estimated.
+            prompt = estimate.get("prompt_tokens")
+            if prompt is None:
+                operation = ctx.route.operation
+                prompt = operation.prompt_estimate(ctx.body, operation.reads) if operation.prompt_estimate else 0
+            completion = count_tokens(sse.streamed_text(ctx.stream_summary))
+            usage = Usage(prompt, completion, prompt + completion, 0, reported=False, estimated=True)
+        ctx.usage = usage
+        succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
+        actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
+        model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
+        price_name, price = await self._pricing.price_for(model)
+        cost = usage_cost(price, usage) if usage.total_tokens else 0
+        accounting.cost = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
+        if (succeeded or cost) and ctx.status != 202:  # 202: an async job, priced when it ends
+            ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"
+        reservation: Reservation | None = getattr(ctx, "quota", None)
+        if reservation is None:
+            return
+        deltas = []
+        for charge, metric in zip(reservation.charges, reservation.metrics):
+            if metric.kind == "tokens":
+                delta = actual_tokens - charge.amount
+            elif metric.kind == "spend":
+                delta = cost - charge.amount
+            else:
+                continue
+            if delta:
+                deltas.append(CounterCharge(charge.subject, charge.counter, delta, None, charge.ttl))
+        if deltas:
+            if reservation.degraded:
+                self._memory.adjust(deltas)
+            else:
+                self._settlements.add(deltas)  # written with others within 50 ms
+
+    async def drain(self) -> None:
+        """Hand every lease back and write pending settlements (shutdown, tests)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        returned = self.leases.release_all(time.time())
+        if returned:
+            self._settlements.add(returned)
+        await self._settlements.drain()
+
+
+def _response_model(ctx: RequestContext) -> str | None:
+    if ctx.result is not None and isinstance(ctx.result.json, dict):
+        return ctx.result.json.get("model")
+    return None

@@ -1,0 +1,113 @@
+"""Usage telemetry: one event per finished request to Application Insights.
+
+The event is a log record of the `sekisho.usage` logger with the message `sekisho.request` and
+the fields of `USAGE_EVENT_FIELDS` as attributes; azure-monitor-opentelemetry exports it to the
+`traces` table with those fields in `customDimensions` (the workbook in infra/workbook queries
+exactly these names; a test holds the two together). Never prompt or response text: the event
+is built from the log record by picking fields, so content cannot slip in.
+
+Logs with custom dimensions rather than metrics: per-app, per-user, per-request questions need
+dimensions that would make metrics high-cardinality. Off unless
+APPLICATIONINSIGHTS_CONNECTION_STRING is set (locally it is not).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..settings import Settings
+
+EVENT_NAME = "sekisho.request"
+USAGE_LOGGER = "sekisho.usage"
+
+# The one list of telemetry field names (workbook queries are checked against it).
+USAGE_EVENT_FIELDS: tuple[str, ...] = (
+    "request_id", "request_time", "app_id", "app_name", "user_id", "deployment", "model", "operation", "stream",
+    "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost",
+    "currency", "latency_ms", "upstream_latency_ms", "time_to_first_byte_ms", "cache_status", "saved_cost",
+    "retries", "backend", "guard_action", "guard_rules", "job_status",
+)
+
+logger = logging.getLogger(USAGE_LOGGER)
+logger.setLevel(logging.INFO)
+# Only the exporter below takes these events: the Functions host's own log forwarding (and the
+# root logger locally) would otherwise duplicate every request as a plain trace.
+logger.propagate = False
+
+_configured = False
+
+
+def is_final(record: dict[str, Any]) -> bool:
+    """A record that ends a request. The 202 that submits an async job is replaced later by the
+    job's own record, which is the one that counts (telemetry and roll-ups)."""
+    return not (record.get("status") == 202 and record.get("job"))
+
+
+def usage_event(record: dict[str, Any]) -> dict[str, Any]:
+    """The event's attributes, from a request log record: metadata only."""
+    usage = record.get("usage") or {}
+    cost = record.get("cost") or {}
+    cache = record.get("cache") or {}
+    guard = record.get("guard") or []
+    actions = {d.get("action") for d in guard}
+    event = {
+        "request_id": record.get("id"),
+        "request_time": record.get("timestamp"),
+        "app_id": record.get("app_id"),
+        "app_name": record.get("app_name"),
+        "user_id": record.get("user_id"),
+        "deployment": record.get("deployment"),
+        "model": record.get("model"),
+        "operation": record.get("operation"),
+        "stream": bool(record.get("stream")),
+        "status": record.get("status"),
+        "error_code": (record.get("error") or {}).get("code"),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "cached_tokens": usage.get("cached_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+        "cost": float(cost.get("amount") or 0.0),
+        "currency": cost.get("currency"),
+        "latency_ms": record.get("latency_ms"),
+        "upstream_latency_ms": record.get("upstream_latency_ms"),
+        "time_to_first_byte_ms": record.get("time_to_first_byte_ms"),
+        "cache_status": cache.get("status"),
+        "saved_cost": float(cache.get("saved_cost") or 0.0),
+        "retries": record.get("retries", 0),
+        "backend": record.get("backend"),
+        "guard_action": "block" if "block" in actions else ("redact" if actions else "none"),
+        "guard_rules": ",".join(sorted({str(d.get("rule")) for d in guard if d.get("rule")})),
+        "job_status": (record.get("job") or {}).get("status"),
+    }
+    # OpenTelemetry attributes cannot be None; absent is clearer than "None" in KQL.
+    return {k: v for k, v in event.items() if v is not None}
+
+
+def emit(record: dict[str, Any]) -> None:
+    if logger.handlers and is_final(record):  # handlers: the exporter (configure) or a test's
+        logger.info(EVENT_NAME, extra=usage_event(record))
+
+
+def configure(settings: Settings) -> bool:
+    """Export usage events to Application Insights when a connection string is set. Only the
+    usage logger is exported; instrumentations are off (the Functions host records requests)."""
+    global _configured
+    if _configured or not settings.appinsights_connection_string:
+        return _configured
+    from azure.monitor.opentelemetry import configure_azure_monitor
+
+    credential = None
+    if "AAD" in settings.appinsights_authentication_string:
+        # "Authorization=AAD;ClientId=<id>": local auth is off on the component; use the identity.
+        from azure.identity import ManagedIdentityCredential
+
+        parts = dict(p.split("=", 1) for p in settings.appinsights_authentication_string.split(";") if "=" in p)
+        credential = ManagedIdentityCredential(client_id=parts.get("ClientId") or None)
+    configure_azure_monitor(
+        connection_string=settings.appinsights_connection_string, credential=credential, logger_name=USAGE_LOGGER,
+        disable_tracing=True, disable_metrics=True,
+        instrumentation_options={name: {"enabled": False} for name in
+                                 ("azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3")},
+    )
+    _configured = True
+    return True
