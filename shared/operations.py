@@ -231,7 +231,7 @@ RESPONSES = Operation(
     writes=_RESPONSES_WRITES,
     stream_shape="response_events",
     # Responses events carry their piece in `delta` and the whole field at `.done`; which field it
-    # is comes from the event type (response_events in output_guard.py).
+    # is comes from the event type (guards/output_guard.py).
     stream_writes=FieldSet("delta", "text", "refusal", "arguments", "name"),
     counts=("max_output_tokens",),
     completion_limits=("max_output_tokens",),

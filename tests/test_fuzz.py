@@ -820,3 +820,21 @@ def test_openapi_documents_every_error_code_of_the_guide():
     assert by_status["413"] == {"request_too_large"} and by_status["401"] == {"invalid_token"} and by_status["504"] == {"upstream_timeout"}
     assert {"rate_limit_exceeded", "insufficient_quota", "upstream_rate_limited"} <= by_status["429"]
     assert "500" not in by_status  # never documented: the sweep treats any 500 as a bug
+
+
+def test_openapi_policy_schemas_are_the_models():
+    """The policy schemas in docs/openapi.json are what the admin API validates with."""
+    from shared.policy.policies import PolicyInput
+
+    components = json.loads(OPENAPI.read_text())["components"]["schemas"]
+    generated = PolicyInput.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, schema in generated.pop("$defs").items():
+        assert components[name] == schema, f"docs/openapi.json's {name} differs from the model"
+    assert components["PolicyInput"] == generated
+
+
+def test_openapi_log_record_lists_the_declared_record_fields():
+    from shared.records.request_log import RECORD_FIELDS
+
+    properties = json.loads(OPENAPI.read_text())["components"]["schemas"]["LogRecord"]["properties"]
+    assert {name: p.get("description") for name, p in properties.items()} == RECORD_FIELDS

@@ -373,3 +373,18 @@ def test_the_readme_lists_every_field_the_guards_read_and_write():
 
     for kind in _RESPONSE_DELTAS:
         assert f"`{kind.rsplit('.', 1)[0]}.delta`" in readme, kind
+
+
+async def test_a_cached_responses_answer_shows_the_client_instructions_not_the_injected_prompt(logged_gateway, admin_token, issuer):
+    app_id = await _put_app(logged_gateway, admin_token, {"system_prompt": {"text": SYSTEM_PROMPT}, "cache": {"enabled": True}})
+    client = _v1(logged_gateway, issuer, app_id)
+    question = {"model": "gpt-4o-mini", "input": f"cached {uuid.uuid4()}", "temperature": 0, "instructions": "Be brief."}
+    first = await client.responses.with_raw_response.create(**question)
+    await asyncio.sleep(0.2)
+    again = await client.responses.with_raw_response.create(**question)
+    assert again.headers["x-sekisho-cache"] == "HIT"
+    for raw in (first, again):
+        assert raw.parse().instructions == "Be brief." and b"corporate discount" not in raw.content
+    async for event in await client.responses.create(**question, stream=True):
+        if hasattr(event, "response"):
+            assert event.response.instructions == "Be brief."

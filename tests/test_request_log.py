@@ -21,7 +21,7 @@ def _client(url: str) -> AsyncAzureOpenAI:
     return AsyncAzureOpenAI(azure_endpoint=url, azure_ad_token=_TOKEN[0], api_version="2024-10-21", max_retries=0)
 
 
-async def test_chat_record_has_the_guide_fields(logged_gateway):
+async def test_chat_record_has_every_field(logged_gateway):
     client = _client(logged_gateway.url)
     raw = await client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
@@ -122,3 +122,30 @@ def test_request_ids_sort_by_time_and_do_not_repeat():
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert len(set(ids)) == len(ids)
     assert first < min(ids) and int(first[:12], 16) <= _time.time() * 1000
+
+
+def test_stages_contribute_only_declared_fields_and_undeclared_ones_stay_out():
+    """Each stage's part of the record uses names RECORD_FIELDS declares; anything else is left
+    out of the stored record (and logged as a bug) instead of growing the store's schema."""
+    from starlette.requests import Request
+
+    from shared.cache.responses import CacheState
+    from shared.context import RequestContext
+    from shared.policy.system_prompt import AppliedPrompt
+    from shared.quota.enforce import Accounting
+    from shared.records.request_log import RECORD_FIELDS, build_record
+    from shared.routes import ROUTES_BY_FUNCTION
+
+    parts = [
+        Accounting(estimate={"prompt_tokens": 1, "completion_tokens": 2}, degraded=True, refused={"metric": "x"}, cost={"amount": 0}).record(),
+        AppliedPrompt("text", "prepend", "keep").record(),
+        {"cache": CacheState("s", "k", 1, outcome={"status": "MISS"}).outcome},
+        {"claimed_user_ignored": True},
+    ]
+    for part in parts:
+        assert set(part) <= set(RECORD_FIELDS), part
+    scope = {"type": "http", "method": "POST", "path": "/openai/v1/chat/completions", "headers": [], "query_string": b""}
+    ctx = RequestContext("r1", Request(scope), ROUTES_BY_FUNCTION["v1_chat_completions"])
+    record = build_record(ctx, "full", 1, [*parts, {"not_declared": 1}])
+    assert record["quota_degraded"] is True and record["system_prompt"]["mode"] == "prepend" and "not_declared" not in record
+    assert set(record) <= set(RECORD_FIELDS)

@@ -99,14 +99,6 @@ def _where(location: Location) -> str:
                    for number, part in enumerate(location.path.split(EACH)))
 
 
-def _structured(location: Location) -> str | None:
-    """The message member a written field belongs to when it is structured (a tool call)."""
-    for member in ("tool_calls", "function_call"):
-        if f".{member}" in location.path:
-            return member
-    return None
-
-
 class GuardOutput(Stage):
     name = OUTPUT_GUARD
 
@@ -168,10 +160,12 @@ class GuardOutput(Stage):
                 response_blocked = True
                 continue
             blocked_choices[id(choice)] = channel.blocked
-            member = _structured(location)
             message = choice.get("message")
-            if member and isinstance(message, dict):
-                message.pop(member, None)  # a tool call cut short cannot be made
+            if isinstance(message, dict):
+                # The choice ends at the block: tool calls (written after the text, or cut by the
+                # block) are not made.
+                message.pop("tool_calls", None)
+                message.pop("function_call", None)
             choice["finish_reason"] = "content_filter"
             choice["content_filter_results"] = {**(choice.get("content_filter_results") or {}), **_filter_result(channel.blocked)}
         if response_blocked:
@@ -196,6 +190,8 @@ class GuardOutput(Stage):
                 for location in list(writes.locations(payload)):
                     index = location.indexes[0]
                     if index in blocked:
+                        replace(location, "")  # the choice ended at a block: nothing after it goes out
+                        changed = True
                         continue
                     key = (location.path, location.indexes)
                     channel = channels.get(key)
@@ -224,6 +220,10 @@ class GuardOutput(Stage):
                             if indexes[0] == index and channel.blocked and index not in blocked:
                                 blocked[index] = channel.blocked  # found only once the text was whole
                     if index in blocked:
+                        delta = choice.get("delta")
+                        if isinstance(delta, dict):  # a tool call the block cut short is not made
+                            delta.pop("tool_calls", None)
+                            delta.pop("function_call", None)
                         choice["finish_reason"] = "content_filter"
                         choice["content_filter_results"] = _filter_result(blocked[index])
                         ended.add(index)
