@@ -33,6 +33,7 @@ class UpstreamResult:
     body: bytes = b""
     json: Any = None  # parsed body of a whole JSON response
     events: AsyncIterator[Any] | None = None  # sse.Event items, each one complete SSE event
+    upstream_sent_nothing: bool = False  # an error status with no body at all (what a server says of a path it lacks)
 
     @property
     def is_stream(self) -> bool:

@@ -109,6 +109,7 @@ class Operation:
     credential_roots: tuple[str, ...] = ()  # request fields whose secret-named members are never stored
     answered_by_gateway: bool = False  # the gateway answers itself (no upstream call)
     answer_is_vectors: bool = False  # the answer's `data` holds vectors: logged as their count
+    message_framing: bool = False  # the prompt is chat messages: the model adds tokens around each
 
     @property
     def streams(self) -> bool:
@@ -165,6 +166,7 @@ CHAT = Operation(
     completion_limits=("max_completion_tokens", "max_tokens"),
     choices=("n",),
     prompt_estimate=_prompt_estimate_messages,
+    message_framing=True,
     system_prompt="messages",
     credential_roots=DATA_SOURCE_ROOTS,
 )

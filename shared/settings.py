@@ -22,6 +22,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AZURE_OPENAI_ENDPOINT", "", "Upstream Azure OpenAI endpoint, e.g. https://myaoai.openai.azure.com. Empty = the built-in simulator (local mode only)."),
     Setting("AZURE_OPENAI_API_KEY", "", "Upstream api-key. Empty = Entra ID token from the managed identity (DefaultAzureCredential)."),
     Setting("AZURE_OPENAI_API_VERSION", "2024-10-21", "api-version sent upstream on Azure-style routes when the client sent none."),
+    Setting("TIKTOKEN_CACHE_DIR", "", "Where tiktoken reads its BPE rank files (its own setting). Empty = a folder of the process under the temp directory, filled from the files bundled in shared/quota/bpe/ (checked against tiktoken's pinned hashes)."),
+    Setting("AZURE_OPENAI_V1_ROUTES", "true", "Whether AZURE_OPENAI_ENDPOINT serves the v1 API (/openai/v1/...). false: v1 calls are sent to its deployment routes instead (older resources, Azure-compatible servers without v1)."),
     Setting("AZURE_CLIENT_ID", "", "Client id of the user-assigned managed identity (read by azure-identity)."),
     Setting("SEKISHO_UPSTREAM_CONNECT_TIMEOUT_SECONDS", "10", "Time allowed to open a connection to the upstream."),
     Setting("SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS", "220", "Longest silence allowed from the upstream (first byte, or between stream chunks); below the 230 s that Azure allows an HTTP response to start."),
@@ -73,6 +75,7 @@ class Settings:
     azure_openai_endpoint: str
     azure_openai_api_key: str
     azure_openai_api_version: str
+    azure_openai_v1_routes: bool
     upstream_connect_timeout: float
     upstream_read_timeout: float
     upstream_max_connections: int
@@ -162,6 +165,7 @@ class Settings:
             azure_openai_endpoint=get("AZURE_OPENAI_ENDPOINT").rstrip("/"),
             azure_openai_api_key=get("AZURE_OPENAI_API_KEY"),
             azure_openai_api_version=get("AZURE_OPENAI_API_VERSION"),
+            azure_openai_v1_routes=boolean("AZURE_OPENAI_V1_ROUTES"),
             upstream_connect_timeout=number("SEKISHO_UPSTREAM_CONNECT_TIMEOUT_SECONDS", minimum=0.1),
             upstream_read_timeout=number("SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS", minimum=0.1),
             upstream_max_connections=number("SEKISHO_UPSTREAM_MAX_CONNECTIONS", int, 1),

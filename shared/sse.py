@@ -64,6 +64,28 @@ async def split_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield buffer.rstrip(b"\n") + b"\n\n"
 
 
+_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":", b"[DONE]")
+
+
+def looks_like_events(first: bytes) -> bool:
+    """Whether the first bytes of an answer are an event stream rather than a JSON body."""
+    return first.lstrip(b"\r\n\xef\xbb\xbf").startswith(_FIELDS)
+
+
+def finish_reason_out_of_delta(payload: dict[str, Any]) -> bool:
+    """Some Azure-compatible servers put `finish_reason` inside `delta`; Azure and the SDKs
+    expect it on the choice. Moved there; True when the chunk changed."""
+    moved = False
+    for choice in payload.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and "finish_reason" in delta:
+            reason = delta.pop("finish_reason")
+            if reason is not None and not choice.get("finish_reason"):
+                choice["finish_reason"] = reason
+            moved = True
+    return moved
+
+
 def event_data(event: bytes) -> bytes | None:
     """The joined `data:` payload of one event, or None when it has none."""
     data = None

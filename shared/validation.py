@@ -9,6 +9,7 @@ import orjson
 from . import errors
 from .context import RequestContext
 from .operations import STREAM_USAGE, VALIDATE, Operation, Style
+from .upstream import api_versions
 from .pipeline import Stage
 from .routes import match_template
 
@@ -140,12 +141,17 @@ class ValidateRequest(Stage):
 
 
 class RequestStreamUsage(Stage):
-    """Ask the upstream for the usage chunk on every chat/completions stream, so cost is exact.
+    """Ask the upstream for the usage chunk on streams, so cost is exact — where the request's
+    api-version accepts `stream_options` (upstream/api_versions.py); an older version gets the
+    request as the client sent it, and the gateway counts the stream's tokens itself.
 
     The client's own choice is remembered; the upstream relay strips the usage chunk when the
     client did not ask for it."""
 
     name = STREAM_USAGE
+
+    def __init__(self, default_api_version: str) -> None:
+        self._default_api_version = default_api_version  # what Azure-style routes send when the client sent none
 
     async def before(self, ctx: RequestContext) -> None:
         if not ctx.stream or not ctx.route.operation.stream_usage_option:
@@ -153,9 +159,9 @@ class RequestStreamUsage(Stage):
         options = ctx.body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise errors.invalid_request("'stream_options' must be an object.", "stream_options")
-        options = dict(options or {})
-        ctx.client_wants_usage = options.get("include_usage") is True
-        if not ctx.client_wants_usage:
-            options["include_usage"] = True
-            ctx.body["stream_options"] = options
-            ctx.body_modified = True
+        ctx.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        upstream_version = (ctx.api_version or self._default_api_version) if ctx.route.style is Style.AZURE else None
+        if ctx.client_wants_usage or not api_versions.accepts(upstream_version, "stream_options"):
+            return
+        ctx.body["stream_options"] = {**(options or {}), "include_usage": True}
+        ctx.body_modified = True

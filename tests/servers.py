@@ -75,9 +75,9 @@ def start_simulator(chunk_interval_ms: float = 0, latency_ms: float = 0) -> Simu
     port = free_port()
     key = "sim-test-key"
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.local.simulator", "--port", str(port), "--api-key", key,
+        [sys.executable, "-m", "shared.local.simulator", "--port", str(port),
          "--chunk-interval-ms", str(chunk_interval_ms), "--latency-ms", str(latency_ms)],
-        cwd=ROOT,
+        cwd=ROOT, env={**os.environ, "SEKISHO_SIMULATOR_API_KEY": key},
     )
     wait_for_port(port, process)
     return Simulator(process, port, key)

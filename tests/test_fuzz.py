@@ -822,8 +822,8 @@ def test_openapi_documents_every_error_code_of_the_guide():
     assert "500" not in by_status  # never documented: the sweep treats any 500 as a bug
 
 
-def test_openapi_policy_schemas_are_the_models():
-    """The policy schemas in docs/openapi.json are what the admin API validates with."""
+def test_openapi_policy_and_backend_schemas_are_the_models():
+    """The policy and backend schemas in docs/openapi.json are what the admin API validates with."""
     from shared.policy.policies import PolicyInput
 
     components = json.loads(OPENAPI.read_text())["components"]["schemas"]
@@ -831,6 +831,10 @@ def test_openapi_policy_schemas_are_the_models():
     for name, schema in generated.pop("$defs").items():
         assert components[name] == schema, f"docs/openapi.json's {name} differs from the model"
     assert components["PolicyInput"] == generated
+    from shared.upstream.backends import DeploymentSpec
+
+    backend = DeploymentSpec.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"]["BackendSpec"]
+    assert components["BackendSpec"] == backend, "docs/openapi.json's BackendSpec differs from the model"
 
 
 def test_openapi_log_record_lists_the_declared_record_fields():

@@ -31,6 +31,7 @@ from ..store import CounterCharge, ReserveOutcome, Store, StoreUnavailable
 from ..store.counter_batch import CounterBatcher
 from ..token_estimate import count_tokens
 from ..usage import Usage, usage_of
+from . import tokenizer
 from .leases import LeaseBook
 from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
 
@@ -335,20 +336,17 @@ class EnforceQuota(Stage):
             return
         usage = usage_of(ctx)
         accounting = ctx.accounting = ctx.accounting or Accounting()
-        estimate = accounting.estimate or {}
-        if not usage.reported and ctx.stream_summary is not None and ctx.stream_summary.chunks:
-            # A stream without a usage chunk (cut short, or an upstream that sends none): what was
-            # relayed, plus the prompt's estimate. The log carries the same figures, marked estimated.
-            prompt = estimate.get("prompt_tokens")
-            if prompt is None:
-                operation = ctx.route.operation
-                prompt = operation.prompt_estimate(ctx.body, operation.reads) if operation.prompt_estimate else 0
-            completion = count_tokens(sse.streamed_text(ctx.stream_summary))
-            usage = Usage(prompt, completion, prompt + completion, 0, reported=False, estimated=True)
+        model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
+        if not usage.reported:
+            # The upstream reported no usage (a stream cut short or on an old api-version, an
+            # upstream that never sends it): counted with the model's tokenizer. The log, the
+            # settlement and the cost header all use these figures, marked estimated.
+            counted = await asyncio.to_thread(counted_usage, ctx, model)  # the first count loads the BPE ranks
+            if counted is not None:
+                usage = counted
         ctx.usage = usage
         succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
         actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
-        model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
         price_name, price = await self._pricing.price_for(model)
         cost = usage_cost(price, usage) if usage.total_tokens else 0
         accounting.cost = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
@@ -382,6 +380,38 @@ class EnforceQuota(Stage):
         if returned:
             self._settlements.add(returned)
         await self._settlements.drain()
+
+
+def counted_usage(ctx: RequestContext, model: str | None) -> Usage | None:
+    """Prompt and answer tokens counted by the gateway, for an exchange whose answer reached the
+    client without usage: a stream that relayed something, or a whole answer. None when nothing
+    of an answer came back (a refusal, an error: the reservation is released)."""
+    operation = ctx.route.operation
+    summary = ctx.stream_summary
+    if summary is not None:
+        if not summary.chunks:
+            return None
+        written = sse.streamed_text(summary)
+    else:
+        result = ctx.result
+        answer = ctx.model_response if ctx.model_response is not None else (result.json if result is not None else None)
+        if result is None or result.status != 200 or not isinstance(answer, dict):
+            return None
+        written = "\n".join(operation.writes.texts(answer))
+    read = "\n".join(operation.reads.texts(ctx.body or {}))
+    try:
+        if operation.message_framing:
+            prompt = tokenizer.count_chat_prompt((ctx.body or {}).get("messages"), read, model)
+        elif read:
+            prompt = tokenizer.count(read, model)
+        else:  # token-id inputs: their length is their count
+            prompt = operation.prompt_estimate(ctx.body, operation.reads) if operation.prompt_estimate else 0
+        completion = tokenizer.count(written, model)
+    except Exception:  # the tokenizer could not load: the rough estimate, rather than nothing
+        logger.exception("tokenizer unavailable; counting %s with the rough estimate", ctx.request_id)
+        prompt = operation.prompt_estimate(ctx.body, operation.reads) if operation.prompt_estimate else 0
+        completion = count_tokens(written)
+    return Usage(prompt, completion, prompt + completion, 0, reported=False, estimated=True)
 
 
 def _response_model(ctx: RequestContext) -> str | None:

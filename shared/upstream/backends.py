@@ -8,9 +8,10 @@ api-key held in Key Vault (resolved with azure-keyvault-secrets and cached); loc
 setups may name an environment variable SEKISHO_BACKEND_KEY_* instead. A deployment not in
 the catalogue goes to the default backend from the settings (AZURE_OPENAI_ENDPOINT).
 
-Health is kept per instance: a backend that answered 429 cools down for its Retry-After; one
-that fails `failure_threshold` times in a row is skipped for `open_seconds`, then probed by one
-request. Per instance is enough: every instance sees an unhealthy backend within a few requests
+Health is kept per instance, per backend and deployment: a backend that answered 429 cools down
+for its Retry-After; one that fails `failure_threshold` times in a row (5xx other than 501 and
+505, timeouts, refused connections) is skipped for `open_seconds`, then probed by one request.
+An empty 500, what some servers answer for a path they do not serve, counts for nothing. Per instance is enough: every instance sees an unhealthy backend within a few requests
 of its own, and sharing the state through the store would add a round trip to every request.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class BackendSpec(BaseModel):
     key_vault_secret: str | None = Field(default=None, description="https://<vault>.vault.azure.net/secrets/<name>, for auth=key_vault")
     api_key_env: str | None = Field(default=None, pattern=r"^SEKISHO_BACKEND_KEY_[A-Z0-9_]{1,40}$",
                                     description="For local and test setups: an environment variable holding the key.")
+    v1_routes: bool = Field(default=True, description="The resource serves the v1 API (/openai/v1/...); false: v1 calls go to its deployment routes.")
 
     @field_validator("endpoint")
     @classmethod
@@ -135,6 +137,7 @@ class Backend:
     priority: int
     weight: int
     auth: object
+    v1_routes: bool = True  # serves /openai/v1/...; else v1 calls go to its deployment routes
     health: BackendHealth = field(default_factory=BackendHealth)
 
 
@@ -187,14 +190,19 @@ class BackendPool:
     """Backends per deployment, built from the catalogue and cached; health survives reloads."""
 
     def __init__(self, store, default_endpoint: str, default_api_key: str, circuit: Circuit, ttl_seconds: float,
-                 key_vault_factory=None, env=None) -> None:
+                 key_vault_factory=None, env=None, default_v1_routes: bool = True) -> None:
+        self._default_v1_routes = default_v1_routes
         self._store = store
         self._env = env if env is not None else {}
         self.circuit = self._circuit = circuit
         self._ttl = ttl_seconds
         self._kv_factory = key_vault_factory
-        self._default = [Backend("default", default_endpoint, None, 1, 1, ApiKeyAuth(default_api_key) if default_api_key else EntraTokenAuth())]
-        self._managed_identity = self._default[0].auth if not default_api_key else EntraTokenAuth()
+        self._default_endpoint = default_endpoint
+        self._default_auth = ApiKeyAuth(default_api_key) if default_api_key else EntraTokenAuth()
+        self._managed_identity = self._default_auth if not default_api_key else EntraTokenAuth()
+        # The default backend, one per deployment: health is judged per backend and deployment,
+        # so failures on one deployment (or on a path one deployment lacks) never pause another.
+        self._default: dict[str, Backend] = {}
         self._cache: dict[str, tuple[float, list[Backend]]] = {}
         self._by_key: dict[tuple, Backend] = {}
 
@@ -204,7 +212,13 @@ class BackendPool:
             return cached[1]
         doc = await self._store.get_deployment(deployment)
         if doc is None:
-            backends = self._default
+            default = self._default.get(deployment)
+            if default is None:
+                if len(self._default) >= 10_000:
+                    self._default.clear()  # names clients invent must not grow this without bound
+                default = self._default[deployment] = Backend("default", self._default_endpoint, None, 1, 1, self._default_auth,
+                                                              self._default_v1_routes)
+            backends = [default]
         else:
             spec = DeploymentSpec.model_validate(doc)
             backends = [self._backend(deployment, b) for b in spec.backends]
@@ -215,7 +229,7 @@ class BackendPool:
         key = (deployment, spec.name, spec.endpoint, spec.deployment, spec.auth, spec.key_vault_secret, spec.api_key_env)
         existing = self._by_key.get(key)
         if existing is not None:
-            existing.priority, existing.weight = spec.priority, spec.weight
+            existing.priority, existing.weight, existing.v1_routes = spec.priority, spec.weight, spec.v1_routes
             return existing  # keep its health and its cached credentials
         if spec.auth == "key_vault":
             auth = KeyVaultKeyAuth(spec.key_vault_secret, self._kv_factory)
@@ -223,7 +237,7 @@ class BackendPool:
             auth = ApiKeyAuth(self._env.get(spec.api_key_env, ""))
         else:
             auth = self._managed_identity
-        backend = Backend(spec.name, spec.endpoint, spec.deployment, spec.priority, spec.weight, auth)
+        backend = Backend(spec.name, spec.endpoint, spec.deployment, spec.priority, spec.weight, auth, spec.v1_routes)
         self._by_key[key] = backend
         return backend
 
@@ -286,7 +300,7 @@ class BackendPool:
 
     async def close(self) -> None:
         seen = set()
-        for backend in [*self._default, *self._by_key.values(), self._managed_identity]:
+        for backend in [self._default_auth, *self._by_key.values(), self._managed_identity]:
             auth = backend.auth if isinstance(backend, Backend) else backend
             if id(auth) not in seen:
                 seen.add(id(auth))

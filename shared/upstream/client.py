@@ -96,9 +96,16 @@ class UpstreamClient:
     def url_for(self, ctx: RequestContext, backend: Backend) -> str:
         route = ctx.route
         deployment = backend.deployment or ctx.deployment or ""
-        path = "/" + route.template.replace("{deployment}", quote(deployment, safe=""))
+        template, style = route.template, route.style
+        if style is Style.V1 and not backend.v1_routes:
+            # A backend without the v1 API: the same operation on its deployment route (the
+            # answers have the same shape both ways).
+            azure = next((spec for spec in route.operation.routes if spec.style is Style.AZURE), None)
+            if azure is not None:
+                template, style = azure.template, Style.AZURE
+        path = "/" + template.replace("{deployment}", quote(deployment, safe=""))
         query = ctx.http.scope.get("query_string", b"").decode("utf-8", "replace")  # as sent; cheaper than building .url
-        if route.style is Style.AZURE and "api-version=" not in query:
+        if style is Style.AZURE and "api-version=" not in query:
             extra = "api-version=" + quote(ctx.api_version or self._settings.azure_openai_api_version)
             query = f"{query}&{extra}" if query else extra
         return f"{backend.endpoint}{path}?{query}" if query else f"{backend.endpoint}{path}"
@@ -129,10 +136,13 @@ class UpstreamClient:
             backend = self._pool.choose(backends, tried) or self._pool.choose(backends, set())
             if backend is None and attempt_number == 1:
                 backend = self._pool.least_cooling(backends)
-            if backend is None:  # every backend cooling down or open: wait for the first
-                # Cooling after 429s is throttling; circuits open after failures are an outage.
-                kind = "throttled" if self._pool.any_cooling(backends) else "unavailable"
-                raise _Retryable(kind, backends[0], self._planned_wait(backends, tried, policy, attempt_number),
+            if backend is None:
+                if not self._pool.any_cooling(backends):
+                    # Every backend's circuit is open after failures: an outage, answered at once
+                    # (502 with Retry-After) instead of spending the request's time budget on it.
+                    raise _Retryable("unavailable", backends[0], math.inf, retry_after=self._pool.soonest_available(backends))
+                # Cooling down after 429s is throttling: wait for the first to be free again.
+                raise _Retryable("throttled", backends[0], self._planned_wait(backends, tried, policy, attempt_number),
                                  retry_after=self._pool.soonest_available(backends))
             tried.add(backend.name)
             return backend
@@ -203,6 +213,11 @@ class UpstreamClient:
             if response.status == 429:
                 circuit.on_throttled(backend, hint if hint is not None else policy.base_delay_ms / 1000)
                 raise _Retryable("throttled", backend, self._planned_wait(backends, tried, policy, attempt_number), result, hint)
+            if response.status == 500 and result.upstream_sent_nothing:
+                # An empty 500 is how some servers answer a path they do not serve (a v1 route on
+                # an older resource): it says nothing of the backend's health, and asking again
+                # gets the same. Neither counted against the circuit nor retried.
+                return result
             circuit.on_failure(backend)
             raise _Retryable("server_error", backend, self._planned_wait(backends, tried, policy, attempt_number), result)
         circuit.on_success(backend)
@@ -235,13 +250,13 @@ class UpstreamClient:
         return GatewayError(502, "upstream_error", f"Azure OpenAI answered {status} ({tries} attempt(s)){detail}", headers=NO_SDK_RETRY)
 
     # Responses ------------------------------------------------------------------------------------
-    async def _read_whole(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> UpstreamResult:
+    async def _read_whole(self, ctx: RequestContext, response: aiohttp.ClientResponse, prefix: bytes = b"") -> UpstreamResult:
         headers_out = passed_headers(response.headers)
         ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
         content_type = response.headers.get("Content-Type", "application/json")
         headers_out["content-type"] = content_type
         try:
-            raw = await response.read()
+            raw = prefix + await response.read()
         except asyncio.TimeoutError:
             response.close()
             raise errors.upstream_timeout("The upstream stopped answering before the response was complete.") from None
@@ -256,6 +271,7 @@ class UpstreamClient:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 parsed = None
+        sent_nothing = response.status >= 400 and not raw.strip()
         if response.status >= 400 and not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
             # Not Azure's error shape (a proxy's or web server's own page): say it in the OpenAI shape.
             text = raw[:300].decode("utf-8", "replace").strip() or "no body"
@@ -264,39 +280,63 @@ class UpstreamClient:
                                 "code": "upstream_error", "param": None}}
             raw = orjson.dumps(parsed)
             headers_out["content-type"] = "application/json"
-        return UpstreamResult(status=response.status, headers=headers_out, body=raw, json=parsed)
+        return UpstreamResult(status=response.status, headers=headers_out, body=raw, json=parsed, upstream_sent_nothing=sent_nothing)
 
     async def _result(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> UpstreamResult:
-        content_type = response.headers.get("Content-Type", "application/json")
-        if ctx.stream and response.status == 200 and content_type.startswith("text/event-stream"):
-            headers_out = passed_headers(response.headers)
-            ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
-            headers_out["content-type"] = content_type
-            ctx.stream_summary = StreamSummary()
-            return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response))
-        return await self._read_whole(ctx, response)
+        """A stream when the client asked for one and the answer is one — by its content type, or,
+        when the upstream sends none or another (some Azure-compatible servers do), by its first
+        bytes; else the whole answer."""
+        content_type = response.headers.get("Content-Type", "")
+        if not (ctx.stream and response.status == 200):
+            return await self._read_whole(ctx, response)
+        first = b""
+        if not content_type.startswith("text/event-stream"):
+            try:
+                first = await response.content.readany()
+            except (asyncio.TimeoutError, aiohttp.ClientError):
+                response.close()
+                raise errors.upstream_error("The upstream connection broke before its answer began.") from None
+            if not sse.looks_like_events(first):
+                return await self._read_whole(ctx, response, prefix=first)
+            content_type = "text/event-stream; charset=utf-8"
+        headers_out = passed_headers(response.headers)
+        ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
+        headers_out["content-type"] = content_type
+        ctx.stream_summary = StreamSummary()
+        return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response, first))
 
-    async def _relay(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> AsyncIterator[sse.Event]:
+    async def _relay(self, ctx: RequestContext, response: aiohttp.ClientResponse, first: bytes = b"") -> AsyncIterator[sse.Event]:
         """Yield the upstream's SSE events as they arrive, each decoded once, reading usage and
         text on the way.
 
-        Strips the usage-only chunk when the gateway (not the client) asked for it. If the upstream
-        breaks mid-stream, the client gets one error event and the stream ends cleanly."""
+        Strips the usage-only chunk when the gateway (not the client) asked for it. What some
+        Azure-compatible servers send differently is put in Azure's shape on the way: a
+        `finish_reason` inside `delta` moves to the choice, a bare `[DONE]` line becomes
+        `data: [DONE]`. If the upstream breaks mid-stream, the client gets one error event and
+        the stream ends cleanly."""
         summary = ctx.stream_summary
         strip_usage = not ctx.client_wants_usage
         completed = False
         try:
-            async for raw in sse.split_events(response.content.iter_any()):
+            async for raw in sse.split_events(_chunks(first, response)):
                 data = sse.event_data(raw)
                 payload = None
-                if data is not None and data != sse.DONE:
+                if data is None:
+                    if raw.strip() == sse.DONE:
+                        yield sse.Event(b"data: [DONE]\n\n", None)
+                        continue
+                elif data != sse.DONE:
                     try:
                         payload = orjson.loads(data)
                     except orjson.JSONDecodeError:
                         payload = None
                     if isinstance(payload, dict):
+                        moved = sse.finish_reason_out_of_delta(payload)
                         sse.absorb(summary, payload)
                         if strip_usage and sse.is_usage_only_chunk(payload):
+                            continue
+                        if moved:
+                            yield sse.Event.of(payload)
                             continue
                     else:
                         payload = None
@@ -319,3 +359,11 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
         await self._pool.close()
+
+
+async def _chunks(first: bytes, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, after the first one already read to tell what it is."""
+    if first:
+        yield first
+    async for chunk in response.content.iter_any():
+        yield chunk

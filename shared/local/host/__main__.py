@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -44,13 +45,26 @@ def _wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing is listening on {host}:{port} after {timeout:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """In the child, before it runs: the kernel sends it SIGTERM when this process ends, however it
+    ends (uvicorn re-raises SIGTERM after its graceful shutdown, so atexit hooks never run then)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: atexit below still covers a normal exit
+        pass
+
+
 def start_simulator(port: int, latency_ms: float, chunk_interval_ms: float) -> tuple[subprocess.Popen, str, str]:
     api_key = secrets.token_urlsafe(24)
     command = [
-        sys.executable, "-m", "shared.local.simulator", "--port", str(port), "--api-key", api_key,
+        sys.executable, "-m", "shared.local.simulator", "--port", str(port),
         "--latency-ms", str(latency_ms), "--chunk-interval-ms", str(chunk_interval_ms),
     ]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT)
+    # The key goes by environment, not on the command line where every process list shows it.
+    env = {**os.environ, "SEKISHO_SIMULATOR_API_KEY": api_key}
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, preexec_fn=_die_with_parent)
     atexit.register(process.terminate)
     _wait_for_port("127.0.0.1", port)
     return process, f"http://127.0.0.1:{port}", api_key
@@ -148,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve Sekisho's functions locally")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("SEKISHO_LOCAL_PORT", "7071")))
-    parser.add_argument("--simulator-port", type=int, default=7072)
+    parser.add_argument("--simulator-port", type=int, default=int(os.environ.get("SEKISHO_SIMULATOR_PORT", "7072")),
+                        help="port of the built-in simulator (default SEKISHO_SIMULATOR_PORT or 7072)")
     parser.add_argument("--simulator-latency-ms", type=float, default=40.0)
     parser.add_argument("--simulator-chunk-interval-ms", type=float, default=15.0)
     parser.add_argument("--data-dir", default=".data", help="SQLite database and local issuer keys")

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from . import generator as gen
+from ...upstream import api_versions
 
 CHAT_MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-11-20", "gpt-4.1": "gpt-4.1-2025-04-14"}
 EMBEDDING_MODELS = {"text-embedding-3-small": ("text-embedding-3-small", 1536), "text-embedding-3-large": ("text-embedding-3-large", 3072)}
@@ -34,6 +35,16 @@ _FILTER_OK = {
     "self_harm": {"filtered": False, "severity": "safe"},
     "sexual": {"filtered": False, "severity": "safe"},
     "violence": {"filtered": False, "severity": "safe"},
+}
+
+
+# What real Azure-compatible upstreams do differently from Azure OpenAI, on demand (--quirks):
+QUIRKS = {
+    "no_content_type": "streams are sent without a Content-Type",
+    "no_usage": "no usage, ever: no usage chunk even when asked for, no usage in streamed chunks",
+    "finish_in_delta": "a stream's finish_reason inside `delta` instead of on the choice",
+    "bare_done": "a stream ends with a bare `[DONE]` line instead of `data: [DONE]`",
+    "no_v1": "no /openai/v1/ routes: they answer an empty 500",
 }
 
 
@@ -52,6 +63,7 @@ class SimulatorConfig:
     latency_ms: float = 0.0
     chunk_interval_ms: float = 0.0
     api_key: str | None = None
+    quirks: frozenset[str] = frozenset()  # QUIRKS: behave like Azure-compatible servers that are not Azure
 
 
 class Simulator:
@@ -109,6 +121,9 @@ class Simulator:
         if not self._authorized(request):
             self._record(request, deployment, 401)
             return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        if "no_v1" in self.config.quirks and request.path.startswith("/openai/v1/"):
+            self._record(request, deployment, 500)
+            return web.Response(status=500)  # what some servers answer for a path they lack
         if "deployment" in request.match_info and "api-version" not in request.query:
             self._record(request, deployment, 404)
             return self._error(404, "404", "Resource not found (api-version is missing).")
@@ -119,6 +134,10 @@ class Simulator:
             self._record(request, deployment, 400)
             return self._error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
         deployment = deployment or body.get("model")
+        if "stream_options" in body and "api-version" in request.query and not api_versions.accepts(request.query["api-version"], "stream_options"):
+            # Azure checks fields against the api-version: stream_options arrived in 2024-09-01-preview / 2024-10-21.
+            self._record(request, deployment, 400)
+            return self._error(400, None, "Unrecognized request argument supplied: stream_options")
         controls = body.get("x_sim") if isinstance(body.get("x_sim"), dict) else {}
         if isinstance(controls.get("set_cookie"), str):
             request["set_cookie"] = controls["set_cookie"]
@@ -147,13 +166,22 @@ class Simulator:
     def _reply(self, body: dict[str, Any], controls: dict[str, Any], prompt: Any, limit: int | None, index: int = 0) -> list[str]:
         if isinstance(controls.get("reply"), str):
             return gen.split_reply(controls["reply"], controls.get("chunks"))
+        structured = _structured_reply(body, gen.seed_of(prompt, index))
+        if structured is not None:
+            return gen.split_reply(structured, controls.get("chunks") or max(1, len(structured) // 12))
         seed = gen.seed_of(prompt, body.get("temperature"), index)
         tokens = gen.reply_tokens(seed, limit)
         chunks = controls.get("chunks")
         return gen.split_reply("".join(tokens), chunks) if chunks else tokens
 
     async def _stream(self, request: web.Request, events: list[bytes], controls: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        quirks = self.config.quirks
+        stream_headers = {**headers, "Cache-Control": "no-cache"}
+        if "no_content_type" not in quirks:
+            stream_headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        if "bare_done" in quirks and events and events[-1] == b"data: [DONE]\n\n":
+            events = [*events[:-1], b"[DONE]\n\n"]
+        response = web.StreamResponse(status=200, headers=stream_headers)
         await response.prepare(request)
         interval = float(controls.get("chunk_interval_ms", self.config.chunk_interval_ms)) / 1000.0
         break_after = controls.get("break_after_chunks")
@@ -203,10 +231,12 @@ class Simulator:
         completion_id = "chatcmpl-" + request_id.replace("-", "")[:29]
         fingerprint = "fp_b705f0c291"
         headers = self._headers(request_id)
-        calls = _tool_calls(controls, request_id)
+        calls = _tool_calls(controls, request_id) or _offered_tool_calls(body, messages, request_id)
         refusal = controls.get("refusal") if isinstance(controls.get("refusal"), str) else None
         if calls:
             finish = "tool_calls"
+        if "no_usage" in self.config.quirks:
+            usage = None
         if not body.get("stream"):
             def message(reply: list[str]) -> dict[str, Any]:
                 if calls:
@@ -227,7 +257,7 @@ class Simulator:
                 "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": _FILTER_OK}],
             }
             return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and "no_usage" not in self.config.quirks
         base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": fingerprint}
         if include_usage:
             base["usage"] = None
@@ -257,7 +287,10 @@ class Simulator:
             for i in range(n):
                 events.append(chunk([{"index": i, "finish_reason": None, "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 10}, "content_filter_results": _FILTER_OK}]))
         for i in range(n):
-            events.append(chunk([{"index": i, "delta": {}, "finish_reason": finish, "logprobs": None, "content_filter_results": {}}]))
+            if "finish_in_delta" in self.config.quirks:
+                events.append(chunk([{"index": i, "delta": {"finish_reason": finish}}]))
+            else:
+                events.append(chunk([{"index": i, "delta": {}, "finish_reason": finish, "logprobs": None, "content_filter_results": {}}]))
         if include_usage:
             events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
@@ -279,7 +312,7 @@ class Simulator:
             return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
         events = [b"data: " + orjson.dumps({**base, "choices": [{"text": piece, "index": 0, "finish_reason": None, "logprobs": None}]}) + b"\n\n" for piece in reply]
         events.append(b"data: " + orjson.dumps({**base, "choices": [{"text": "", "index": 0, "finish_reason": finish, "logprobs": None}]}) + b"\n\n")
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and "no_usage" not in self.config.quirks:
             events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return await self._stream(request, events, controls, headers)
@@ -317,7 +350,9 @@ class Simulator:
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": input_tokens + output_tokens,
         }
-        calls = _tool_calls(controls, request_id)
+        if "no_usage" in self.config.quirks:
+            usage = None
+        calls = _tool_calls(controls, request_id) or _offered_tool_calls(body, body.get("input"), request_id)
         refusal = controls.get("refusal") if isinstance(controls.get("refusal"), str) else None
         if refusal is not None:
             message = {"type": "message", "id": message_id, "status": "completed", "role": "assistant",
@@ -398,6 +433,57 @@ class Simulator:
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": d, "object": "model", "created": 0, "owned_by": "simulator"} for d in [*self.config.chat_deployments, *self.config.embedding_deployments]]
         return web.json_response({"object": "list", "data": data})
+
+
+def _function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The function tools a request offers, as {name, parameters} (chat nests them in `function`)."""
+    found = []
+    for tool in body.get("tools") or ():
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            spec = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            if isinstance(spec.get("name"), str):
+                found.append({"name": spec["name"], "parameters": spec.get("parameters") or {"type": "object", "properties": {}}})
+    return found
+
+
+def _offered_tool_calls(body: dict[str, Any], conversation: Any, request_id: str) -> list[dict[str, str]]:
+    """What a model does with the tools it is offered: calls one (the named one for a named
+    tool_choice, else the first), or each of them for tool_choice "required" with parallel calls
+    allowed; nothing for tool_choice "none", or once the conversation ends with a tool's result
+    (then it answers). Arguments are valid for the tool's parameter schema."""
+    tools = _function_tools(body)
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return []
+    last = conversation[-1] if isinstance(conversation, list) and conversation else None
+    if isinstance(last, dict) and (last.get("role") == "tool" or last.get("type") == "function_call_output"):
+        return []
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else choice.get("name")
+        tools = [t for t in tools if t["name"] == name] or tools[:1]
+    elif not (choice == "required" and body.get("parallel_tool_calls", True) is not False):
+        tools = tools[:1]
+    seed = gen.seed_of(conversation)
+    return [{"id": f"call_{request_id.replace('-', '')[:20]}{number}", "name": tool["name"],
+             "arguments": orjson.dumps(gen.schema_instance(tool["parameters"], gen.seed_of(seed, tool["name"]))).decode()}
+            for number, tool in enumerate(tools)]
+
+
+def _structured_reply(body: dict[str, Any], seed: bytes) -> str | None:
+    """The reply for structured outputs: JSON valid for `response_format` (chat) or
+    `text.format` (Responses) — json_schema, or json_object."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict):
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else fmt.get("schema")
+        return orjson.dumps(gen.schema_instance(schema or {"type": "object"}, seed)).decode()
+    if fmt.get("type") == "json_object":
+        return orjson.dumps({"answer": "".join(gen.reply_tokens(seed, 12)).strip()}).decode()
+    return None
 
 
 def _tool_calls(controls: dict[str, Any], request_id: str) -> list[dict[str, str]]:

@@ -61,3 +61,49 @@ def embedding(text: str, dimensions: int) -> list[float]:
 
 def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+# Tools and structured outputs --------------------------------------------------------------------
+def schema_instance(schema: Any, seed: bytes, defs: dict | None = None, depth: int = 0) -> Any:
+    """A value valid for a JSON schema (the subset structured outputs use: objects with
+    properties and required, arrays, strings, numbers, integers, booleans, null, enum, const,
+    anyOf/oneOf, $ref to $defs), the same for the same seed."""
+    if not isinstance(schema, dict) or depth > 12:
+        return None
+    defs = {**(defs or {}), **(schema.get("$defs") or {}), **(schema.get("definitions") or {})}
+    if "$ref" in schema:
+        name = str(schema["$ref"]).rsplit("/", 1)[-1]
+        return schema_instance(defs.get(name, {}), seed, defs, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][seed[depth % len(seed)] % len(schema["enum"])]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            options = [o for o in schema[key] if not (isinstance(o, dict) and o.get("type") == "null")] or schema[key]
+            return schema_instance(options[0], seed, defs, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties") or {}
+        return {name: schema_instance(sub, seed_of(seed, name), defs, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        count = max(int(schema.get("minItems", 1)), 1)
+        return [schema_instance(schema.get("items") or {}, seed_of(seed, i), defs, depth + 1) for i in range(count)]
+    if kind == "integer":
+        low = int(schema.get("minimum", 0))
+        high = int(schema.get("maximum", low + 100))
+        return low + seed[depth % len(seed)] % (high - low + 1)
+    if kind == "number":
+        low = float(schema.get("minimum", 0))
+        return round(low + seed[depth % len(seed)] / 10, 1)
+    if kind == "boolean":
+        return bool(seed[depth % len(seed)] % 2)
+    if kind == "null":
+        return None
+    words = reply_tokens(seed, 4, default_length=2)
+    text = "".join(words).strip()
+    if schema.get("format") == "date":
+        return "2026-01-01"
+    return text[: int(schema["maxLength"])] if "maxLength" in schema else text
