@@ -64,6 +64,7 @@ class UpstreamCall:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # one per try: backend, status or error, ms
     started: float | None = None
     headers_at: float | None = None
+    answer_bytes: int = 0  # a binary answer's size (audio)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RequestContext:
     body_modified: bool = False  # a stage changed `body`; the upstream gets it re-encoded
     stream: bool = False
     client_wants_usage: bool = False  # the client itself asked for stream_options.include_usage
+    gateway_asked_usage: bool = False  # the gateway added include_usage: its usage chunk is not the client's
     properties: dict[str, str] = field(default_factory=dict)  # x-sekisho-property-* headers
 
     # Who is calling, and under which policy (authenticate and access stages).

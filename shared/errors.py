@@ -56,7 +56,11 @@ def not_found(message: str) -> GatewayError:
     return GatewayError(404, "not_found", message)
 
 
-def request_too_large(limit: int) -> GatewayError:
+def request_too_large(limit: int, what: str = "body") -> GatewayError:
+    if what == "upload":
+        return GatewayError(413, "request_too_large",
+                            f"The upload is larger than the gateway's limit of {limit} bytes ({limit / 1048576:.0f} MiB, SEKISHO_MAX_UPLOAD_BYTES); "
+                            "split the audio, or send a smaller or compressed file.")
     return GatewayError(413, "request_too_large", f"Request body is larger than the limit of {limit} bytes.")
 
 

@@ -129,7 +129,7 @@ class Gateway:
             log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
             self.stages = [
                 Authenticate(authenticator),
-                ValidateRequest(settings.max_body_bytes),
+                ValidateRequest(settings.max_body_bytes, settings.max_upload_bytes),
                 ApplyPolicy(resolver),
                 GuardInput(),
                 ApplySystemPrompt(),

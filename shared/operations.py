@@ -18,6 +18,7 @@ from typing import Any, Callable
 from . import errors
 from .field_paths import FieldSet
 from .token_estimate import count_tokens, image_parts, message_overhead
+from .usage import audio_units, image_units, speech_units
 
 
 class Style(str, enum.Enum):
@@ -110,6 +111,8 @@ class Operation:
     answered_by_gateway: bool = False  # the gateway answers itself (no upstream call)
     answer_is_vectors: bool = False  # the answer's `data` holds vectors: logged as their count
     message_framing: bool = False  # the prompt is chat messages: the model adds tokens around each
+    binary_answer: bool = False  # the answer is bytes (audio), relayed as they arrive
+    units: Callable[[Any, Any], dict[str, float]] | None = None  # what is priced besides tokens: (request body, answer or None) → units
 
     @property
     def streams(self) -> bool:
@@ -242,6 +245,101 @@ RESPONSES = Operation(
     credential_roots=DATA_SOURCE_ROOTS,
 )
 
+def _check_upload(body: dict[str, Any]) -> None:
+    upload = body.get("file")
+    if not isinstance(upload, dict) or not upload.get("bytes"):
+        raise errors.invalid_request("Missing required parameter: 'file' (the audio, as a multipart file upload).", "file")
+
+
+def _check_image_upload(body: dict[str, Any]) -> None:
+    images = body.get("image") if "image" in body else body.get("image[]")
+    images = images if isinstance(images, list) else [images]
+    if not all(isinstance(i, dict) and i.get("bytes") for i in images):
+        raise errors.invalid_request("Missing required parameter: 'image' (a multipart file upload).", "image")
+    if not isinstance(body.get("prompt"), str):
+        raise errors.invalid_request("Missing required parameter: 'prompt'.", "prompt")
+
+
+_TRANSCRIPT_WRITES = FieldSet("text", "segments[].text", "words[].word")
+# The transcription stream's events (gpt-4o-transcribe class): pieces in `delta`, the whole at `.done`.
+_TRANSCRIPT_STREAM = FieldSet("delta", "text")
+_AUDIO_STAGES = MODEL_STAGES - {SYSTEM_PROMPT, STREAM_USAGE, CACHE}  # an upload's bytes are not in a cache key
+
+AUDIO_TRANSCRIPTIONS = Operation(
+    name="audio.transcriptions",
+    routes=(RouteSpec("azure_audio_transcriptions", "openai/deployments/{deployment}/audio/transcriptions", Style.AZURE),
+            RouteSpec("v1_audio_transcriptions", "openai/v1/audio/transcriptions", Style.V1)),
+    stages=_AUDIO_STAGES,
+    body="multipart",
+    check_body=_check_upload,
+    content_fields=("prompt",),
+    reads=FieldSet("prompt"),
+    writes=_TRANSCRIPT_WRITES,
+    stream_shape="response_events",
+    stream_writes=_TRANSCRIPT_STREAM,
+    prompt_estimate=_prompt_estimate_text,
+    units=audio_units,
+)
+
+AUDIO_TRANSLATIONS = Operation(
+    name="audio.translations",
+    routes=(RouteSpec("azure_audio_translations", "openai/deployments/{deployment}/audio/translations", Style.AZURE),
+            RouteSpec("v1_audio_translations", "openai/v1/audio/translations", Style.V1)),
+    stages=_AUDIO_STAGES,
+    body="multipart",
+    check_body=_check_upload,
+    content_fields=("prompt",),
+    reads=FieldSet("prompt"),
+    writes=_TRANSCRIPT_WRITES,
+    prompt_estimate=_prompt_estimate_text,
+    units=audio_units,
+)
+
+AUDIO_SPEECH = Operation(
+    name="audio.speech",
+    routes=(RouteSpec("azure_audio_speech", "openai/deployments/{deployment}/audio/speech", Style.AZURE),
+            RouteSpec("v1_audio_speech", "openai/v1/audio/speech", Style.V1)),
+    stages=MODEL_STAGES - {SYSTEM_PROMPT, STREAM_USAGE, CACHE, OUTPUT_GUARD},  # it writes audio, no text
+    required=(("input", (str,)),),
+    content_fields=("input", "instructions"),
+    reads=FieldSet("instructions", "input"),
+    prompt_estimate=_prompt_estimate_text,
+    binary_answer=True,
+    units=speech_units,
+)
+
+_IMAGE_WRITES = FieldSet("data[].revised_prompt")
+
+IMAGES_GENERATIONS = Operation(
+    name="images.generations",
+    routes=(RouteSpec("azure_images_generations", "openai/deployments/{deployment}/images/generations", Style.AZURE),
+            RouteSpec("v1_images_generations", "openai/v1/images/generations", Style.V1)),
+    stages=MODEL_STAGES - {SYSTEM_PROMPT, STREAM_USAGE},
+    required=(("prompt", (str,)),),
+    content_fields=("prompt",),
+    reads=FieldSet("prompt"),
+    writes=_IMAGE_WRITES,
+    counts=("n",),
+    choices=("n",),
+    prompt_estimate=_prompt_estimate_text,
+    units=image_units,
+)
+
+IMAGES_EDITS = Operation(
+    name="images.edits",
+    routes=(RouteSpec("azure_images_edits", "openai/deployments/{deployment}/images/edits", Style.AZURE),
+            RouteSpec("v1_images_edits", "openai/v1/images/edits", Style.V1)),
+    stages=_AUDIO_STAGES,
+    body="multipart",
+    check_body=_check_image_upload,
+    content_fields=("prompt",),
+    reads=FieldSet("prompt"),
+    writes=_IMAGE_WRITES,
+    choices=("n",),
+    prompt_estimate=_prompt_estimate_text,
+    units=image_units,
+)
+
 MODELS = Operation(
     name="models.list",
     routes=(RouteSpec("azure_models", "openai/models", Style.AZURE, ("GET",)),
@@ -251,7 +349,8 @@ MODELS = Operation(
     answered_by_gateway=True,
 )
 
-OPERATIONS: tuple[Operation, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MODELS)
+OPERATIONS: tuple[Operation, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, AUDIO_TRANSCRIPTIONS, AUDIO_TRANSLATIONS,
+                                     AUDIO_SPEECH, IMAGES_GENERATIONS, IMAGES_EDITS, MODELS)
 BY_NAME = {op.name: op for op in OPERATIONS}
 
 

@@ -31,6 +31,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_CIRCUIT_FAILURES", "5", "Consecutive failures (5xx, unreachable, timeout) after which a backend is skipped."),
     Setting("SEKISHO_CIRCUIT_OPEN_SECONDS", "10", "How long a failing backend is skipped before one request probes it (when every backend is paused: 502 with Retry-After)."),
     Setting("SEKISHO_MAX_BODY_BYTES", "8388608", "Largest request body accepted (413 above)."),
+    Setting("SEKISHO_MAX_UPLOAD_BYTES", "26214400", "Largest multipart body (audio and image uploads) accepted, in bytes; larger ones get 413."),
     Setting("SEKISHO_STORE", "sqlite", "Store adapter: sqlite or cosmos."),
     Setting("SEKISHO_SQLITE_PATH", ".data/sekisho.db", "SQLite database file (sqlite store)."),
     Setting("SEKISHO_COSMOS_ENDPOINT", "", "Cosmos DB account endpoint (cosmos store)."),
@@ -82,6 +83,7 @@ class Settings:
     circuit_failures: int
     circuit_open_seconds: float
     max_body_bytes: int
+    max_upload_bytes: int
     store: str
     sqlite_path: str
     cosmos_endpoint: str
@@ -172,6 +174,7 @@ class Settings:
             circuit_failures=number("SEKISHO_CIRCUIT_FAILURES", int, 1),
             circuit_open_seconds=number("SEKISHO_CIRCUIT_OPEN_SECONDS", float, 0.1),
             max_body_bytes=number("SEKISHO_MAX_BODY_BYTES", int, 1024),
+            max_upload_bytes=number("SEKISHO_MAX_UPLOAD_BYTES", int, 1024),
             store=store,
             sqlite_path=get("SEKISHO_SQLITE_PATH"),
             cosmos_endpoint=get("SEKISHO_COSMOS_ENDPOINT"),

@@ -117,6 +117,15 @@ def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
     if isinstance(kind, str) and kind.startswith("response."):
         _absorb_responses_event(summary, kind, payload)
         return
+    if isinstance(kind, str) and kind.startswith("transcript.text."):
+        slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
+        if kind == "transcript.text.delta":
+            slot["text"].append(payload.get("delta") or "")
+        elif kind == "transcript.text.done":
+            slot["finish_reason"] = "stop"
+            if isinstance(payload.get("usage"), dict):
+                summary.usage = payload["usage"]
+        return
     if payload.get("model"):
         summary.model = payload["model"]
     if payload.get("id"):

@@ -5,6 +5,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import errors
 from .context import RequestContext
@@ -22,13 +24,13 @@ _COUNT_LIMITS = {"n": 128, "best_of": 128}
 _MAX_COUNT = 2**31 - 1
 
 
-async def read_body(ctx: RequestContext, limit: int) -> bytes:
+async def read_body(ctx: RequestContext, limit: int, what: str = "body") -> bytes:
     """Read the body, refusing it as soon as it passes `limit` (Content-Length or streamed)."""
     declared = ctx.http.headers.get("content-length")
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise errors.request_too_large(limit)
+                raise errors.request_too_large(limit, what)
         except ValueError:
             raise errors.invalid_request("Content-Length is not a number.") from None
     chunks: list[bytes] = []
@@ -36,9 +38,43 @@ async def read_body(ctx: RequestContext, limit: int) -> bytes:
     async for chunk in ctx.http.stream():
         size += len(chunk)
         if size > limit:
-            raise errors.request_too_large(limit)
+            raise errors.request_too_large(limit, what)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_MAX_FORM_FIELDS = 64
+
+
+async def form_fields(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart/form-data body as the stages read it: its text fields as strings (a field
+    given several times, like `timestamp_granularities[]`, as a list), each file as a descriptor
+    (name, type, size) — never its bytes, which go upstream as they came."""
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise errors.invalid_request("This operation takes a multipart/form-data body (a file upload).")
+
+    async def once():
+        yield raw
+
+    try:
+        form = await MultiPartParser(Headers({"content-type": content_type}), once(), max_files=8, max_fields=_MAX_FORM_FIELDS).parse()
+    except (MultiPartException, ValueError) as exc:
+        raise errors.invalid_request(f"The multipart body could not be read: {exc}.") from None
+    fields: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value = {"filename": value.filename, "content_type": value.content_type, "bytes": value.size}
+            elif name == "stream":
+                value = value.strip().lower() == "true"
+            if name in fields:
+                previous = fields[name]
+                fields[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+            else:
+                fields[name] = value
+    finally:
+        await form.close()
+    return fields
 
 
 def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -85,8 +121,9 @@ def _type_name(types: tuple[type, ...]) -> str:
 class ValidateRequest(Stage):
     name = VALIDATE
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, max_upload_bytes: int) -> None:
         self._limit = max_body_bytes
+        self._upload_limit = max_upload_bytes  # multipart bodies: audio and image uploads
     # Runs after authentication, so an unauthenticated caller cannot make the gateway read a body.
 
     async def before(self, ctx: RequestContext) -> None:
@@ -104,17 +141,21 @@ class ValidateRequest(Stage):
             if deployment is None:
                 deployment = (match_template(route.template, ctx.http.url.path) or {}).get("deployment")
             ctx.deployment = deployment or None
-        raw = ctx.raw_body = await read_body(ctx, self._limit)
-        if not raw.strip():
-            raise errors.invalid_request("The request body is empty; a JSON object is expected.")
-        try:
-            body: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
-        if not isinstance(body, dict):
-            raise errors.invalid_request("The request body must be a JSON object.")
-        if nesting_exceeds(raw, body):
-            raise errors.invalid_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
+        if operation.body == "multipart":
+            raw = ctx.raw_body = await read_body(ctx, self._upload_limit, "upload")
+            body: Any = await form_fields(ctx.http.headers.get("content-type", ""), raw)
+        else:
+            raw = ctx.raw_body = await read_body(ctx, self._limit)
+            if not raw.strip():
+                raise errors.invalid_request("The request body is empty; a JSON object is expected.")
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
+            if not isinstance(body, dict):
+                raise errors.invalid_request("The request body must be a JSON object.")
+            if nesting_exceeds(raw, body):
+                raise errors.invalid_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
         ctx.body = body
         if not route.deployment_in_path:
             model = body.get("model")
@@ -164,4 +205,4 @@ class RequestStreamUsage(Stage):
         if ctx.client_wants_usage or not api_versions.accepts(upstream_version, "stream_options"):
             return
         ctx.body["stream_options"] = {**(options or {}), "include_usage": True}
-        ctx.body_modified = True
+        ctx.body_modified = ctx.gateway_asked_usage = True

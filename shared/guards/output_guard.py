@@ -128,6 +128,14 @@ class GuardOutput(Stage):
             if guard is not None:
                 result.events = guard(self, ctx, matcher, result.events)
             return result
+        if result.json is None and result.body and result.headers.get("content-type", "").startswith("text/") and operation.writes:
+            # A text answer (a transcript as text, srt or vtt) is one written field.
+            text = result.body.decode("utf-8", "replace")
+            channel = self._channel(ctx, matcher, "text")
+            channel.feed(text, final=True)
+            if channel.text != text:
+                result.body = channel.text.encode("utf-8")
+            return result
         if not isinstance(result.json, dict):
             return result
         if not any(matcher.find(location.text) for location in operation.writes.locations(result.json)):
@@ -143,8 +151,9 @@ class GuardOutput(Stage):
     def _guard_whole(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, body: dict) -> None:
         blocked_choices: dict[int, str] = {}
         response_blocked = False
-        per_choice = operation.stream_shape != "response_events"
         for location in list(operation.writes.locations(body)):
+            # Chat and completions answers end per choice; others (Responses, transcripts, images) as a whole.
+            per_choice = location.path.startswith("choices" + EACH)
             choice = body["choices"][_position(body["choices"], location.indexes[0])] if per_choice else None
             if choice is not None and id(choice) in blocked_choices:
                 continue  # the choice ended at an earlier block
@@ -168,7 +177,7 @@ class GuardOutput(Stage):
                 message.pop("function_call", None)
             choice["finish_reason"] = "content_filter"
             choice["content_filter_results"] = {**(choice.get("content_filter_results") or {}), **_filter_result(channel.blocked)}
-        if response_blocked:
+        if response_blocked and body.get("object") == "response":  # other answers (transcripts, images) are cut at the block
             body["status"] = "incomplete"
             body["incomplete_details"] = {"reason": "content_filter"}
 
@@ -336,6 +345,7 @@ _RESPONSE_DELTAS = {
     "response.function_call_arguments.delta": "arguments", "response.function_call_arguments.done": "arguments",
     "response.custom_tool_call_input.delta": "input", "response.custom_tool_call_input.done": "input",
     "response.reasoning_summary_text.delta": "text", "response.reasoning_summary_text.done": "text",
+    "transcript.text.delta": "text", "transcript.text.done": "text",
 }
 
 

@@ -33,7 +33,7 @@ from ..token_estimate import count_tokens
 from ..usage import Usage, usage_of
 from . import tokenizer
 from .leases import LeaseBook
-from .pricing import PricingTable, cost_nanos, nanos_to_amount, usage_cost
+from .pricing import PricingTable, cost_nanos, nanos_to_amount, units_cost, usage_cost
 
 logger = logging.getLogger("sekisho.quota")
 
@@ -212,6 +212,9 @@ class EnforceQuota(Stage):
         completion = 0 if cached else completion_budget(operation, ctx.body, policy.default_completion_tokens)
         tokens = prompt + completion
         cost = cost_nanos(price, prompt, completion)
+        if operation.units is not None and not cached:
+            # Priced by units where the answer will report no tokens: reserve whichever is more.
+            cost = max(cost, units_cost(price, operation.units(ctx.body, None)))
         accounting = ctx.accounting = Accounting(estimate={"prompt_tokens": prompt, "completion_tokens": completion})
         at = self._windows.now()
         now = at.timestamp()
@@ -348,7 +351,7 @@ class EnforceQuota(Stage):
         succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
         actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
         price_name, price = await self._pricing.price_for(model)
-        cost = usage_cost(price, usage) if usage.total_tokens else 0
+        cost = usage_cost(price, usage) if usage.total_tokens or usage.units else 0
         accounting.cost = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
         if (succeeded or cost) and ctx.status != 202:  # 202: an async job, priced when it ends
             ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"

@@ -1,6 +1,9 @@
 """Prices per model and the cost of a request.
 
-Prices are per 1M tokens in one currency (SEKISHO_CURRENCY). Built-in defaults cover the common
+Prices are per 1M tokens in one currency (SEKISHO_CURRENCY), and for what is not priced by tokens:
+per minute of audio (whisper-class transcription and translation), per 1M characters (speech),
+per image by size and quality (image models whose answers carry no token usage). An answer that
+reports tokens is priced by its tokens; one that does not, by its units. Built-in defaults cover the common
 Azure OpenAI models (global standard list prices; check them against your agreement); admins
 override or add models in the store, and those entries win. A model name matches the longest
 priced name it starts with ("gpt-4o-mini-2024-07-18" → "gpt-4o-mini"); an unknown model is
@@ -27,6 +30,9 @@ class Price(BaseModel):
     input_per_1m: float = Field(ge=0)
     cached_input_per_1m: float | None = Field(default=None, ge=0)  # None: same as input
     output_per_1m: float = Field(default=0, ge=0)
+    per_audio_minute: float | None = Field(default=None, ge=0, description="Transcription and translation priced by audio length (whisper).")
+    per_1m_characters: float | None = Field(default=None, ge=0, description="Speech priced by the characters read aloud (tts).")
+    per_image: dict[str, float] | None = Field(default=None, description='Per image, by "<size>/<quality>" (e.g. "1024x1024/standard"), with "default" for any other.')
 
 
 BUILTIN_PRICES: dict[str, Price] = {
@@ -41,10 +47,22 @@ BUILTIN_PRICES: dict[str, Price] = {
     "o3": Price(input_per_1m=2.0, cached_input_per_1m=0.50, output_per_1m=8.0),
     "o3-mini": Price(input_per_1m=1.10, cached_input_per_1m=0.55, output_per_1m=4.40),
     "o4-mini": Price(input_per_1m=1.10, cached_input_per_1m=0.275, output_per_1m=4.40),
+    # Audio and images (Azure list prices; units where the answer reports no tokens).
+    "whisper": Price(input_per_1m=0, per_audio_minute=0.006),
+    "gpt-4o-transcribe": Price(input_per_1m=2.50, output_per_1m=10.0, per_audio_minute=0.006),
+    "gpt-4o-mini-transcribe": Price(input_per_1m=1.25, output_per_1m=5.0, per_audio_minute=0.003),
+    "tts": Price(input_per_1m=0, per_1m_characters=15.0),
+    "tts-hd": Price(input_per_1m=0, per_1m_characters=30.0),
+    "gpt-4o-mini-tts": Price(input_per_1m=0.60, output_per_1m=12.0, per_1m_characters=15.0),
+    "dall-e-3": Price(input_per_1m=0, per_image={"1024x1024/standard": 0.04, "1024x1792/standard": 0.08, "1792x1024/standard": 0.08,
+                                                 "1024x1024/hd": 0.08, "1024x1792/hd": 0.12, "1792x1024/hd": 0.12, "default": 0.08}),
+    "gpt-image-1": Price(input_per_1m=5.0, output_per_1m=40.0, per_image={"default": 0.19}),
     "text-embedding-3-small": Price(input_per_1m=0.02),
     "text-embedding-3-large": Price(input_per_1m=0.13),
     "text-embedding-ada-002": Price(input_per_1m=0.10),
-    DEFAULT_KEY: Price(input_per_1m=2.50, cached_input_per_1m=1.25, output_per_1m=10.0),
+    # An unknown model is never free, whatever it is priced by.
+    DEFAULT_KEY: Price(input_per_1m=2.50, cached_input_per_1m=1.25, output_per_1m=10.0, per_audio_minute=0.006,
+                       per_1m_characters=30.0, per_image={"default": 0.19}),
 }
 
 
@@ -59,8 +77,24 @@ def nanos_to_amount(nanos: int) -> float:
     return nanos / NANOS
 
 
+def units_cost(price: Price, units: dict[str, float]) -> int:
+    amount = 0.0
+    for name, quantity in units.items():
+        if name == "audio_seconds":
+            amount += quantity / 60 * (price.per_audio_minute or 0.0)
+        elif name == "characters":
+            amount += quantity / 1_000_000 * (price.per_1m_characters or 0.0)
+        elif name.startswith("images:") and price.per_image:
+            kind = name[len("images:"):]
+            amount += quantity * price.per_image.get(kind, price.per_image.get("default", 0.0))
+    return round(amount * NANOS)
+
+
 def usage_cost(price: Price, usage: Usage) -> int:
-    return cost_nanos(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    """Tokens when the answer reported them, else the units it is priced by."""
+    if usage.total_tokens or not usage.units:
+        return cost_nanos(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    return units_cost(price, usage.units)
 
 
 class PricingTable:

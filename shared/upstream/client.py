@@ -111,6 +111,8 @@ class UpstreamClient:
         return f"{backend.endpoint}{path}?{query}" if query else f"{backend.endpoint}{path}"
 
     def _body_for(self, ctx: RequestContext, backend: Backend) -> bytes:
+        if ctx.route.operation.body == "multipart":
+            return ctx.raw_body  # as it came: files and fields are never re-encoded
         if not ctx.route.deployment_in_path and backend.deployment and backend.deployment != ctx.deployment:
             return orjson.dumps({**ctx.body, "model": backend.deployment})  # v1 routes name it in the body
         return orjson.dumps(ctx.body) if ctx.body_modified else ctx.raw_body
@@ -189,8 +191,8 @@ class UpstreamClient:
     async def _attempt(self, ctx, backend: Backend, backends, tried, policy, attempt_number: int, attempts: list) -> UpstreamResult:
         circuit = self._pool.circuit
         headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if ctx.stream else "application/json",
+            "Content-Type": ctx.http.headers.get("content-type", "") if ctx.route.operation.body == "multipart" else "application/json",
+            "Accept": "text/event-stream" if ctx.stream else "*/*" if ctx.route.operation.binary_answer else "application/json",
             "x-ms-client-request-id": ctx.request_id,
             **(await backend.auth.headers()),
         }
@@ -287,6 +289,12 @@ class UpstreamClient:
         when the upstream sends none or another (some Azure-compatible servers do), by its first
         bytes; else the whole answer."""
         content_type = response.headers.get("Content-Type", "")
+        if ctx.route.operation.binary_answer and response.status == 200 and "json" not in content_type:
+            # Audio (speech): relayed as it arrives, never held whole.
+            headers_out = passed_headers(response.headers)
+            ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
+            headers_out["content-type"] = content_type or "application/octet-stream"
+            return UpstreamResult(status=200, headers=headers_out, events=self._relay_bytes(ctx, response))
         if not (ctx.stream and response.status == 200):
             return await self._read_whole(ctx, response)
         first = b""
@@ -315,7 +323,7 @@ class UpstreamClient:
         `data: [DONE]`. If the upstream breaks mid-stream, the client gets one error event and
         the stream ends cleanly."""
         summary = ctx.stream_summary
-        strip_usage = not ctx.client_wants_usage
+        strip_usage = ctx.gateway_asked_usage  # only the chunk the gateway asked for; anything else is the client's
         completed = False
         try:
             async for raw in sse.split_events(_chunks(first, response)):
@@ -353,6 +361,20 @@ class UpstreamClient:
         finally:
             # A stream left early (client gone, error) closes its connection instead of
             # returning a half-read one to the pool.
+            response.release() if completed else response.close()
+
+    async def _relay_bytes(self, ctx: RequestContext, response: aiohttp.ClientResponse) -> AsyncIterator[sse.Event]:
+        """A binary answer's chunks as they arrive (each one an event with no payload)."""
+        completed = False
+        try:
+            async for chunk in response.content.iter_any():
+                ctx.upstream.answer_bytes += len(chunk)
+                yield sse.Event(chunk, None)
+            completed = True
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            ctx.status = 502  # the audio is cut: the client sees a short body, the log says why
+            ctx.error = errors.upstream_error("The upstream connection broke while sending audio.")
+        finally:
             response.release() if completed else response.close()
 
     async def close(self) -> None:

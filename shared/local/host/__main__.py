@@ -29,7 +29,7 @@ from .durable_runtime import LocalDurableRuntime
 from .functions_host import FunctionsAsgiApp
 from .issuer_routes import IssuerRoutes
 
-DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small")
+DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small", "whisper", "gpt-4o-transcribe", "tts", "dall-e-3", "gpt-image-1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from . import generator as gen
+from . import media
 from ...upstream import api_versions
 
 CHAT_MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-11-20", "gpt-4.1": "gpt-4.1-2025-04-14"}
@@ -127,12 +128,20 @@ class Simulator:
         if "deployment" in request.match_info and "api-version" not in request.query:
             self._record(request, deployment, 404)
             return self._error(404, "404", "Resource not found (api-version is missing).")
-        try:
-            body = orjson.loads(await request.read())
-            assert isinstance(body, dict)
-        except Exception:
-            self._record(request, deployment, 400)
-            return self._error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        uploads: dict[str, bytes] = {}
+        if operation in _MULTIPART:
+            try:
+                body, uploads = await _form(request)
+            except Exception:
+                self._record(request, deployment, 400)
+                return self._error(400, "invalid_request_error", "We could not parse the multipart body of your request.")
+        else:
+            try:
+                body = orjson.loads(await request.read())
+                assert isinstance(body, dict)
+            except Exception:
+                self._record(request, deployment, 400)
+                return self._error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
         deployment = deployment or body.get("model")
         if "stream_options" in body and "api-version" in request.query and not api_versions.accepts(request.query["api-version"], "stream_options"):
             # Azure checks fields against the api-version: stream_options arrived in 2024-09-01-preview / 2024-10-21.
@@ -150,17 +159,56 @@ class Simulator:
             retry_ms = fault.retry_after_ms if fault else int(controls.get("retry_after_ms", 1000))
             self._record(request, deployment, status)
             return self._failure(status, retry_ms)
-        kind = "embeddings" if deployment in self.config.embedding_deployments else "chat" if deployment in self.config.chat_deployments else None
+        kind = next((kind for kind, models in self._kinds() if deployment in models), None)
         if kind is None:
             self._record(request, deployment, 404)
             return self._error(404, "DeploymentNotFound", f"The API deployment {deployment} for this resource does not exist.")
-        if (operation == "embeddings") != (kind == "embeddings"):
+        if kind != _KIND_OF[operation]:
             self._record(request, deployment, 400)
             return self._error(400, "OperationNotSupported", f"The {operation} operation does not work with the specified model, {deployment}.")
         self._record(request, deployment, 200)
         request_id = str(uuid.uuid4())
+        if operation in _MULTIPART or operation.startswith(("audio/", "images/")):
+            return await self._media(request, operation, deployment, body, uploads, controls, request_id)
         handler = {"chat/completions": self._chat, "completions": self._completions, "embeddings": self._embeddings, "responses": self._responses}[operation]
         return await handler(request, deployment, body, controls, request_id)
+
+    def _kinds(self):
+        return (("chat", self.config.chat_deployments), ("embeddings", self.config.embedding_deployments),
+                ("transcribe", media.TRANSCRIBE_MODELS), ("speech", media.SPEECH_MODELS), ("image", media.IMAGE_MODELS))
+
+    async def _media(self, request, operation, deployment, body, uploads, controls, request_id) -> web.StreamResponse:
+        headers = self._headers(request_id)
+        if operation in ("audio/transcriptions", "audio/translations"):
+            audio = uploads.get("file")
+            if not audio:
+                return self._error(400, "invalid_request_error", "'file' is a required property")
+            model = media.TRANSCRIBE_MODELS[deployment]
+            text, seconds = media.transcript(audio, controls)
+            prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
+            if body.get("stream") == "true" and media.token_usage(model):
+                return await self._stream(request, media.transcription_events(text, seconds, prompt, controls.get("chunks")), controls, headers)
+            task = "transcribe" if operation.endswith("transcriptions") else "translate"
+            answer, content_type = media.transcription_answer(model, task, text, seconds, prompt, str(body.get("response_format") or "json"))
+            return web.Response(body=answer, headers={**headers, "Content-Type": content_type})
+        if operation == "audio/speech":
+            audio, content_type = media.speech(str(body.get("input") or ""), str(body.get("response_format") or "mp3"))
+            response = web.StreamResponse(status=200, headers={**headers, "Content-Type": content_type})
+            await response.prepare(request)
+            interval = float(controls.get("chunk_interval_ms", self.config.chunk_interval_ms)) / 1000.0
+            for start in range(0, len(audio), 4096):  # sent as it is "spoken"
+                if interval > 0 and start:
+                    await asyncio.sleep(interval)
+                await response.write(audio[start : start + 4096])
+            await response.write_eof()
+            return response
+        if operation == "images/edits" and not (uploads.get("image") or uploads.get("image[]")):
+            return self._error(400, "invalid_request_error", "'image' is a required property")
+        base_url = f"{request.scheme}://{request.host}"
+        return web.json_response(media.images_answer(media.IMAGE_MODELS[deployment], body, controls, base_url), headers=headers)
+
+    async def image_file(self, request: web.Request) -> web.Response:
+        return web.Response(body=media.png(bytes.fromhex(request.match_info["name"])), content_type="image/png")
 
     # Operations -------------------------------------------------------------------------
     def _reply(self, body: dict[str, Any], controls: dict[str, Any], prompt: Any, limit: int | None, index: int = 0) -> list[str]:
@@ -435,6 +483,35 @@ class Simulator:
         return web.json_response({"object": "list", "data": data})
 
 
+_KIND_OF = {
+    "chat/completions": "chat", "completions": "chat", "responses": "chat", "embeddings": "embeddings",
+    "audio/transcriptions": "transcribe", "audio/translations": "transcribe", "audio/speech": "speech",
+    "images/generations": "image", "images/edits": "image",
+}
+_MULTIPART = {"audio/transcriptions", "audio/translations", "images/edits"}
+
+
+async def _form(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A multipart body: its text fields (controls as x_sim[name] fields, as the openai SDK sends
+    extra_body in a form) and its files' bytes."""
+    fields: dict[str, Any] = {}
+    uploads: dict[str, bytes] = {}
+    controls: dict[str, Any] = {}
+    reader = await request.multipart()
+    async for part in reader:
+        if part.filename is not None:
+            uploads[part.name] = await part.read()
+            continue
+        value = (await part.read()).decode("utf-8", "replace")
+        if part.name.startswith("x_sim[") and part.name.endswith("]"):
+            controls[part.name[6:-1]] = int(value) if value.isdigit() else value
+        else:
+            fields[part.name] = value
+    if controls:
+        fields["x_sim"] = controls
+    return fields, uploads
+
+
 def _function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The function tools a request offers, as {name, parameters} (chat nests them in `function`)."""
     found = []
@@ -508,9 +585,10 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
 
         return handler
 
-    for operation in ("chat/completions", "completions", "embeddings"):
+    for operation in ("chat/completions", "completions", "embeddings", *_KIND_OF.keys() - {"chat/completions", "completions", "embeddings", "responses"}):
         app.router.add_post(f"/openai/deployments/{{deployment}}/{operation}", serve(operation))
         app.router.add_post(f"/openai/v1/{operation}", serve(operation))
+    app.router.add_get(r"/_sim/images/{name:[0-9a-f]{32}}.png", simulator.image_file)
     app.router.add_post("/openai/responses", serve("responses"))
     app.router.add_post("/openai/v1/responses", serve("responses"))
     app.router.add_get("/openai/v1/models", simulator.models)
