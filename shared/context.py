@@ -65,6 +65,7 @@ class UpstreamCall:
     started: float | None = None
     headers_at: float | None = None
     answer_bytes: int = 0  # a binary answer's size (audio)
+    pinned_backend: str | None = None  # the backend holding the object a request is about
 
 
 @dataclass
@@ -92,6 +93,7 @@ class RequestContext:
     client_wants_usage: bool = False  # the client itself asked for stream_options.include_usage
     gateway_asked_usage: bool = False  # the gateway added include_usage: its usage chunk is not the client's
     properties: dict[str, str] = field(default_factory=dict)  # x-sekisho-property-* headers
+    path_params: dict[str, str] = field(default_factory=dict)  # the route's parameters (deployment, response_id)
 
     # Who is calling, and under which policy (authenticate and access stages).
     identity: Any = None  # identity.authenticate.Identity
@@ -110,6 +112,7 @@ class RequestContext:
     accounting: Any = None  # quota.enforce.Accounting: estimate, refusal, cost
     usage: Any = None  # usage.Usage as settled when the exchange ended (the log reports the same figures)
     job: dict[str, Any] | None = None  # the async job this request became (jobs/documents.job_summary)
+    owned: dict[str, Any] | None = None  # policy.ownership: the record of the object this request is about
 
     # The answer.
     upstream: UpstreamCall = field(default_factory=UpstreamCall)

@@ -52,8 +52,8 @@ def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param=param)
 
 
-def not_found(message: str) -> GatewayError:
-    return GatewayError(404, "not_found", message)
+def not_found(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(404, "not_found", message, param=param)
 
 
 def request_too_large(limit: int, what: str = "body") -> GatewayError:

@@ -34,6 +34,7 @@ from .operations import OPERATIONS, Operation
 from .pipeline import Stage
 from .policy.access import ApplyPolicy, PolicyCache, PolicyResolver
 from .policy.model_list import list_models
+from .policy.ownership import RecordOwnership
 from .policy.policies import builtin_defaults
 from .policy.system_prompt import ApplySystemPrompt
 from .quota.enforce import EnforceQuota, Windows
@@ -131,6 +132,7 @@ class Gateway:
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes, settings.max_upload_bytes),
                 ApplyPolicy(resolver),
+                RecordOwnership(store),
                 GuardInput(),
                 ApplySystemPrompt(),
                 RequestStreamUsage(settings.azure_openai_api_version),

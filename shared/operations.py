@@ -38,6 +38,7 @@ class RouteSpec:
 AUTHENTICATE, VALIDATE, ACCESS = "authenticate", "validate", "access"
 INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE = "input_guard", "system_prompt", "stream_usage"
 CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG = "cache", "quota", "output_guard", "request_log"
+OWNERSHIP = "ownership"
 MODEL_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE, CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG})
 
 # Fields that count something the quota estimate multiplies: whole numbers in Azure's ranges.
@@ -113,6 +114,9 @@ class Operation:
     message_framing: bool = False  # the prompt is chat messages: the model adds tokens around each
     binary_answer: bool = False  # the answer is bytes (audio), relayed as they arrive
     units: Callable[[Any, Any], dict[str, float]] | None = None  # what is priced besides tokens: (request body, answer or None) → units
+    creates: str | None = None  # the kind of object its answer creates upstream, owned by the calling app (the answer's `id`)
+    owned: tuple[str, str] | None = None  # (kind, path parameter): an operation about an object the app must own
+    refers_to: tuple[tuple[str, str], ...] = ()  # (body field, kind): objects a request names, which must be the app's
 
     @property
     def streams(self) -> bool:
@@ -228,7 +232,9 @@ RESPONSES = Operation(
     name="responses",
     routes=(RouteSpec("azure_responses", "openai/responses", Style.AZURE),
             RouteSpec("v1_responses", "openai/v1/responses", Style.V1)),
-    stages=MODEL_STAGES - {STREAM_USAGE},
+    stages=(MODEL_STAGES - {STREAM_USAGE}) | {OWNERSHIP},
+    creates="response",
+    refers_to=(("previous_response_id", "response"),),
     required=(("input", (str, list)),),
     check_body=_check_instructions,
     content_fields=("input", "instructions", "prompt"),
@@ -340,6 +346,40 @@ IMAGES_EDITS = Operation(
     units=image_units,
 )
 
+# Stored responses: what an app created, read, deleted or cancelled by its owner only, at the
+# backend that holds it. Not model calls: no quota, no cache; the output guard still reads what
+# the model wrote.
+_STORED_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, OWNERSHIP, OUTPUT_GUARD, REQUEST_LOG})
+
+STORED_RESPONSE = Operation(
+    name="responses.stored",
+    routes=(RouteSpec("azure_stored_response", "openai/responses/{response_id}", Style.AZURE, ("GET", "DELETE")),
+            RouteSpec("v1_stored_response", "openai/v1/responses/{response_id}", Style.V1, ("GET", "DELETE"))),
+    stages=_STORED_STAGES,
+    body="none",
+    writes=_RESPONSES_WRITES,
+    owned=("response", "response_id"),
+)
+
+STORED_RESPONSE_INPUT_ITEMS = Operation(
+    name="responses.input_items",
+    routes=(RouteSpec("azure_stored_response_input_items", "openai/responses/{response_id}/input_items", Style.AZURE, ("GET",)),
+            RouteSpec("v1_stored_response_input_items", "openai/v1/responses/{response_id}/input_items", Style.V1, ("GET",))),
+    stages=_STORED_STAGES - {OUTPUT_GUARD},  # the client's own input
+    body="none",
+    owned=("response", "response_id"),
+)
+
+STORED_RESPONSE_CANCEL = Operation(
+    name="responses.cancel",
+    routes=(RouteSpec("azure_stored_response_cancel", "openai/responses/{response_id}/cancel", Style.AZURE),
+            RouteSpec("v1_stored_response_cancel", "openai/v1/responses/{response_id}/cancel", Style.V1)),
+    stages=_STORED_STAGES,
+    body="none",
+    writes=_RESPONSES_WRITES,
+    owned=("response", "response_id"),
+)
+
 MODELS = Operation(
     name="models.list",
     routes=(RouteSpec("azure_models", "openai/models", Style.AZURE, ("GET",)),
@@ -350,7 +390,8 @@ MODELS = Operation(
 )
 
 OPERATIONS: tuple[Operation, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, AUDIO_TRANSCRIPTIONS, AUDIO_TRANSLATIONS,
-                                     AUDIO_SPEECH, IMAGES_GENERATIONS, IMAGES_EDITS, MODELS)
+                                     AUDIO_SPEECH, IMAGES_GENERATIONS, IMAGES_EDITS, STORED_RESPONSE, STORED_RESPONSE_INPUT_ITEMS,
+                                     STORED_RESPONSE_CANCEL, MODELS)
 BY_NAME = {op.name: op for op in OPERATIONS}
 
 

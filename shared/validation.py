@@ -133,14 +133,13 @@ class ValidateRequest(Stage):
         if b"api-version" in query:
             ctx.api_version = _last_value(query, "api-version")
         operation = route.operation
+        if "{" in route.template:
+            # The host matched the route and decoded the segments once (Functions host and local host).
+            params = dict(ctx.http.path_params) or match_template(route.template, ctx.http.url.path) or {}
+            ctx.path_params = {name: value for name, value in params.items() if isinstance(value, str)}
+            ctx.deployment = ctx.path_params.get("deployment") or None
         if operation.body == "none":
-            return  # a GET without a body
-        if route.deployment_in_path:
-            # The host matched the route and decoded the segment once (Functions host and local host).
-            deployment = ctx.http.path_params.get("deployment")
-            if deployment is None:
-                deployment = (match_template(route.template, ctx.http.url.path) or {}).get("deployment")
-            ctx.deployment = deployment or None
+            return  # a GET, DELETE or bodiless POST
         if operation.body == "multipart":
             raw = ctx.raw_body = await read_body(ctx, self._upload_limit, "upload")
             body: Any = await form_fields(ctx.http.headers.get("content-type", ""), raw)

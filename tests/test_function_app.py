@@ -34,6 +34,12 @@ EXPECTED = {
     "v1_images_generations": ("openai/v1/images/generations", {"POST"}),
     "azure_images_edits": ("openai/deployments/{deployment}/images/edits", {"POST"}),
     "v1_images_edits": ("openai/v1/images/edits", {"POST"}),
+    "azure_stored_response": ("openai/responses/{response_id}", {"GET", "DELETE"}),
+    "v1_stored_response": ("openai/v1/responses/{response_id}", {"GET", "DELETE"}),
+    "azure_stored_response_input_items": ("openai/responses/{response_id}/input_items", {"GET"}),
+    "v1_stored_response_input_items": ("openai/v1/responses/{response_id}/input_items", {"GET"}),
+    "azure_stored_response_cancel": ("openai/responses/{response_id}/cancel", {"POST"}),
+    "v1_stored_response_cancel": ("openai/v1/responses/{response_id}/cancel", {"POST"}),
     "azure_models": ("openai/models", {"GET"}),
     "v1_models": ("openai/v1/models", {"GET"}),
     "health": ("health", {"GET"}),
@@ -152,8 +158,12 @@ async def test_each_model_route_reaches_its_function_over_http(gateway, auth):
         for route in MODEL_ROUTES:
             if "GET" in route.methods:
                 continue
-            path = "/" + route.template.replace("{deployment}", "gpt-4o-mini")
+            path = "/" + route.template.replace("{deployment}", "gpt-4o-mini").replace("{response_id}", "resp_nobodys")
             async with session.post(gateway.url + path, json={}) as response:
+                if route.operation.owned:  # about an object: nobody's id is 404 before any body is read
+                    assert response.status == 404, path
+                    assert (await response.json())["error"]["code"] == "not_found"
+                    continue
                 assert response.status == 400, path
                 assert (await response.json())["error"]["code"] == "invalid_request"
         async with session.get(gateway.url + "/health") as response:

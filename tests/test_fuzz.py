@@ -308,6 +308,7 @@ def base_body(route) -> dict[str, Any]:
         ops.AUDIO_TRANSCRIPTIONS: {"prompt": "hi"},
         ops.AUDIO_TRANSLATIONS: {"prompt": "hi"},
         ops.IMAGES_EDITS: {"prompt": "hi"},
+        ops.STORED_RESPONSE_CANCEL: {},  # no body; the id in the path is nobody's: 404
     }[route.operation]
     if not route.deployment_in_path:
         body["model"] = DEPLOYMENT_FOR.get(route.operation, "gpt-4o-mini")
@@ -327,6 +328,7 @@ FIELDS_READ = {
     ops.AUDIO_SPEECH: ["model", "input", "instructions", "voice", "response_format", "user"],
     ops.IMAGES_GENERATIONS: ["model", "prompt", "n", "size", "quality", "response_format", "user"],
     ops.AUDIO_TRANSCRIPTIONS: [], ops.AUDIO_TRANSLATIONS: [], ops.IMAGES_EDITS: [],  # multipart: fuzzed as raw bodies
+    ops.STORED_RESPONSE_CANCEL: [],
 }
 
 

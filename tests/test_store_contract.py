@@ -237,3 +237,20 @@ async def test_a_provisional_record_never_replaces_a_final_one(store):
 async def test_reserving_nothing_is_admitted(store):
     outcome = await store.reserve([])
     assert outcome.admitted and outcome.used == []
+
+
+async def test_owned_objects_belong_to_their_app(store):
+    doc = {"app_id": "app-a", "kind": "response", "object_id": "resp_1", "user_id": "u1", "backend": "default",
+           "deployment": "gpt-4o-mini", "ttl": 3600}
+    await store.put_owned(doc)
+    found = await store.get_owned("app-a", "response", "resp_1")
+    assert found["user_id"] == "u1" and found["deployment"] == "gpt-4o-mini" and found["object_id"] == "resp_1"
+    assert await store.get_owned("app-b", "response", "resp_1") is None  # another app: as if missing
+    assert await store.get_owned("app-a", "file", "resp_1") is None  # another kind
+    await store.put_owned({**doc, "deployment": "gpt-4o"})  # an update replaces
+    assert (await store.get_owned("app-a", "response", "resp_1"))["deployment"] == "gpt-4o"
+    assert not await store.delete_owned("app-b", "response", "resp_1")
+    assert await store.delete_owned("app-a", "response", "resp_1")
+    assert await store.get_owned("app-a", "response", "resp_1") is None
+    await store.put_owned({**doc, "object_id": "resp_2", "ttl": -1})  # already expired
+    assert await store.get_owned("app-a", "response", "resp_2") is None

@@ -90,6 +90,11 @@ var containers = [
     partitionKey: '/id'
     defaultTtl: true
   }
+  {
+    name: 'owned_objects'
+    partitionKey: '/app_id'
+    defaultTtl: true
+  }
 ]
 
 // Cosmos DB data-plane built-in role (not an Azure RBAC role): Cosmos DB Built-in Data Contributor.

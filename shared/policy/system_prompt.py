@@ -46,6 +46,7 @@ class AppliedPrompt:
     mode: str
     client_system: str
     client_instructions: str | None = None  # Responses: the client's own, shown back instead of the injected ones
+    place: str | None = None  # where it went (the operation's `system_prompt`)
 
     def record(self) -> dict:
         return {"system_prompt": {"mode": self.mode, "client_system": self.client_system}}
@@ -61,7 +62,7 @@ class ApplySystemPrompt(Stage):
         if prompt is None or place is None:
             return
         text = render(prompt.text, ctx)
-        applied = AppliedPrompt(text, prompt.mode, prompt.client_system)
+        applied = AppliedPrompt(text, prompt.mode, prompt.client_system, place=place)
         body = dict(ctx.body)
         if place == "messages":
             body["messages"] = self._messages(list(body["messages"]), text, prompt.mode, prompt.client_system)

@@ -121,6 +121,7 @@ RECORD_FIELDS: dict[str, str] = {
     "quota_degraded": "quota: counted in memory while the store was down",
     "quota_refused": "quota: the limit that refused the request",
     "cost": "quota: amount, currency and price used",
+    "owned_object": "ownership: the stored object the request was about (kind, id)",
 }
 
 

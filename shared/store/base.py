@@ -31,8 +31,9 @@ DEPLOYMENTS = Container("deployments", "/id", default_ttl=False)
 JOBS = Container("jobs", "/app_id", default_ttl=True)
 USAGE_ROLLUPS = Container("usage_rollups", "/app_id", default_ttl=False)
 ADMIN_SESSIONS = Container("admin_sessions", "/id", default_ttl=True)
+OWNED_OBJECTS = Container("owned_objects", "/app_id", default_ttl=True)  # what an app created upstream (stored responses)
 CONTAINERS: tuple[Container, ...] = (
-    REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS,
+    REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS, OWNED_OBJECTS,
 )
 
 
@@ -233,6 +234,19 @@ class Store(abc.ABC):
 
     async def delete_deployment(self, name: str) -> bool:
         return await self._delete_doc(DEPLOYMENTS.name, name)
+
+    # Objects apps create upstream (one document per object, partitioned by the owning app) ------
+    @abc.abstractmethod
+    async def get_owned(self, app_id: str, kind: str, object_id: str) -> dict[str, Any] | None:
+        """The record of `object_id` if the app created it (and it has not expired), else None:
+        another app's object is indistinguishable from a missing one."""
+
+    @abc.abstractmethod
+    async def put_owned(self, doc: dict[str, Any]) -> None:
+        """Record (or update) an object an app created: `app_id`, `kind`, `object_id`, `ttl`, …"""
+
+    @abc.abstractmethod
+    async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool: ...
 
     # Async jobs (one document per job, partitioned by the app that owns it) -------------------
     @abc.abstractmethod

@@ -21,7 +21,7 @@ from azure.cosmos.aio import CosmosClient
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    CONTAINERS, JOBS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
+    CONTAINERS, JOBS, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
 )
 
@@ -338,6 +338,26 @@ class CosmosStore(Store):
             except exceptions.CosmosResourceNotFoundError:
                 pass
         return len(ids)
+
+    # Objects apps create upstream: one item per object in its app's partition, expiring by `ttl` --
+    async def get_owned(self, app_id: str, kind: str, object_id: str) -> dict[str, Any] | None:
+        query = "SELECT * FROM c WHERE c.app_id = @app AND c.id = @id"
+        params = [{"name": "@app", "value": app_id}, {"name": "@id", "value": f"{kind}:{object_id}"}]
+        item = await _first(self._container(OWNED_OBJECTS.name).query_items(query, parameters=params, partition_key=app_id))
+        if item is None or item.get("expires_at", 0) <= time.time():
+            return None
+        return {k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"}
+
+    async def put_owned(self, doc: dict[str, Any]) -> None:
+        body = {**doc, "id": f"{doc['kind']}:{doc['object_id']}", "expires_at": time.time() + doc["ttl"]}
+        await self._container(OWNED_OBJECTS.name).upsert_item(body)
+
+    async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
+        try:
+            await self._container(OWNED_OBJECTS.name).delete_item(f"{kind}:{object_id}", partition_key=app_id)
+        except exceptions.CosmosResourceNotFoundError:
+            return False
+        return True
 
     # Async jobs: one item per job in its app's partition, expiring through its `ttl` -----------
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import orjson
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
+    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
     EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable,
 )
 
@@ -88,6 +88,13 @@ CREATE TABLE IF NOT EXISTS {USAGE_ROLLUPS.name} (
     PRIMARY KEY (app_id, id)
 );
 CREATE INDEX IF NOT EXISTS ix_rollups_day ON {USAGE_ROLLUPS.name}(day);
+CREATE TABLE IF NOT EXISTS {OWNED_OBJECTS.name} (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (app_id, id)
+);
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -544,6 +551,33 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE scope = ?", (scope,)).rowcount
 
         return await self._run(purge)
+
+    # Objects apps create upstream --------------------------------------------------------------
+    async def get_owned(self, app_id: str, kind: str, object_id: str) -> dict[str, Any] | None:
+        now = time.time()
+        row = await self._read(lambda conn: conn.execute(
+            f"SELECT doc FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND id = ? AND expires_at > ?", (app_id, f"{kind}:{object_id}", now)
+        ).fetchone())
+        return orjson.loads(row[0]) if row else None
+
+    async def put_owned(self, doc: dict[str, Any]) -> None:
+        now = time.time()
+        key = f"{doc['kind']}:{doc['object_id']}"
+        blob = orjson.dumps({**doc, "id": key})
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(f"INSERT OR REPLACE INTO {OWNED_OBJECTS.name} (app_id, id, expires_at, doc) VALUES (?, ?, ?, ?)",
+                             (doc["app_id"], key, now + doc["ttl"], blob))
+
+        await self._run(write)
+
+    async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            with conn:
+                return conn.execute(f"DELETE FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND id = ?", (app_id, f"{kind}:{object_id}")).rowcount > 0
+
+        return await self._run(delete)
 
     # Async jobs --------------------------------------------------------------------------------
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:

@@ -104,13 +104,18 @@ class UpstreamClient:
             if azure is not None:
                 template, style = azure.template, Style.AZURE
         path = "/" + template.replace("{deployment}", quote(deployment, safe=""))
+        for name, value in ctx.path_params.items():
+            if name != "deployment":
+                path = path.replace("{" + name + "}", quote(value, safe=""))
         query = ctx.http.scope.get("query_string", b"").decode("utf-8", "replace")  # as sent; cheaper than building .url
         if style is Style.AZURE and "api-version=" not in query:
             extra = "api-version=" + quote(ctx.api_version or self._settings.azure_openai_api_version)
             query = f"{query}&{extra}" if query else extra
         return f"{backend.endpoint}{path}?{query}" if query else f"{backend.endpoint}{path}"
 
-    def _body_for(self, ctx: RequestContext, backend: Backend) -> bytes:
+    def _body_for(self, ctx: RequestContext, backend: Backend) -> bytes | None:
+        if ctx.route.operation.body == "none":
+            return None
         if ctx.route.operation.body == "multipart":
             return ctx.raw_body  # as it came: files and fields are never re-encoded
         if not ctx.route.deployment_in_path and backend.deployment and backend.deployment != ctx.deployment:
@@ -124,6 +129,9 @@ class UpstreamClient:
         durable timer instead, for the Retry-After that the give-up error carries."""
         policy = ctx.policy.retry
         backends = await self._pool.backends(ctx.deployment)
+        if ctx.upstream.pinned_backend is not None:
+            # An object lives in one resource: calls about it go there, or nowhere.
+            backends = [b for b in backends if b.name == ctx.upstream.pinned_backend] or backends
         started = time.monotonic()
         attempts = ctx.upstream.attempts
         tried: set[str] = set()  # backends tried since the last wait
@@ -190,8 +198,9 @@ class UpstreamClient:
 
     async def _attempt(self, ctx, backend: Backend, backends, tried, policy, attempt_number: int, attempts: list) -> UpstreamResult:
         circuit = self._pool.circuit
+        operation = ctx.route.operation
         headers = {
-            "Content-Type": ctx.http.headers.get("content-type", "") if ctx.route.operation.body == "multipart" else "application/json",
+            "Content-Type": ctx.http.headers.get("content-type", "") if operation.body == "multipart" else "application/json",
             "Accept": "text/event-stream" if ctx.stream else "*/*" if ctx.route.operation.binary_answer else "application/json",
             "x-ms-client-request-id": ctx.request_id,
             **(await backend.auth.headers()),
@@ -201,7 +210,10 @@ class UpstreamClient:
         ctx.upstream.started = time.perf_counter()
         began = time.monotonic()
         try:
-            response = await self._session_for_loop().post(url, data=self._body_for(ctx, backend), headers=headers)
+            body = self._body_for(ctx, backend)
+            if body is None:
+                del headers["Content-Type"]
+            response = await self._session_for_loop().request(ctx.http.method, url, data=body, headers=headers)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "unreachable"
             attempts.append({"backend": backend.name, "error": kind, "ms": round((time.monotonic() - began) * 1000, 1)})

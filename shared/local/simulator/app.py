@@ -72,6 +72,7 @@ class Simulator:
         self.config = config
         self.faults: list[Fault] = []
         self.received: list[dict[str, Any]] = []
+        self.stored: dict[str, dict[str, Any]] = {}  # stored responses: id → {response, input}
 
     # Helpers -----------------------------------------------------------------------
     def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
@@ -206,6 +207,27 @@ class Simulator:
             return self._error(400, "invalid_request_error", "'image' is a required property")
         base_url = f"{request.scheme}://{request.host}"
         return web.json_response(media.images_answer(media.IMAGE_MODELS[deployment], body, controls, base_url), headers=headers)
+
+    async def stored_response(self, request: web.Request) -> web.Response:
+        """GET / DELETE a stored response, its input items, or cancel it."""
+        if not self._authorized(request):
+            return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        response_id = request.match_info["response_id"]
+        stored = self.stored.get(response_id)
+        self._record(request, None, 200 if stored else 404)
+        if stored is None:
+            return self._error(404, "not_found", f"Response with id '{response_id}' not found.")
+        what = request.match_info.get("what")
+        if what == "input_items":
+            data = stored["input"]
+            return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None, "has_more": False})
+        if what == "cancel":
+            return self._error(400, "invalid_request_error", "Only responses created with background=true can be cancelled.")
+        if request.method == "DELETE":
+            del self.stored[response_id]
+            return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+        return web.json_response(stored["response"])
 
     async def image_file(self, request: web.Request) -> web.Response:
         return web.Response(body=media.png(bytes.fromhex(request.match_info["name"])), content_type="image/png")
@@ -384,6 +406,13 @@ class Simulator:
         return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=self._headers(request_id))
 
     async def _responses(self, request, deployment, body, controls, request_id):
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored:
+            return web.json_response({"error": {"message": f"Previous response with id '{previous}' not found.", "type": "invalid_request_error",
+                                                 "param": "previous_response_id", "code": "previous_response_not_found"}}, status=400)
+        return await self._responses_answer(request, deployment, body, controls, request_id)
+
+    async def _responses_answer(self, request, deployment, body, controls, request_id):
         model = self.config.chat_deployments[deployment]
         prompt = [body.get("instructions"), body.get("input")]
         limit = body.get("max_output_tokens")
@@ -419,6 +448,12 @@ class Simulator:
             "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": body.get("metadata") or {},
         }
         headers = self._headers(request_id)
+        if body.get("store", True) is not False:
+            items = body.get("input")
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": items}]}] if isinstance(items, str) else list(items or [])
+            self.stored[response_id] = {"response": response, "input": [{"id": f"msg_{i}_{response_id[5:17]}", **i} for i in items]}
+            if len(self.stored) > 5_000:
+                self.stored.pop(next(iter(self.stored)))
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(response), content_type="application/json", headers=headers)
         pending = {**response, "status": "in_progress", "output": [], "usage": None}
@@ -589,6 +624,11 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
         app.router.add_post(f"/openai/deployments/{{deployment}}/{operation}", serve(operation))
         app.router.add_post(f"/openai/v1/{operation}", serve(operation))
     app.router.add_get(r"/_sim/images/{name:[0-9a-f]{32}}.png", simulator.image_file)
+    for prefix in ("/openai/responses", "/openai/v1/responses"):
+        app.router.add_route("GET", prefix + "/{response_id}", simulator.stored_response)
+        app.router.add_route("DELETE", prefix + "/{response_id}", simulator.stored_response)
+        app.router.add_get(prefix + "/{response_id}/{what:input_items}", simulator.stored_response)
+        app.router.add_post(prefix + "/{response_id}/{what:cancel}", simulator.stored_response)
     app.router.add_post("/openai/responses", serve("responses"))
     app.router.add_post("/openai/v1/responses", serve("responses"))
     app.router.add_get("/openai/v1/models", simulator.models)

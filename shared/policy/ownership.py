@@ -1,0 +1,134 @@
+"""What an app creates upstream belongs to it.
+
+On a shared Azure OpenAI resource every stored response is visible to whoever holds the
+resource's credentials; the gateway is the only door, so it records who created what and
+enforces it. A stored response's id, app, user, backend and deployment are recorded when the
+answer comes back (the operations table's `creates`); an operation about an object (`owned`:
+retrieve, delete, input items, cancel) is answered only for the app that created it — and, for a
+delegated token, the same user — and goes to the backend that holds it; another app's id is 404,
+exactly as a missing one. A request naming another app's object in its body
+(`previous_response_id`) is refused the same way before anything reaches the upstream.
+
+A record is written once the answer is out; an id used again at once on this instance is found
+in memory, and on another instance a miss is asked again for up to a second before it is a 404.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .. import errors
+from ..context import RequestContext, UpstreamResult
+from ..operations import OWNERSHIP
+from ..pipeline import Stage
+from ..store import Store, StoreError
+
+logger = logging.getLogger("sekisho.ownership")
+
+_RECENT_SECONDS = 30.0  # records this instance wrote, kept in memory while the store catches up
+_RETRY_DELAYS = (0.1, 0.2, 0.3, 0.4)  # another instance's record may be a moment from the store
+_NOT_SET = object()
+
+
+class RecordOwnership(Stage):
+    name = OWNERSHIP
+
+    def __init__(self, store: Store, retention_days: int = 30) -> None:
+        self._store = store
+        self._ttl = retention_days * 86400  # Azure keeps stored responses 30 days
+        self._recent: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+
+    async def before(self, ctx: RequestContext) -> None:
+        operation = ctx.route.operation
+        if operation.owned is not None:
+            kind, param = operation.owned
+            object_id = ctx.path_params.get(param) or ""
+            doc = await self._find(ctx, kind, object_id)
+            ctx.owned = doc
+            ctx.deployment = doc.get("deployment") or ctx.deployment
+            ctx.upstream.pinned_backend = doc.get("backend")
+        for field, kind in operation.refers_to:
+            named = (ctx.body or {}).get(field)
+            if isinstance(named, str) and named:
+                referred = await self._find(ctx, kind, named, field)
+                if ctx.upstream.pinned_backend is None:
+                    ctx.upstream.pinned_backend = referred.get("backend")  # the chain lives in one resource
+
+    async def _find(self, ctx: RequestContext, kind: str, object_id: str, param: str | None = None) -> dict[str, Any]:
+        missing = errors.not_found(f"No {kind.replace('_', ' ')} {object_id!r} for this application.", param)
+        if not object_id:
+            raise missing
+        key = (ctx.app_id, kind, object_id)
+        recent = self._recent.get(key)
+        doc = recent[1] if recent is not None else None
+        for delay in (0.0, *_RETRY_DELAYS):
+            if doc is not None:
+                break
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                doc = await self._store.get_owned(ctx.app_id, kind, object_id)
+            except StoreError:
+                raise errors.GatewayError(503, "store_unavailable", "Ownership records are unavailable; try again shortly.",
+                                          error_type="server_error") from None
+        if doc is None or (ctx.identity is not None and ctx.identity.delegated and doc.get("user_id") != ctx.user_id):
+            raise missing
+        return doc
+
+    def after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
+        doc = ctx.owned
+        if doc is None or "instructions_shown" not in doc or not isinstance(result.json, dict):
+            return result
+        # A stored response echoes the instructions it ran with: the app's injected prompt is never
+        # shown, only what the client itself sent (recorded when the response was made).
+        if "instructions" in result.json and result.json["instructions"] != doc["instructions_shown"]:
+            if ctx.model_response is None:
+                ctx.model_response = result.json
+            result.json = {**result.json, "instructions": doc["instructions_shown"]}
+            import orjson
+
+            result.body = orjson.dumps(result.json)
+        return result
+
+    async def finish(self, ctx: RequestContext) -> None:
+        operation = ctx.route.operation
+        if ctx.status is None or ctx.status >= 400 or ctx.error is not None:
+            return
+        if operation.owned is not None and ctx.http.method == "DELETE" and ctx.owned is not None:
+            kind, _ = operation.owned
+            self._recent.pop((ctx.app_id, kind, ctx.owned["object_id"]), None)
+            await self._store.delete_owned(ctx.app_id, kind, ctx.owned["object_id"])
+            return
+        if operation.creates is None or (ctx.body or {}).get("store") is False:
+            return
+        object_id = _created_id(ctx)
+        if not object_id:
+            return
+        shown: Any = _NOT_SET
+        if ctx.system_prompt is not None and ctx.system_prompt.place == "instructions":
+            shown = ctx.system_prompt.client_instructions
+        doc = {"app_id": ctx.app_id, "kind": operation.creates, "object_id": object_id, "user_id": ctx.user_id,
+               "backend": ctx.upstream.backend, "deployment": ctx.deployment, "created_at": int(time.time()),
+               "request_id": ctx.request_id, "ttl": self._ttl}
+        if shown is not _NOT_SET:
+            doc["instructions_shown"] = shown
+        now = time.monotonic()
+        self._recent[(ctx.app_id, operation.creates, object_id)] = (now, doc)
+        if len(self._recent) > 5000:
+            self._recent = {k: v for k, v in self._recent.items() if now - v[0] < _RECENT_SECONDS}
+        try:
+            await self._store.put_owned(doc)
+        except Exception:
+            logger.exception("ownership of %s %s could not be recorded", operation.creates, object_id)
+
+    def record(self, ctx: RequestContext) -> dict[str, Any]:
+        return {"owned_object": {"kind": ctx.owned["kind"], "id": ctx.owned["object_id"]}} if ctx.owned is not None else {}
+
+
+def _created_id(ctx: RequestContext) -> str | None:
+    if ctx.stream_summary is not None:
+        return ctx.stream_summary.response_id
+    answer = ctx.model_response if isinstance(ctx.model_response, dict) else (ctx.result.json if ctx.result is not None else None)
+    return answer.get("id") if isinstance(answer, dict) and isinstance(answer.get("id"), str) else None
