@@ -5,11 +5,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from starlette.requests import Request
 
-from .routes import ModelRoute
+if TYPE_CHECKING:  # an annotation only: the routes come from the operations table, which sits above
+    from .routes import ModelRoute
 
 
 def new_request_id() -> str:

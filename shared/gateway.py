@@ -27,14 +27,14 @@ from .guards.input_guard import GuardInput
 from .guards.output_guard import GuardOutput
 from .identity.authenticate import Authenticate, Authenticator
 from .identity.tokens import JwksCache, TokenValidator
-from .jobs import documents as jobs
+from .jobs import documents as job_documents
 from .jobs.launch import JobLauncher, QueueJobLauncher
 from .jobs.runner import JobRunner
 from .operations import OPERATIONS, Operation
 from .pipeline import Stage
 from .policy.access import ApplyPolicy, PolicyCache, PolicyResolver
 from .policy.model_list import list_models
-from .policy.ownership import RecordOwnership
+from .policy.ownership import RecordOwnership, list_owned_answer
 from .policy.policies import builtin_defaults
 from .policy.system_prompt import ApplySystemPrompt
 from .quota.enforce import EnforceQuota, Windows
@@ -173,6 +173,7 @@ class Gateway:
         if not_started is not None:
             not_started.headers[REQUEST_ID_HEADER] = request_id
             return not_started
+        route = route.for_method(request.method)
         ctx = RequestContext(request_id=request_id, http=request, route=route)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
         ctx.properties = _custom_properties(request)
@@ -183,9 +184,11 @@ class Gateway:
                 # and decide for themselves (the quota counts a hit as a request).
                 entered.append(stage)
                 await stage.before(ctx)
-            if route.operation.answered_by_gateway:
+            if route.operation.answered_by_gateway == "models":
                 ctx.result = list_models(ctx, self.settings.deployments)
-            if ctx.result is None and self.jobs.takes(ctx, jobs.prefers_async(request)):
+            elif route.operation.answered_by_gateway == "owned_list":
+                ctx.result = await list_owned_answer(self.store, ctx)
+            if ctx.result is None and self.jobs.takes(ctx, job_documents.prefers_async(request)):
                 return await self.jobs.submit(ctx, "prefer")
             if ctx.result is None:
                 try:

@@ -20,17 +20,45 @@ class ModelRoute:
     operation: Operation
     style: Style
     methods: tuple[str, ...] = ("POST",)
+    # One function may serve several operations on one path, told apart by method (files: GET
+    # lists, POST uploads): each method's own route.
+    by_method: tuple[tuple[str, "ModelRoute"], ...] = ()
 
     @property
     def deployment_in_path(self) -> bool:
         return "{deployment}" in self.template
 
+    def for_method(self, method: str) -> "ModelRoute":
+        for name, route in self.by_method:
+            if name == method:
+                return route
+        return self
 
-# Every route of every operation in the table, in the table's order.
-MODEL_ROUTES: tuple[ModelRoute, ...] = tuple(
-    ModelRoute(spec.function_name, spec.template, operation, spec.style, spec.methods)
-    for operation in OPERATIONS for spec in operation.routes
-)
+
+def _model_routes() -> tuple[ModelRoute, ...]:
+    """Every route of every operation in the table, in the table's order; operations sharing a
+    function (one path, different methods) are served by one route."""
+    grouped: dict[str, list[ModelRoute]] = {}
+    for operation in OPERATIONS:
+        for spec in operation.routes:
+            grouped.setdefault(spec.function_name, []).append(ModelRoute(spec.function_name, spec.template, operation, spec.style, spec.methods))
+    routes = []
+    for parts in grouped.values():
+        if len(parts) == 1:
+            routes.append(parts[0])
+            continue
+        first = parts[0]
+        if any(p.template != first.template or p.style is not first.style for p in parts):
+            raise ValueError(f"function {first.function_name}: operations sharing it must share its path")
+        methods = tuple(m for p in parts for m in p.methods)
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"function {first.function_name}: two operations claim one method")
+        routes.append(ModelRoute(first.function_name, first.template, first.operation, first.style, methods,
+                                 tuple((m, p) for p in parts for m in p.methods)))
+    return tuple(routes)
+
+
+MODEL_ROUTES: tuple[ModelRoute, ...] = _model_routes()
 
 ROUTES_BY_FUNCTION = {r.function_name: r for r in MODEL_ROUTES}
 HEALTH_ROUTE = "health"

@@ -156,7 +156,9 @@ class ValidateRequest(Stage):
             if nesting_exceeds(raw, body):
                 raise errors.invalid_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
         ctx.body = body
-        if not route.deployment_in_path:
+        if not operation.needs_deployment:
+            pass
+        elif not route.deployment_in_path:
             model = body.get("model")
             if not isinstance(model, str) or not model.strip():
                 raise errors.invalid_request("Missing required parameter: 'model' (the deployment name).", "model")

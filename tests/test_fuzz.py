@@ -309,8 +309,9 @@ def base_body(route) -> dict[str, Any]:
         ops.AUDIO_TRANSLATIONS: {"prompt": "hi"},
         ops.IMAGES_EDITS: {"prompt": "hi"},
         ops.STORED_RESPONSE_CANCEL: {},  # no body; the id in the path is nobody's: 404
+        ops.FILES_UPLOAD: {"purpose": "assistants"},  # multipart: a JSON body is refused
     }[route.operation]
-    if not route.deployment_in_path:
+    if not route.deployment_in_path and route.operation.needs_deployment:
         body["model"] = DEPLOYMENT_FOR.get(route.operation, "gpt-4o-mini")
     return body
 
@@ -328,7 +329,7 @@ FIELDS_READ = {
     ops.AUDIO_SPEECH: ["model", "input", "instructions", "voice", "response_format", "user"],
     ops.IMAGES_GENERATIONS: ["model", "prompt", "n", "size", "quality", "response_format", "user"],
     ops.AUDIO_TRANSCRIPTIONS: [], ops.AUDIO_TRANSLATIONS: [], ops.IMAGES_EDITS: [],  # multipart: fuzzed as raw bodies
-    ops.STORED_RESPONSE_CANCEL: [],
+    ops.STORED_RESPONSE_CANCEL: [], ops.FILES_UPLOAD: [],
 }
 
 

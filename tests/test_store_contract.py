@@ -254,3 +254,14 @@ async def test_owned_objects_belong_to_their_app(store):
     assert await store.get_owned("app-a", "response", "resp_1") is None
     await store.put_owned({**doc, "object_id": "resp_2", "ttl": -1})  # already expired
     assert await store.get_owned("app-a", "response", "resp_2") is None
+
+
+async def test_owned_objects_list_newest_first_in_pages(store):
+    for number in range(5):
+        await store.put_owned({"app_id": "app-l", "kind": "file", "object_id": f"file-{number}", "created_ms": 1_000 + number, "ttl": 3600})
+    await store.put_owned({"app_id": "app-l", "kind": "response", "object_id": "resp-x", "created_ms": 9_999, "ttl": 3600})
+    await store.put_owned({"app_id": "app-other", "kind": "file", "object_id": "file-9", "created_ms": 9_999, "ttl": 3600})
+    first = await store.list_owned("app-l", "file", 2)
+    assert [d["object_id"] for d in first] == ["file-4", "file-3"]
+    rest = await store.list_owned("app-l", "file", 10, before=first[-1]["sort_key"])
+    assert [d["object_id"] for d in rest] == ["file-2", "file-1", "file-0"]

@@ -17,10 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from .. import errors
 from ..context import RequestContext, UpstreamResult
+from ..field_paths import FieldSet
 from ..operations import OWNERSHIP
 from ..pipeline import Stage
 from ..store import Store, StoreError
@@ -49,12 +53,12 @@ class RecordOwnership(Stage):
             ctx.owned = doc
             ctx.deployment = doc.get("deployment") or ctx.deployment
             ctx.upstream.pinned_backend = doc.get("backend")
-        for field, kind in operation.refers_to:
-            named = (ctx.body or {}).get(field)
-            if isinstance(named, str) and named:
-                referred = await self._find(ctx, kind, named, field)
-                if ctx.upstream.pinned_backend is None:
-                    ctx.upstream.pinned_backend = referred.get("backend")  # the chain lives in one resource
+        if operation.refers_to and ctx.body:
+            for path, kind in operation.refers_to:
+                for location in _paths(path).locations(ctx.body):
+                    referred = await self._find(ctx, kind, location.text, path)
+                    if ctx.upstream.pinned_backend is None:
+                        ctx.upstream.pinned_backend = referred.get("backend")  # what it names lives in one resource
 
     async def _find(self, ctx: RequestContext, kind: str, object_id: str, param: str | None = None) -> dict[str, Any]:
         missing = errors.not_found(f"No {kind.replace('_', ' ')} {object_id!r} for this application.", param)
@@ -87,8 +91,6 @@ class RecordOwnership(Stage):
             if ctx.model_response is None:
                 ctx.model_response = result.json
             result.json = {**result.json, "instructions": doc["instructions_shown"]}
-            import orjson
-
             result.body = orjson.dumps(result.json)
         return result
 
@@ -111,9 +113,13 @@ class RecordOwnership(Stage):
             shown = ctx.system_prompt.client_instructions
         doc = {"app_id": ctx.app_id, "kind": operation.creates, "object_id": object_id, "user_id": ctx.user_id,
                "backend": ctx.upstream.backend, "deployment": ctx.deployment, "created_at": int(time.time()),
+               "created_ms": time.time_ns() // 1_000_000,
                "request_id": ctx.request_id, "ttl": self._ttl}
         if shown is not _NOT_SET:
             doc["instructions_shown"] = shown
+        answer = ctx.result.json if ctx.result is not None else None
+        if operation.creates == "file" and isinstance(answer, dict):
+            doc["object"] = answer  # lists are answered from these records
         now = time.monotonic()
         self._recent[(ctx.app_id, operation.creates, object_id)] = (now, doc)
         if len(self._recent) > 5000:
@@ -125,6 +131,41 @@ class RecordOwnership(Stage):
 
     def record(self, ctx: RequestContext) -> dict[str, Any]:
         return {"owned_object": {"kind": ctx.owned["kind"], "id": ctx.owned["object_id"]}} if ctx.owned is not None else {}
+
+
+@lru_cache(maxsize=64)
+def _paths(path: str) -> FieldSet:
+    return FieldSet(path)
+
+
+async def list_owned_answer(store: Store, ctx: RequestContext) -> UpstreamResult:
+    """A list of the caller's own objects of the operation's kind, newest first, from the records
+    (never the upstream's list, which shows every app's): `limit`, `after` (an id), and for files
+    `purpose`, as the OpenAI list API takes them."""
+    kind = ctx.route.operation.lists
+    query = ctx.http.query_params
+    try:
+        limit = max(1, min(1000, int(query.get("limit") or 100)))
+    except ValueError:
+        raise errors.invalid_request("'limit' must be a whole number from 1 to 1000.", "limit") from None
+    before = None
+    if query.get("after"):
+        anchor = await store.get_owned(ctx.app_id, kind, query["after"])
+        if anchor is None:
+            raise errors.not_found(f"No {kind} {query['after']!r} for this application.", "after")
+        before = anchor["sort_key"]
+    purpose = query.get("purpose")
+    found: list[dict[str, Any]] = []
+    while len(found) <= limit:
+        page = await store.list_owned(ctx.app_id, kind, limit + 1, before)
+        found.extend(doc for doc in page if purpose is None or (doc.get("object") or {}).get("purpose") == purpose)
+        if len(page) < limit + 1:
+            break
+        before = page[-1]["sort_key"]
+    data = [doc.get("object") or {"id": doc["object_id"], "object": kind} for doc in found[:limit]]
+    payload = {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+               "last_id": data[-1]["id"] if data else None, "has_more": len(found) > limit}
+    return UpstreamResult(status=200, headers={"content-type": "application/json"}, body=orjson.dumps(payload), json=payload)
 
 
 def _created_id(ctx: RequestContext) -> str | None:

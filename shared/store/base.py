@@ -248,6 +248,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+        """The app's objects of a kind, newest first (by `sort_key`, which put_owned sets), at most
+        `limit`, only those sorting before `before` (a sort key) when given."""
+
+
     # Async jobs (one document per job, partitioned by the app that owns it) -------------------
     @abc.abstractmethod
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
@@ -277,3 +283,8 @@ class Store(abc.ABC):
 
     async def delete_admin_session(self, doc_id: str) -> bool:
         return await self._delete_doc(ADMIN_SESSIONS.name, doc_id)
+
+
+def owned_sort_key(doc: dict[str, Any]) -> str:
+    """Newest first, ties broken by id: the creation time in milliseconds, then the object id."""
+    return f"{int(doc.get('created_ms') or doc.get('created_at', 0) * 1000):015d}:{doc['object_id']}"

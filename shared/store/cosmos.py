@@ -22,7 +22,7 @@ from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
     CONTAINERS, JOBS, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
-    PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable,
+    PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable, owned_sort_key,
 )
 
 _WRITE_CONCURRENCY = 16
@@ -349,8 +349,16 @@ class CosmosStore(Store):
         return {k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"}
 
     async def put_owned(self, doc: dict[str, Any]) -> None:
-        body = {**doc, "id": f"{doc['kind']}:{doc['object_id']}", "expires_at": time.time() + doc["ttl"]}
+        body = {**doc, "id": f"{doc['kind']}:{doc['object_id']}", "sort_key": owned_sort_key(doc), "expires_at": time.time() + doc["ttl"]}
         await self._container(OWNED_OBJECTS.name).upsert_item(body)
+
+    async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+        query = (f"SELECT TOP {int(limit)} * FROM c WHERE c.app_id = @app AND c.kind = @kind AND c.sort_key < @before"
+                 " AND c.expires_at > @now ORDER BY c.sort_key DESC")
+        params = [{"name": "@app", "value": app_id}, {"name": "@kind", "value": kind}, {"name": "@before", "value": before or "~"},
+                  {"name": "@now", "value": time.time()}]
+        items = [item async for item in self._container(OWNED_OBJECTS.name).query_items(query, parameters=params, partition_key=app_id)]
+        return [{k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"} for item in items]
 
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
         try:

@@ -24,7 +24,7 @@ from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
     ADMIN_SESSIONS, DEPLOYMENTS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
-    EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable,
+    EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable, owned_sort_key,
 )
 
 T = TypeVar("T")
@@ -91,10 +91,13 @@ CREATE INDEX IF NOT EXISTS ix_rollups_day ON {USAGE_ROLLUPS.name}(day);
 CREATE TABLE IF NOT EXISTS {OWNED_OBJECTS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sort_key TEXT NOT NULL,
     expires_at REAL NOT NULL,
     doc BLOB NOT NULL,
     PRIMARY KEY (app_id, id)
 );
+CREATE INDEX IF NOT EXISTS ix_owned_listing ON {OWNED_OBJECTS.name}(app_id, kind, sort_key);
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -563,14 +566,23 @@ class SqliteStore(Store):
     async def put_owned(self, doc: dict[str, Any]) -> None:
         now = time.time()
         key = f"{doc['kind']}:{doc['object_id']}"
-        blob = orjson.dumps({**doc, "id": key})
+        stored = {**doc, "id": key, "sort_key": owned_sort_key(doc)}
+        blob = orjson.dumps(stored)
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.execute(f"INSERT OR REPLACE INTO {OWNED_OBJECTS.name} (app_id, id, expires_at, doc) VALUES (?, ?, ?, ?)",
-                             (doc["app_id"], key, now + doc["ttl"], blob))
+                conn.execute(f"INSERT OR REPLACE INTO {OWNED_OBJECTS.name} (app_id, id, kind, sort_key, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
+                             (doc["app_id"], key, doc["kind"], stored["sort_key"], now + doc["ttl"], blob))
 
         await self._run(write)
+
+    async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = await self._read(lambda conn: conn.execute(
+            f"SELECT doc FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND kind = ? AND sort_key < ? AND expires_at > ?"
+            f" ORDER BY sort_key DESC LIMIT ?", (app_id, kind, before or "~", now, limit)
+        ).fetchall())
+        return [orjson.loads(row[0]) for row in rows]
 
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:

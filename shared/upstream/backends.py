@@ -210,7 +210,7 @@ class BackendPool:
         cached = self._cache.get(deployment)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        doc = await self._store.get_deployment(deployment)
+        doc = await self._store.get_deployment(deployment) if deployment else None  # "": calls about no deployment (files)
         if doc is None:
             default = self._default.get(deployment)
             if default is None:

@@ -128,7 +128,7 @@ class UpstreamClient:
         still fails over to another backend at once but never sleeps: the caller waits on a
         durable timer instead, for the Retry-After that the give-up error carries."""
         policy = ctx.policy.retry
-        backends = await self._pool.backends(ctx.deployment)
+        backends = await self._pool.backends(ctx.deployment or "")  # "" : calls about no deployment (files)
         if ctx.upstream.pinned_backend is not None:
             # An object lives in one resource: calls about it go there, or nowhere.
             backends = [b for b in backends if b.name == ctx.upstream.pinned_backend] or backends

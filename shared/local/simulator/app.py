@@ -73,6 +73,7 @@ class Simulator:
         self.faults: list[Fault] = []
         self.received: list[dict[str, Any]] = []
         self.stored: dict[str, dict[str, Any]] = {}  # stored responses: id → {response, input}
+        self.files_stored: dict[str, dict[str, Any]] = {}  # files: id → {object, content}
 
     # Helpers -----------------------------------------------------------------------
     def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
@@ -228,6 +229,34 @@ class Simulator:
             del self.stored[response_id]
             return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
         return web.json_response(stored["response"])
+
+    async def files(self, request: web.Request) -> web.StreamResponse:
+        """Files: upload (multipart: file, purpose), list, retrieve, delete, content."""
+        if not self._authorized(request):
+            return self._error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        file_id = request.match_info.get("file_id")
+        self._record(request, None, 200)
+        if file_id is None:
+            if request.method == "GET":
+                return web.json_response({"object": "list", "data": [f["object"] for f in self.files_stored.values()]})
+            fields, uploads = await _form(request)
+            content = uploads.get("file")
+            if content is None or "purpose" not in fields:
+                return self._error(400, "invalid_request_error", "'file' and 'purpose' are required.")
+            new_id = "file-" + uuid.uuid4().hex
+            obj = {"id": new_id, "object": "file", "bytes": len(content), "created_at": int(time.time()), "filename": fields.get("_filename", "upload"),
+                   "purpose": fields["purpose"], "status": "processed", "status_details": None}
+            self.files_stored[new_id] = {"object": obj, "content": content}
+            return web.json_response(obj)
+        stored = self.files_stored.get(file_id)
+        if stored is None:
+            return self._error(404, "not_found", f"File with id '{file_id}' not found.")
+        if request.match_info.get("what") == "content":
+            return web.Response(body=stored["content"], content_type="application/octet-stream")
+        if request.method == "DELETE":
+            del self.files_stored[file_id]
+            return web.json_response({"id": file_id, "object": "file", "deleted": True})
+        return web.json_response(stored["object"])
 
     async def image_file(self, request: web.Request) -> web.Response:
         return web.Response(body=media.png(bytes.fromhex(request.match_info["name"])), content_type="image/png")
@@ -536,6 +565,7 @@ async def _form(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]
     async for part in reader:
         if part.filename is not None:
             uploads[part.name] = await part.read()
+            fields.setdefault("_filename", part.filename)
             continue
         value = (await part.read()).decode("utf-8", "replace")
         if part.name.startswith("x_sim[") and part.name.endswith("]"):
@@ -624,6 +654,12 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
         app.router.add_post(f"/openai/deployments/{{deployment}}/{operation}", serve(operation))
         app.router.add_post(f"/openai/v1/{operation}", serve(operation))
     app.router.add_get(r"/_sim/images/{name:[0-9a-f]{32}}.png", simulator.image_file)
+    for prefix in ("/openai/files", "/openai/v1/files"):
+        app.router.add_route("GET", prefix, simulator.files)
+        app.router.add_route("POST", prefix, simulator.files)
+        app.router.add_route("GET", prefix + "/{file_id}", simulator.files)
+        app.router.add_route("DELETE", prefix + "/{file_id}", simulator.files)
+        app.router.add_get(prefix + "/{file_id}/{what:content}", simulator.files)
     for prefix in ("/openai/responses", "/openai/v1/responses"):
         app.router.add_route("GET", prefix + "/{response_id}", simulator.stored_response)
         app.router.add_route("DELETE", prefix + "/{response_id}", simulator.stored_response)
