@@ -129,6 +129,24 @@ async def admin_policy_user(req: Request) -> Response:
     return await gateway.admin_policies(req, "user", app_id=req.path_params["app_id"], user_id=req.path_params["user_id"])
 
 
+@app.function_name("admin_keys")
+@app.route(route=f"{ADMIN_PREFIX}/keys/apps/{{app_id}}", methods=["GET", "POST"])
+async def admin_keys(req: Request) -> Response:
+    return await gateway.admin_keys(req, req.path_params["app_id"])
+
+
+@app.function_name("admin_key")
+@app.route(route=f"{ADMIN_PREFIX}/keys/apps/{{app_id}}/{{key_id}}", methods=["DELETE"])
+async def admin_key(req: Request) -> Response:
+    return await gateway.admin_keys(req, req.path_params["app_id"], req.path_params["key_id"])
+
+
+@app.function_name("admin_key_rotate")
+@app.route(route=f"{ADMIN_PREFIX}/keys/apps/{{app_id}}/{{key_id}}/rotate", methods=["POST"])
+async def admin_key_rotate(req: Request) -> Response:
+    return await gateway.admin_keys(req, req.path_params["app_id"], req.path_params["key_id"], rotate=True)
+
+
 @app.function_name("admin_logs")
 @app.route(route=f"{ADMIN_PREFIX}/logs", methods=["GET"])
 async def admin_logs(req: Request) -> Response:

@@ -26,6 +26,7 @@ from .errors import GatewayError
 from .guards.input_guard import GuardInput
 from .guards.output_guard import GuardOutput
 from .identity.authenticate import Authenticate, Authenticator
+from .identity.gateway_keys import KeyService, KeyVerifier
 from .identity.tokens import JwksCache, TokenValidator
 from .jobs import documents as job_documents
 from .jobs.launch import JobLauncher, QueueJobLauncher
@@ -111,7 +112,9 @@ class Gateway:
             if settings.auth_tenant_ids:
                 self.jwks = JwksCache(settings.auth_authority, settings.jwks_min_refresh_seconds)
                 validator = TokenValidator(self.jwks, settings.auth_tenant_ids, settings.auth_audiences, settings.auth_leeway_seconds)
-            authenticator = self.authenticator = Authenticator(validator, settings.easy_auth_enabled)
+            pepper = settings.gateway_key_pepper.encode() if settings.gateway_key_pepper else None
+            key_verifier = KeyVerifier(store, pepper, settings.policy_cache_seconds) if pepper else None
+            authenticator = self.authenticator = Authenticator(validator, settings.easy_auth_enabled, key_verifier)
             self.policy_cache = PolicyCache(store, settings.policy_cache_seconds)
             self._builtin_policy = builtin_defaults(settings.log_content, settings.log_retention_days)
             resolver = self.resolver = PolicyResolver(self.policy_cache, self._builtin_policy, settings.allow_unregistered_apps)
@@ -124,7 +127,7 @@ class Gateway:
             self.admin = AdminApi(
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
                 resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency, cache=self.cache,
-                backends=self.backends,
+                backends=self.backends, keys=KeyService(store, pepper, key_verifier) if pepper else None,
             )
             self.admin.usage.on_reset = self.quota.leases.forget_subject
             log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
@@ -332,6 +335,10 @@ class Gateway:
     async def admin_login(self, request: Request) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.login(request)
+
+    async def admin_keys(self, request: Request, app_id: str, key_id: str | None = None, rotate: bool = False) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.gateway_keys(request, app_id, key_id, rotate)
 
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()

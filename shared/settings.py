@@ -43,6 +43,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_AUTH_AUTHORITY", "https://login.microsoftonline.com", "Where OpenID discovery documents and signing keys are fetched from."),
     Setting("SEKISHO_AUTH_LEEWAY_SECONDS", "60", "Clock skew allowed on token exp/nbf."),
     Setting("SEKISHO_JWKS_MIN_REFRESH_SECONDS", "60", "Least time between two signing-key fetches for one tenant (unknown kid floods)."),
+    Setting("SEKISHO_GATEWAY_KEY_PEPPER", "", "Pepper of the gateway keys' hashes (a Key Vault reference in Azure). Empty = gateway keys are refused (401 invalid_api_key). Changing it invalidates every key."),
     Setting("SEKISHO_EASY_AUTH_ENABLED", "false", "Trust X-MS-CLIENT-PRINCIPAL from App Service Authentication. Only when Easy Auth is on for the app; otherwise the header could be forged."),
     Setting("SEKISHO_ADMIN_ROLE", "Sekisho.Admin", "App role that unlocks the admin API."),
     Setting("SEKISHO_ALLOW_UNREGISTERED_APPS", "false", "Serve apps that have no policy with the default policy (otherwise 403)."),
@@ -96,6 +97,7 @@ class Settings:
     auth_leeway_seconds: float
     jwks_min_refresh_seconds: float
     easy_auth_enabled: bool
+    gateway_key_pepper: str
     admin_role: str
     allow_unregistered_apps: bool
     policy_cache_seconds: float
@@ -187,6 +189,7 @@ class Settings:
             auth_leeway_seconds=number("SEKISHO_AUTH_LEEWAY_SECONDS"),
             jwks_min_refresh_seconds=number("SEKISHO_JWKS_MIN_REFRESH_SECONDS"),
             easy_auth_enabled=boolean("SEKISHO_EASY_AUTH_ENABLED"),
+            gateway_key_pepper=get("SEKISHO_GATEWAY_KEY_PEPPER"),
             admin_role=get("SEKISHO_ADMIN_ROLE"),
             allow_unregistered_apps=boolean("SEKISHO_ALLOW_UNREGISTERED_APPS"),
             policy_cache_seconds=number("SEKISHO_POLICY_CACHE_SECONDS"),

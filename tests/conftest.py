@@ -72,6 +72,7 @@ def _gateway_env(simulator, **extra) -> dict[str, str]:
         # Tests inject failures on purpose: keep the shared gateways' circuit closed (its own test
         # uses a gateway of its own).
         "SEKISHO_CIRCUIT_FAILURES": "1000",
+        "SEKISHO_GATEWAY_KEY_PEPPER": "test-pepper-for-gateway-keys",
         **extra,
     }
 

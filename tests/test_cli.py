@@ -94,3 +94,28 @@ def test_cli_cache_stats_and_purge(data_dir, sqlite_path):
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["hits"] == 0
     assert json.loads(cli(data_dir, sqlite_path, "cache", "purge", app_id).stdout) == {"scope": app_id, "purged": 0}
+
+
+def test_cli_creates_lists_and_revokes_gateway_keys(tmp_path):
+    import json as _json
+    import os as _os
+    import subprocess as _subprocess
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in _os.environ.items() if not k.startswith("SEKISHO_")}, "SEKISHO_GATEWAY_KEY_PEPPER": "cli-pepper",
+           "SEKISHO_SQLITE_PATH": str(tmp_path / "cli.db")}
+
+    def cli(*args):
+        done = _subprocess.run([_sys.executable, "-m", "shared.admin.cli", "--data-dir", str(tmp_path), *args], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    created = _json.loads(cli("keys", "create", "app-1", "--name", "ide plugin", "--deployments", "gpt-4o-mini"))
+    assert created["key"].startswith("sekisho-gk-") and created["deployments"] == ["gpt-4o-mini"]
+    listed = _json.loads(cli("keys", "list", "app-1"))
+    assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0] and "hash" not in listed[0]
+    assert _json.loads(cli("keys", "revoke", "app-1", created["id"]))["revoked_at"]
+    assert created["key"] not in (tmp_path / "cli.db").read_bytes().decode("latin-1")

@@ -70,7 +70,7 @@ def _attacks(issuer):
     unknown_kid = __import__("jwt").encode(claims, other.private_key(), algorithm="RS256", headers={"kid": other.kid})
     other_tenant = str(uuid.uuid4())
     return {
-        "no token": (None, "Missing bearer token"),
+        "no token": (None, "Missing credentials"),
         "malformed": ("not-a-jwt", "not a JWT"),
         "garbage segments": ("a.b.c", "base64url"),
         "expired": (issuer.mint(TEST_APP_ID, exp=now - 600, iat=now - 4000, nbf=now - 4000), "expired"),

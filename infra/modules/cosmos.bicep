@@ -95,6 +95,11 @@ var containers = [
     partitionKey: '/app_id'
     defaultTtl: true
   }
+  {
+    name: 'gateway_keys'
+    partitionKey: '/id'
+    defaultTtl: false
+  }
 ]
 
 // Cosmos DB data-plane built-in role (not an Azure RBAC role): Cosmos DB Built-in Data Contributor.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
@@ -235,6 +236,17 @@ class DeploymentService:
         return deleted
 
 
+class GatewayKeyInput(BaseModel):
+    """A new gateway key: a name, and optionally an expiry, deployments narrower than the app's, a fixed end user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    expires_in_days: float | None = Field(default=None, gt=0, le=3650)
+    deployments: list[str] | None = Field(default=None, min_length=1, max_length=100)
+    user: str | None = Field(default=None, min_length=1, max_length=128)
+
+
 def _answers_with_errors(handler):
     """Admin handlers raise; this turns what they raise into OpenAI-shaped error answers."""
 
@@ -250,13 +262,16 @@ def _answers_with_errors(handler):
             return _error(GatewayError(412, "precondition_failed", f"{exc}; read it again and retry with its ETag."))
         except AlreadyExists as exc:
             return _error(GatewayError(409, "conflict", str(exc)))
+        except ValidationError as exc:
+            return _error(errors.invalid_request(describe_validation_error(exc)))
 
     return answer
 
 
 class AdminApi:
     def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
-                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None) -> None:
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None, keys=None) -> None:
+        self.keys = keys  # identity.gateway_keys.KeyService, when a pepper is configured
         self._authenticator = authenticator
         self._role = admin_role
         self._policies = policies
@@ -282,6 +297,33 @@ class AdminApi:
             raise forbidden("A browser sign-in can only read; changes need a bearer token with the admin role.")
         require_admin(identity, self._role)
         return identity
+
+    @_answers_with_errors
+    async def gateway_keys(self, request: Request, app_id: str, key_id: str | None = None, rotate: bool = False) -> Response:
+        """GET: the app's keys (never a secret); POST: a new key, shown once; DELETE …/{key}: revoke;
+        POST …/{key}/rotate: a new key, the old one kept for `overlap_seconds` (default 86400)."""
+        identity = await self._admin(request)
+        if self.keys is None:
+            raise GatewayError(409, "conflict", "Gateway keys need SEKISHO_GATEWAY_KEY_PEPPER to be set.")
+        actor = identity.user_oid or identity.app_id
+        if key_id is None and request.method == "GET":
+            return _json({"object": "list", "data": await self.keys.list(app_id)})
+        if key_id is None:
+            body = await self._json_body(request)
+            spec = GatewayKeyInput.model_validate(body) if isinstance(body, dict) else None
+            if spec is None:
+                raise errors.invalid_request("The body must be a JSON object: {\"name\": …}.")
+            doc, key = await self.keys.create(app_id, spec.name, expires_in_days=spec.expires_in_days, deployments=spec.deployments,
+                                              user=spec.user, actor=actor)
+            return _json({**doc, "key": key}, status=201, headers={"Cache-Control": "no-store"})
+        if rotate:
+            body = await self._json_body(request) if request.headers.get("content-length") not in (None, "0") else {}
+            overlap = body.get("overlap_seconds", 86400) if isinstance(body, dict) else 86400
+            if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 30 * 86400:
+                raise errors.invalid_request("'overlap_seconds' must be a whole number from 0 to 2592000.", "overlap_seconds")
+            doc, key = await self.keys.rotate(app_id, key_id, overlap, actor=actor)
+            return _json({**doc, "key": key}, status=201, headers={"Cache-Control": "no-store"})
+        return _json(await self.keys.revoke(app_id, key_id, actor=actor))
 
     @_answers_with_errors
     async def policies(self, request: Request, kind: str | None, app_id: str | None = None, user_id: str | None = None) -> Response:

@@ -14,6 +14,7 @@
     python -m shared.admin.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
     python -m shared.admin.cli report --by app|user|deployment|model|day [--app-id X] [--since D] [--until D] [--csv FILE|-]
     python -m shared.admin.cli admin-login [--url http://127.0.0.1:7071]
+    python -m shared.admin.cli keys create|list|revoke|rotate <app-id> [<key-id>] [--name …]
     python -m shared.admin.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
     python -m shared.admin.cli issuer rotate
 
@@ -31,6 +32,7 @@ import os
 import sys
 from typing import Any
 
+from ..errors import GatewayError
 from ..policy.policies import PolicyError
 from ..settings import Settings, SettingsError
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, open_store
@@ -112,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--cached-input", type=float)
     price.add_argument("--output", type=float, default=0.0, help="per 1M output tokens")
     pricing.add_parser("delete").add_argument("model")
+
+    keys = groups.add_parser("keys", help="gateway keys, for tools that can only send an api-key").add_subparsers(dest="command", required=True)
+    key_create = keys.add_parser("create", help="a new key, printed once")
+    key_create.add_argument("app_id")
+    key_create.add_argument("--name", required=True)
+    key_create.add_argument("--expires-in-days", type=float)
+    key_create.add_argument("--deployments", help="comma-separated: narrower than the app's")
+    key_create.add_argument("--user", help="a fixed end user for every call with this key")
+    keys.add_parser("list").add_argument("app_id")
+    for name in ("revoke", "rotate"):
+        command = keys.add_parser(name)
+        command.add_argument("app_id")
+        command.add_argument("key_id")
+        if name == "rotate":
+            command.add_argument("--overlap-seconds", type=int, default=86400, help="how long the old key keeps working")
 
     token = groups.add_parser("token", help="local tokens").add_subparsers(dest="command", required=True)
     mint = token.add_parser("mint", help="mint a token from the local issuer, shaped like Entra's")
@@ -243,6 +260,26 @@ async def run(args) -> int:
             code = await create_login_code(store, actor)
             print(f"{args.url.rstrip('/')}/sekisho/admin/login?code={code}")
             print(f"(works once, for {LOGIN_CODE_SECONDS // 60} minutes)", file=sys.stderr)
+        elif args.group == "keys":
+            from ..identity.gateway_keys import KeyService
+
+            pepper = settings.gateway_key_pepper or _local_pepper(args.data_dir)
+            if not pepper:
+                raise LookupError("gateway keys need SEKISHO_GATEWAY_KEY_PEPPER (the same value the gateway has)")
+            service = KeyService(store, pepper.encode())
+            if args.command == "create":
+                deployments = [d for d in (args.deployments or "").split(",") if d] or None
+                doc, key = await service.create(args.app_id, args.name, expires_in_days=args.expires_in_days, deployments=deployments,
+                                                user=args.user, actor=actor)
+                _print({**doc, "key": key})
+                print("The key is shown this once: store it in the tool now.", file=sys.stderr)
+            elif args.command == "list":
+                _print(await service.list(args.app_id))
+            elif args.command == "revoke":
+                _print(await service.revoke(args.app_id, args.key_id, actor=actor))
+            else:
+                doc, key = await service.rotate(args.app_id, args.key_id, args.overlap_seconds, actor=actor)
+                _print({**doc, "key": key})
         elif args.group == "logs" and args.command == "get":
             record = await store.get_log(args.request_id)
             if record is None:
@@ -257,11 +294,17 @@ async def run(args) -> int:
     return 0
 
 
+def _local_pepper(data_dir: str) -> str | None:
+    """The pepper the local host keeps in its data folder (local mode)."""
+    path = os.path.join(data_dir, "gateway-key-pepper")
+    return open(path, encoding="utf-8").read().strip() if os.path.exists(path) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args))
-    except (PolicyError, SettingsError, LookupError, AlreadyExists, PreconditionFailed, json.JSONDecodeError) as exc:
+    except (PolicyError, SettingsError, LookupError, AlreadyExists, PreconditionFailed, json.JSONDecodeError, GatewayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..context import RequestContext
 from ..errors import GatewayError
 from ..pipeline import Stage
+from ..identity.gateway_keys import PREFIX, invalid_api_key
 from ..store import Store
 from .policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, EffectivePolicy, PolicyDocument, PolicySettings, document_from_store, effective_policy, merge,
@@ -128,7 +129,10 @@ class ApplyPolicy(Stage):
         defaults, app = await self._resolver.app_layers(identity.app_id)
         app_level = self._resolver.app_settings(defaults, app)
         ctx.app_name = app.name if app else None
-        if identity.delegated:
+        key = identity.key
+        if key is not None and key.user:
+            user_id = key.user  # a key for one end user
+        elif identity.delegated:
             user_id = identity.user_oid
         else:
             claimed = _claimed_user(ctx)
@@ -141,11 +145,15 @@ class ApplyPolicy(Stage):
         ctx.user_id = user_id
         policy = await self._resolver.resolve(identity.app_id, user_id)
         ctx.policy = policy
+        if key is not None and not policy.gateway_keys_enabled:
+            raise invalid_api_key(f"Incorrect API key provided: {PREFIX}{key.key_id}-… (this application does not accept gateway keys).")
         if not policy.enabled:
             who = "application" if not app_level["enabled"] else "user"
             raise forbidden(f"This {who} is disabled on the gateway.")
         if ctx.deployment and not policy.allows_deployment(ctx.deployment):
             raise forbidden(f"The application may not use the deployment '{ctx.deployment}'.")
+        if ctx.deployment and key is not None and key.deployments is not None and ctx.deployment not in key.deployments:
+            raise forbidden(f"This gateway key may not use the deployment '{ctx.deployment}'.")
 
 
 def require_admin(ctx_identity, admin_role: str) -> None:

@@ -12,6 +12,9 @@ from ..context import RequestContext, UpstreamResult
 def list_models(ctx: RequestContext, known_deployments: tuple[str, ...]) -> UpstreamResult:
     allowed = ctx.policy.allowed_deployments
     names = tuple(sorted(known_deployments)) if "*" in allowed else tuple(sorted(set(allowed) - {"*"}))
+    key = ctx.identity.key if ctx.identity is not None else None
+    if key is not None and key.deployments is not None:
+        names = tuple(name for name in names if name in key.deployments)  # a key narrower than its app
     payload = {
         "object": "list",
         "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sekisho"} for name in names],

@@ -90,6 +90,14 @@ class AsyncJobSettings(BaseModel):
     retention_hours: int | None = Field(default=None, ge=1, le=720, description="How long a job and its result stay readable.")
 
 
+class GatewayKeySettings(BaseModel):
+    """Api-keys for the app's tools that cannot send an Entra ID token (identity/gateway_keys.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = Field(default=None, description="Accept the app's gateway keys (api-key header or Bearer). Default off.")
+
+
 class PolicySettings(BaseModel):
     """One layer of policy. Every field is optional: None means "inherit"."""
 
@@ -109,6 +117,7 @@ class PolicySettings(BaseModel):
     cache: CacheSettings | None = None
     retry: RetrySettings | None = None
     async_jobs: AsyncJobSettings | None = None
+    gateway_keys: GatewayKeySettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -148,6 +157,7 @@ class EffectivePolicy(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings)
+    gateway_keys_enabled: bool = False
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
 
     def rule_set(self, direction: str) -> RuleSet:
@@ -315,4 +325,5 @@ def effective_policy(
         cache=CacheSettings.model_validate(merged.get("cache") or {}),
         retry=RetrySettings.model_validate(merged.get("retry") or {}),
         async_jobs=AsyncJobSettings.model_validate(merged.get("async_jobs") or {}),
+        gateway_keys_enabled=bool((merged.get("gateway_keys") or {}).get("enabled")),
     )

@@ -114,6 +114,7 @@ RECORD_FIELDS: dict[str, str] = {
     "job": "the async job this request became",
     "ttl": "seconds the record is kept (retention_days)",
     # Contributed by stages
+    "gateway_key": "authenticate: the id of the gateway key used (never the key)",
     "claimed_user_ignored": "access: the app named a user but is not trusted to",
     "system_prompt": "system_prompt: mode and client_system as applied",
     "cache": "cache: HIT/MISS/BYPASS, stored, savings",

@@ -32,8 +32,10 @@ JOBS = Container("jobs", "/app_id", default_ttl=True)
 USAGE_ROLLUPS = Container("usage_rollups", "/app_id", default_ttl=False)
 ADMIN_SESSIONS = Container("admin_sessions", "/id", default_ttl=True)
 OWNED_OBJECTS = Container("owned_objects", "/app_id", default_ttl=True)  # what an app created upstream (stored responses)
+GATEWAY_KEYS = Container("gateway_keys", "/id", default_ttl=False)  # api-keys for tools that cannot send a token (their hashes)
 CONTAINERS: tuple[Container, ...] = (
     REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS, OWNED_OBJECTS,
+    GATEWAY_KEYS,
 )
 
 
@@ -273,6 +275,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         """Roll-up documents of one app (or all), for days from `since` to `until` inclusive."""
+
+    # Gateway keys: one document per key, by its id (the key's public part); never the key ------
+    async def get_gateway_key(self, key_id: str) -> dict[str, Any] | None:
+        return await self._get_doc(GATEWAY_KEYS.name, key_id)
+
+    async def list_gateway_keys(self, app_id: str) -> list[dict[str, Any]]:
+        return [doc for doc in await self._list_docs(GATEWAY_KEYS.name) if doc.get("app_id") == app_id]
+
+    async def put_gateway_key(self, doc: dict[str, Any]) -> None:
+        await self._put_doc(GATEWAY_KEYS.name, doc)
 
     # Admin page sign-in: one-time login codes and sessions, by the hash of their secret -----------
     async def put_admin_session(self, doc: dict[str, Any]) -> None:

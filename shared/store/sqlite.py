@@ -23,7 +23,7 @@ import orjson
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    ADMIN_SESSIONS, DEPLOYMENTS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
+    ADMIN_SESSIONS, DEPLOYMENTS, GATEWAY_KEYS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
     EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable, owned_sort_key,
 )
 
@@ -74,6 +74,10 @@ CREATE TABLE IF NOT EXISTS {RESPONSE_CACHE.name} (
     PRIMARY KEY (scope, key)
 );
 CREATE TABLE IF NOT EXISTS {ADMIN_SESSIONS.name} (
+    id TEXT PRIMARY KEY,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {GATEWAY_KEYS.name} (
     id TEXT PRIMARY KEY,
     doc BLOB NOT NULL
 );

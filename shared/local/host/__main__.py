@@ -188,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("SEKISHO_DEPLOYMENTS", ",".join(DEMO_DEPLOYMENTS))
         upstream = f"built-in simulator at {endpoint}"
 
+    if not os.environ.get("SEKISHO_GATEWAY_KEY_PEPPER"):
+        # Gateway keys work locally: a pepper of this data folder's own, kept beside the issuer's keys.
+        pepper_file = data_dir / "gateway-key-pepper"
+        if not pepper_file.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            pepper_file.write_text(secrets.token_urlsafe(32))
+            os.chmod(pepper_file, 0o600)
+        os.environ["SEKISHO_GATEWAY_KEY_PEPPER"] = pepper_file.read_text().strip()
     token_file = None
     if not os.environ.get("SEKISHO_AUTH_TENANT_IDS"):
         issuer = LocalIssuer(data_dir)
