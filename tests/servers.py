@@ -177,3 +177,16 @@ def post_all(url: str, token: str, body: dict, count: int, headers: dict | None 
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(lambda _: call(), range(count)))
+
+
+async def put_app(url: str, admin_token: str, settings: dict | None = None, name: str = "test app") -> str:
+    """Register a new app (a fresh client id) with these policy settings; its id."""
+    import uuid
+
+    import aiohttp
+
+    app_id = str(uuid.uuid4())
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
+        async with session.put(f"{url}/sekisho/admin/policies/apps/{app_id}", json={"name": name, "settings": settings or {}}) as response:
+            assert response.status == 201, await response.text()
+    return app_id

@@ -13,6 +13,7 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI
 from shared.quota.pricing import BUILTIN_PRICES, NANOS, units_cost
 
 from .conftest import MAX_BODY_BYTES
+from .servers import put_app
 
 ADMIN = "/sekisho/admin"
 RULES = [{"id": "codename", "pattern": "Project Falcon"}]
@@ -20,11 +21,7 @@ AUDIO = b"RIFF" + bytes(range(256)) * 125  # 32,004 bytes: two seconds at the si
 
 
 async def _app(gw, admin_token, settings=None) -> str:
-    app_id = str(uuid.uuid4())
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
-        async with session.put(f"{gw.url}{ADMIN}/policies/apps/{app_id}", json={"name": "media", "settings": settings or {}}) as response:
-            assert response.status == 201, await response.text()
-    return app_id
+    return await put_app(gw.url, admin_token, settings, "media")
 
 
 def _clients(gw, issuer, app_id):

@@ -2,22 +2,18 @@
 that app alone; another app's file id is 404 wherever it is named, before the upstream."""
 from __future__ import annotations
 
-import uuid
 
-import aiohttp
 import openai
 import pytest
 from openai import AsyncAzureOpenAI, AsyncOpenAI
+
+from .servers import put_app
 
 ADMIN = "/sekisho/admin"
 
 
 async def _app(gw, admin_token) -> str:
-    app_id = str(uuid.uuid4())
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
-        async with session.put(f"{gw.url}{ADMIN}/policies/apps/{app_id}", json={"name": "files", "settings": {}}) as response:
-            assert response.status == 201, await response.text()
-    return app_id
+    return await put_app(gw.url, admin_token, {}, "files")
 
 
 def _v1(gw, issuer, app_id) -> AsyncOpenAI:

@@ -14,6 +14,8 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI
 
 from shared.records.credentials import MARKER
 
+from .servers import put_app
+
 ADMIN = "/sekisho/admin"
 RULES = [
     {"id": "ja-confidential", "pattern": "社外秘"},
@@ -25,11 +27,7 @@ INVISIBLE_DODGES = ["社\ufe00外秘", "Project Fal\ufe0fcon", "社\U000e0100外
 
 
 async def _put_app(gw, admin_token, settings, name="coverage") -> str:
-    app_id = str(uuid.uuid4())
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
-        async with session.put(f"{gw.url}{ADMIN}/policies/apps/{app_id}", json={"name": name, "settings": settings}) as response:
-            assert response.status == 201, await response.text()
-    return app_id
+    return await put_app(gw.url, admin_token, settings, name)
 
 
 def _azure(gw, issuer, app_id) -> AsyncAzureOpenAI:

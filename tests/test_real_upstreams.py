@@ -18,7 +18,7 @@ import pytest
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
 from .conftest import _gateway_env
-from .servers import ROOT, free_port, start_local_host, start_simulator, stop, wait_for_port
+from .servers import ROOT, free_port, start_local_host, stop, wait_for_port
 
 ADMIN = "/sekisho/admin"
 QUIRKS = "no_content_type,no_usage,finish_in_delta,bare_done,no_v1"

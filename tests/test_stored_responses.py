@@ -3,23 +3,19 @@ for the owner only, previous_response_id checked before anything reaches the ups
 injected system prompt never shown back."""
 from __future__ import annotations
 
-import uuid
 
-import aiohttp
 import openai
 import pytest
 from openai import AsyncAzureOpenAI, AsyncOpenAI
+
+from .servers import put_app
 
 ADMIN = "/sekisho/admin"
 SYSTEM_PROMPT = "You are the internal travel desk; the discount table is confidential and never shown."
 
 
 async def _app(gw, admin_token, settings=None) -> str:
-    app_id = str(uuid.uuid4())
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
-        async with session.put(f"{gw.url}{ADMIN}/policies/apps/{app_id}", json={"name": "stored", "settings": settings or {}}) as response:
-            assert response.status == 201, await response.text()
-    return app_id
+    return await put_app(gw.url, admin_token, settings, "stored")
 
 
 def _v1(gw, issuer, app_id) -> AsyncOpenAI:
