@@ -93,7 +93,7 @@ class Operation:
     name: str  # as logged: chat.completions, responses, …
     routes: tuple[RouteSpec, ...]
     stages: frozenset[str]
-    body: str = "json"  # json, or none (a GET)
+    body: str = "json"  # json, multipart (uploads: never re-encoded), or none (GET, DELETE, bodiless POST)
     required: tuple[tuple[str, tuple[type, ...]], ...] = ()
     check_body: Callable[[dict[str, Any]], None] | None = None  # more than required fields and types
     content_fields: tuple[str, ...] = ()  # logged as the prompt (under the app's content-logging level)
@@ -123,10 +123,6 @@ class Operation:
     @property
     def streams(self) -> bool:
         return self.stream_shape is not None
-
-    @property
-    def value(self) -> str:  # the name, as enum members had it
-        return self.name
 
     def applies(self, stage: str) -> bool:
         return stage in self.stages
