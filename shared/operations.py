@@ -100,7 +100,8 @@ class Operation:
     reads: FieldSet = field(default_factory=FieldSet)  # every field the model reads, in reading order
     writes: FieldSet = field(default_factory=FieldSet)  # every field the model writes, whole answer
     stream_shape: str | None = None  # chat_chunks, text_chunks or response_events (None: never streams)
-    stream_writes: FieldSet = field(default_factory=FieldSet)  # the fields it writes inside one stream event
+    stream_writes: FieldSet = field(default_factory=FieldSet)  # chunk streams: the fields it writes inside one event
+    stream_events: dict[str, str] = field(default_factory=dict)  # typed-event streams: event type → the field carrying the text
     stream_usage_option: bool = False  # accepts stream_options.include_usage
     counts: tuple[str, ...] = ()  # whole-number fields that size the answer (validated)
     completion_limits: tuple[str, ...] = ()  # fields bounding each answer's tokens, first set wins
@@ -116,7 +117,7 @@ class Operation:
     units: Callable[[Any, Any], dict[str, float]] | None = None  # what is priced besides tokens: (request body, answer or None) → units
     creates: str | None = None  # the kind of object its answer creates upstream, owned by the calling app (the answer's `id`)
     owned: tuple[str, str] | None = None  # (kind, path parameter): an operation about an object the app must own
-    refers_to: tuple[tuple[str, str], ...] = ()  # (body path, kind): objects a request names, which must be the app's
+    refers_to: tuple[tuple[FieldSet, str], ...] = ()  # (body fields, kind): objects a request names, which must be the app's
     lists: str | None = None  # the kind of owned object it lists (answered from the ownership records)
     needs_deployment: bool = True  # names a deployment (path or `model`); files belong to the resource
 
@@ -174,7 +175,7 @@ CHAT = Operation(
     message_framing=True,
     system_prompt="messages",
     credential_roots=DATA_SOURCE_ROOTS,
-    refers_to=(("messages[].content[].file.file_id", "file"),),
+    refers_to=((FieldSet("messages[].content[].file.file_id"), "file"),),
 )
 
 COMPLETIONS = Operation(
@@ -233,16 +234,21 @@ RESPONSES = Operation(
             RouteSpec("v1_responses", "openai/v1/responses", Style.V1)),
     stages=(MODEL_STAGES - {STREAM_USAGE}) | {OWNERSHIP},
     creates="response",
-    refers_to=(("previous_response_id", "response"), ("input[].content[].file_id", "file"), ("input[].file_id", "file")),
+    refers_to=((FieldSet("previous_response_id"), "response"), (FieldSet("input[].content[].file_id", "input[].file_id"), "file")),
     required=(("input", (str, list)),),
     check_body=_check_instructions,
     content_fields=("input", "instructions", "prompt"),
     reads=_RESPONSES_READS,
     writes=_RESPONSES_WRITES,
     stream_shape="response_events",
-    # Responses events carry their piece in `delta` and the whole field at `.done`; which field it
-    # is comes from the event type (guards/output_guard.py).
-    stream_writes=FieldSet("delta", "text", "refusal", "arguments", "name"),
+    # A piece in `.delta` events (under `delta`), the whole field at `.done`.
+    stream_events={
+        "response.output_text.delta": "text", "response.output_text.done": "text",
+        "response.refusal.delta": "refusal", "response.refusal.done": "refusal",
+        "response.function_call_arguments.delta": "arguments", "response.function_call_arguments.done": "arguments",
+        "response.custom_tool_call_input.delta": "input", "response.custom_tool_call_input.done": "input",
+        "response.reasoning_summary_text.delta": "text", "response.reasoning_summary_text.done": "text",
+    },
     counts=("max_output_tokens",),
     completion_limits=("max_output_tokens",),
     prompt_estimate=_prompt_estimate_text,
@@ -266,8 +272,6 @@ def _check_image_upload(body: dict[str, Any]) -> None:
 
 
 _TRANSCRIPT_WRITES = FieldSet("text", "segments[].text", "words[].word")
-# The transcription stream's events (gpt-4o-transcribe class): pieces in `delta`, the whole at `.done`.
-_TRANSCRIPT_STREAM = FieldSet("delta", "text")
 _AUDIO_STAGES = MODEL_STAGES - {SYSTEM_PROMPT, STREAM_USAGE, CACHE}  # an upload's bytes are not in a cache key
 
 AUDIO_TRANSCRIPTIONS = Operation(
@@ -281,7 +285,8 @@ AUDIO_TRANSCRIPTIONS = Operation(
     reads=FieldSet("prompt"),
     writes=_TRANSCRIPT_WRITES,
     stream_shape="response_events",
-    stream_writes=_TRANSCRIPT_STREAM,
+    # gpt-4o-transcribe class models stream a transcript's pieces, then the whole at `.done`.
+    stream_events={"transcript.text.delta": "text", "transcript.text.done": "text"},
     prompt_estimate=_prompt_estimate_text,
     units=audio_units,
 )

@@ -108,6 +108,14 @@ def is_usage_only_chunk(payload: dict[str, Any]) -> bool:
     return not payload.get("choices") and bool(payload.get("usage"))
 
 
+def _slot(summary: StreamSummary, index: int) -> dict[str, Any]:
+    """What a stream wrote for one choice (Responses and transcripts: choice 0), started on first use."""
+    slot = summary.choices.get(index)
+    if slot is None:
+        slot = summary.choices[index] = {"index": index, "text": [], "tool_calls": {}, "finish_reason": None}
+    return slot
+
+
 def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
     """Fold one decoded stream chunk into the summary (chat, completions and Responses API)."""
     summary.chunks += 1
@@ -118,7 +126,7 @@ def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
         _absorb_responses_event(summary, kind, payload)
         return
     if isinstance(kind, str) and kind.startswith("transcript.text."):
-        slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
+        slot = _slot(summary, 0)
         if kind == "transcript.text.delta":
             slot["text"].append(payload.get("delta") or "")
         elif kind == "transcript.text.done":
@@ -134,7 +142,7 @@ def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
         summary.usage = payload["usage"]
     for choice in payload.get("choices") or ():
         index = choice.get("index", 0)
-        slot = summary.choices.setdefault(index, {"index": index, "text": [], "tool_calls": {}, "finish_reason": None})
+        slot = _slot(summary, index)
         delta = choice.get("delta")
         if isinstance(delta, dict):
             if delta.get("content"):
@@ -158,7 +166,7 @@ def absorb(summary: StreamSummary, payload: dict[str, Any]) -> None:
 
 def _absorb_responses_event(summary: StreamSummary, kind: str, payload: dict[str, Any]) -> None:
     if kind in ("response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta"):
-        slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
+        slot = _slot(summary, 0)
         piece = payload.get("delta") or ""
         if kind == "response.output_text.delta":
             slot["text"].append(piece)
@@ -175,7 +183,7 @@ def _absorb_responses_event(summary: StreamSummary, kind: str, payload: dict[str
             summary.usage = response["usage"]
         if kind != "response.created":
             summary.final_response = response
-            slot = summary.choices.setdefault(0, {"index": 0, "text": [], "tool_calls": {}, "finish_reason": None})
+            slot = _slot(summary, 0)
             slot["finish_reason"] = response.get("status")
 
 

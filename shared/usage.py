@@ -48,19 +48,23 @@ def usage_of(ctx: RequestContext) -> Usage:
     elif ctx.result is not None and isinstance(ctx.result.json, dict):
         answer = ctx.model_response if isinstance(ctx.model_response, dict) else ctx.result.json
         raw = answer.get("usage")
-    usage = Usage()
-    if isinstance(raw, dict):
-        prompt = _int(raw.get("prompt_tokens", raw.get("input_tokens", 0)))
-        completion = _int(raw.get("completion_tokens", raw.get("output_tokens", 0)))
-        details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
-        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=_int(raw.get("total_tokens", prompt + completion)),
-                      cached_tokens=_int(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0, reported=True)
+    usage = parse_usage(raw) if isinstance(raw, dict) else Usage()
     operation = ctx.route.operation if ctx.route is not None else None
     if operation is not None and operation.units is not None and ctx.body is not None and _answered(ctx):
         units = operation.units(ctx.body, answer)
         if units:
             usage = replace(usage, units=units, reported=True)
     return usage
+
+
+def parse_usage(raw: dict[str, Any]) -> Usage:
+    """An answer's `usage` object, in either naming (chat: prompt/completion; Responses, audio,
+    images: input/output)."""
+    prompt = _int(raw.get("prompt_tokens", raw.get("input_tokens", 0)))
+    completion = _int(raw.get("completion_tokens", raw.get("output_tokens", 0)))
+    details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=_int(raw.get("total_tokens", prompt + completion)),
+                 cached_tokens=_int(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0, reported=True)
 
 
 def _answered(ctx: RequestContext) -> bool:

@@ -156,18 +156,8 @@ class ValidateRequest(Stage):
             if nesting_exceeds(raw, body):
                 raise errors.invalid_request(f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
         ctx.body = body
-        if not operation.needs_deployment:
-            pass
-        elif not route.deployment_in_path:
-            model = body.get("model")
-            if not isinstance(model, str) or not model.strip():
-                raise errors.invalid_request("Missing required parameter: 'model' (the deployment name).", "model")
-            ctx.deployment = model
-        elif route.style is Style.AZURE and not ctx.deployment:
-            raise errors.invalid_request("The deployment name in the path is empty.", "deployment")
-        elif ctx.deployment in (".", ".."):
-            # A dot segment would be resolved away in the upstream URL, reaching another path.
-            raise errors.invalid_request("The deployment name in the path is not valid.", "deployment")
+        if operation.needs_deployment:  # files belong to the resource, not to a deployment
+            _read_deployment(ctx, body)
         for field, types in operation.required:
             if field not in body:
                 raise errors.invalid_request(f"Missing required parameter: '{field}'.", field)
@@ -182,13 +172,28 @@ class ValidateRequest(Stage):
         ctx.stream = stream
 
 
+def _read_deployment(ctx: RequestContext, body: dict[str, Any]) -> None:
+    """The deployment: the body's `model` on routes without one in the path."""
+    route = ctx.route
+    if not route.deployment_in_path:
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise errors.invalid_request("Missing required parameter: 'model' (the deployment name).", "model")
+        ctx.deployment = model
+    elif route.style is Style.AZURE and not ctx.deployment:
+        raise errors.invalid_request("The deployment name in the path is empty.", "deployment")
+    elif ctx.deployment in (".", ".."):
+        # A dot segment would be resolved away in the upstream URL, reaching another path.
+        raise errors.invalid_request("The deployment name in the path is not valid.", "deployment")
+
+
 class RequestStreamUsage(Stage):
     """Ask the upstream for the usage chunk on streams, so cost is exact — where the request's
     api-version accepts `stream_options` (upstream/api_versions.py); an older version gets the
     request as the client sent it, and the gateway counts the stream's tokens itself.
 
-    The client's own choice is remembered; the upstream relay strips the usage chunk when the
-    client did not ask for it."""
+    The client's own choice is remembered; the upstream relay strips the usage chunk only when
+    the gateway, not the client, asked for it."""
 
     name = STREAM_USAGE
 

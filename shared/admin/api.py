@@ -236,6 +236,11 @@ class DeploymentService:
         return deleted
 
 
+def _new_key(doc: dict[str, Any], key: str) -> Response:
+    """A new key's one showing: never cached by anything between here and the admin."""
+    return _json({**doc, "key": key}, status=201, headers={"Cache-Control": "no-store"})
+
+
 class GatewayKeyInput(BaseModel):
     """A new gateway key: a name, and optionally an expiry, deployments narrower than the app's, a fixed end user."""
 
@@ -313,16 +318,14 @@ class AdminApi:
             spec = GatewayKeyInput.model_validate(body) if isinstance(body, dict) else None
             if spec is None:
                 raise errors.invalid_request("The body must be a JSON object: {\"name\": …}.")
-            doc, key = await self.keys.create(app_id, spec.name, expires_in_days=spec.expires_in_days, deployments=spec.deployments,
-                                              user=spec.user, actor=actor)
-            return _json({**doc, "key": key}, status=201, headers={"Cache-Control": "no-store"})
+            return _new_key(*await self.keys.create(app_id, spec.name, expires_in_days=spec.expires_in_days,
+                                                    deployments=spec.deployments, user=spec.user, actor=actor))
         if rotate:
             body = await self._json_body(request) if request.headers.get("content-length") not in (None, "0") else {}
             overlap = body.get("overlap_seconds", 86400) if isinstance(body, dict) else 86400
             if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 30 * 86400:
                 raise errors.invalid_request("'overlap_seconds' must be a whole number from 0 to 2592000.", "overlap_seconds")
-            doc, key = await self.keys.rotate(app_id, key_id, overlap, actor=actor)
-            return _json({**doc, "key": key}, status=201, headers={"Cache-Control": "no-store"})
+            return _new_key(*await self.keys.rotate(app_id, key_id, overlap, actor=actor))
         return _json(await self.keys.revoke(app_id, key_id, actor=actor))
 
     @_answers_with_errors

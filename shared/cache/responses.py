@@ -33,7 +33,7 @@ from ..pipeline import Stage
 from ..quota.pricing import PricingTable, usage_cost
 from ..store import CounterCharge, Store, StoreError
 from ..store.counter_batch import CounterBatcher
-from ..usage import Usage
+from ..usage import Usage, parse_usage
 
 logger = logging.getLogger("sekisho.cache")
 
@@ -257,11 +257,8 @@ class CacheResponses(Stage):
 
 
 def _entry_usage(entry: dict[str, Any]) -> Usage:
-    raw = entry["response"].get("usage") or {}
-    prompt = int(raw.get("prompt_tokens", raw.get("input_tokens", 0)) or 0)
-    completion = int(raw.get("completion_tokens", raw.get("output_tokens", 0)) or 0)
-    details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
-    return Usage(prompt, completion, int(raw.get("total_tokens", prompt + completion) or 0), int(details.get("cached_tokens", 0) or 0), True)
+    raw = entry["response"].get("usage")
+    return parse_usage(raw) if isinstance(raw, dict) else Usage(reported=True)
 
 
 def entry_from(ctx: RequestContext) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
 """The output guard: the same rules on what the model answers, plus system-prompt leak
-protection, on every field the model writes (the operation's `writes` and `stream_writes`:
+protection, on every field the model writes (the operation's `writes`, and in streams its
+`stream_writes` or `stream_events`:
 content, refusals, tool-call names and arguments, Responses output items and function-call
 arguments), on whole answers and inside streams.
 
@@ -149,7 +150,7 @@ class GuardOutput(Stage):
 
     # Whole answers --------------------------------------------------------------------------
     def _guard_whole(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, body: dict) -> None:
-        blocked_choices: dict[int, str] = {}
+        blocked_choices: set[int] = set()  # ids of the choices a block ended
         response_blocked = False
         for location in list(operation.writes.locations(body)):
             # Chat and completions answers end per choice; others (Responses, transcripts, images) as a whole.
@@ -168,7 +169,7 @@ class GuardOutput(Stage):
             if choice is None:
                 response_blocked = True
                 continue
-            blocked_choices[id(choice)] = channel.blocked
+            blocked_choices.add(id(choice))
             message = choice.get("message")
             if isinstance(message, dict):
                 # The choice ends at the block: tool calls (written after the text, or cut by the
@@ -253,9 +254,9 @@ class GuardOutput(Stage):
 
     # Responses API streams ---------------------------------------------------------------------
     async def _response_stream(self, ctx: RequestContext, matcher: GuardMatcher, events: AsyncIterator[sse.Event]) -> AsyncIterator[sse.Event]:
-        writes = ctx.route.operation.writes
+        writes, fields = ctx.route.operation.writes, ctx.route.operation.stream_events
         channels: dict[tuple, GuardedChannel] = {}
-        state = {"blocked": None}
+        blocked: str | None = None  # the rule that ended the answer
 
         def channel_for(key: tuple, where: str) -> GuardedChannel:
             channel = channels.get(key)
@@ -263,19 +264,25 @@ class GuardOutput(Stage):
                 channel = channels[key] = self._channel(ctx, matcher, where)
             return channel
 
-        def guard_object(holder: dict, member: str, output_index: int | None, final: bool) -> None:
-            """Texts inside an item, part or response object, as the channels guarded them."""
+        def guard_object(holder: dict, member: str, output_index: int) -> str | None:
+            """Texts inside an item, part or response object, as the channels guarded them; the
+            rule that blocked one of them, if any."""
             value = holder.get(member)
+            final = holder.get("type", "").endswith(".done") or holder.get("type") in _FINAL_RESPONSE_EVENTS
+            hit = None
             if member == "item":
-                wrapped, base = {"output": [value]}, output_index
+                wrapped = {"output": [value]}
             elif member == "part":
-                wrapped, base = {"output": [{"content": [value]}]}, output_index
+                wrapped = {"output": [{"content": [value]}]}
             else:
-                wrapped, base = value, None
+                wrapped = value
             for location in list(writes.locations(wrapped)):
-                indexes = ((base,) + location.indexes[1:]) if base is not None else location.indexes
-                if member == "part":
-                    indexes = (base, holder.get("content_index", 0))
+                if member == "item":
+                    indexes = (output_index, *location.indexes[1:])
+                elif member == "part":
+                    indexes = (output_index, holder.get("content_index", 0))
+                else:
+                    indexes = location.indexes
                 key = (location.path.rsplit(".", 1)[-1], indexes)
                 channel = channels.get(key)
                 if channel is not None and final:
@@ -286,23 +293,22 @@ class GuardOutput(Stage):
                     # Text that no delta carried (or a partial object): guarded on its own.
                     channel = channel_for(key, _where(location)) if final else self._channel(ctx, matcher, _where(location))
                     channel.feed(location.text, final=True)
-                if channel.blocked:
-                    state["blocked"] = channel.blocked
+                hit = hit or channel.blocked
                 if channel.text != location.text:
                     replace(location, channel.text)
+            return hit
 
         try:
             async for event in events:
                 payload = event.payload
                 kind = payload.get("type") if isinstance(payload, dict) else None
-                field = _RESPONSE_DELTAS.get(kind) if kind else None
+                field = fields.get(kind) if kind else None
                 if field is not None:
                     key = (field, _response_indexes(payload, field))
                     channel = channel_for(key, f"output[{key[1][0]}].{field}")
                     if kind.endswith(".delta"):
                         released = channel.feed(payload.get("delta") or "")
-                        if channel.blocked:
-                            state["blocked"] = channel.blocked
+                        blocked = blocked or channel.blocked
                         if released != (payload.get("delta") or ""):
                             if not released:
                                 continue
@@ -310,8 +316,7 @@ class GuardOutput(Stage):
                         yield event
                         continue
                     rest = channel.flush()
-                    if channel.blocked:
-                        state["blocked"] = channel.blocked
+                    blocked = blocked or channel.blocked
                     if rest:
                         delta_kind = kind[: -len(".done")] + ".delta"
                         yield sse.Event.of({**payload, "type": delta_kind, "delta": rest}, delta_kind)
@@ -326,9 +331,8 @@ class GuardOutput(Stage):
                     yield event
                     continue
                 changed = copy.deepcopy(payload)
-                final = kind.endswith(".done") or kind in ("response.completed", "response.incomplete", "response.failed")
-                guard_object(changed, member, payload.get("output_index", 0), final)
-                if member == "response" and state["blocked"] and final:
+                blocked = guard_object(changed, member, payload.get("output_index", 0)) or blocked
+                if member == "response" and blocked and kind in _FINAL_RESPONSE_EVENTS:
                     changed["response"]["status"] = "incomplete"
                     changed["response"]["incomplete_details"] = {"reason": "content_filter"}
                 if changed != payload:
@@ -338,15 +342,8 @@ class GuardOutput(Stage):
             await sse.close(events)
 
 
-# Responses stream events that carry a written field piece by piece (.delta) or whole (.done).
-_RESPONSE_DELTAS = {
-    "response.output_text.delta": "text", "response.output_text.done": "text",
-    "response.refusal.delta": "refusal", "response.refusal.done": "refusal",
-    "response.function_call_arguments.delta": "arguments", "response.function_call_arguments.done": "arguments",
-    "response.custom_tool_call_input.delta": "input", "response.custom_tool_call_input.done": "input",
-    "response.reasoning_summary_text.delta": "text", "response.reasoning_summary_text.done": "text",
-    "transcript.text.delta": "text", "transcript.text.done": "text",
-}
+# Events whose response object is the answer's last word (its whole text, and its status).
+_FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 def _response_indexes(payload: dict, field: str) -> tuple:

@@ -113,8 +113,8 @@ class KeyVerifier:
             self._touch(doc, now)
             return KeyGrant(doc["id"], doc["app_id"], tuple(doc["deployments"]) if doc.get("deployments") else None, doc.get("user"))
         self._count_failure(client)
-        if refused is not None or self._refused(client) is not None:
-            wait = refused if refused is not None else self._refused(client)
+        wait = refused if refused is not None else self._refused(client)
+        if wait is not None:
             raise GatewayError(429, "rate_limit_exceeded", f"Too many failed gateway keys from this client; retry after {wait} seconds.",
                                error_type="rate_limit_error", headers={"Retry-After": str(wait)})
         shown = f"{PREFIX}{key_id}-…" if key_id else "a value that is not a gateway key"

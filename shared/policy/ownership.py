@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import lru_cache
 from typing import Any
 
 import orjson
 
 from .. import errors
 from ..context import RequestContext, UpstreamResult
-from ..field_paths import FieldSet
 from ..operations import OWNERSHIP
 from ..pipeline import Stage
 from ..store import Store, StoreError
@@ -32,6 +30,7 @@ from ..store import Store, StoreError
 logger = logging.getLogger("sekisho.ownership")
 
 _RECENT_SECONDS = 30.0  # records this instance wrote, kept in memory while the store catches up
+_RECENT_MAX = 5000
 _RETRY_DELAYS = (0.1, 0.2, 0.3, 0.4)  # another instance's record may be a moment from the store
 _NOT_SET = object()
 
@@ -54,9 +53,9 @@ class RecordOwnership(Stage):
             ctx.deployment = doc.get("deployment") or ctx.deployment
             ctx.upstream.pinned_backend = doc.get("backend")
         if operation.refers_to and ctx.body:
-            for path, kind in operation.refers_to:
-                for location in _paths(path).locations(ctx.body):
-                    referred = await self._find(ctx, kind, location.text, path)
+            for fields, kind in operation.refers_to:
+                for location in fields.locations(ctx.body):
+                    referred = await self._find(ctx, kind, location.text, location.path)
                     if ctx.upstream.pinned_backend is None:
                         ctx.upstream.pinned_backend = referred.get("backend")  # what it names lives in one resource
 
@@ -122,8 +121,11 @@ class RecordOwnership(Stage):
             doc["object"] = answer  # lists are answered from these records
         now = time.monotonic()
         self._recent[(ctx.app_id, operation.creates, object_id)] = (now, doc)
-        if len(self._recent) > 5000:
-            self._recent = {k: v for k, v in self._recent.items() if now - v[0] < _RECENT_SECONDS}
+        while self._recent:  # oldest first (insertion order): drop what the store has had long enough
+            oldest = next(iter(self._recent))
+            if now - self._recent[oldest][0] < _RECENT_SECONDS and len(self._recent) <= _RECENT_MAX:
+                break
+            del self._recent[oldest]
         try:
             await self._store.put_owned(doc)
         except Exception:
@@ -131,11 +133,6 @@ class RecordOwnership(Stage):
 
     def record(self, ctx: RequestContext) -> dict[str, Any]:
         return {"owned_object": {"kind": ctx.owned["kind"], "id": ctx.owned["object_id"]}} if ctx.owned is not None else {}
-
-
-@lru_cache(maxsize=64)
-def _paths(path: str) -> FieldSet:
-    return FieldSet(path)
 
 
 async def list_owned_answer(store: Store, ctx: RequestContext) -> UpstreamResult:

@@ -344,9 +344,9 @@ class EnforceQuota(Stage):
             # The upstream reported no usage (a stream cut short or on an old api-version, an
             # upstream that never sends it): counted with the model's tokenizer. The log, the
             # settlement and the cost header all use these figures, marked estimated.
-            counted = await asyncio.to_thread(counted_usage, ctx, model)  # the first count loads the BPE ranks
-            if counted is not None:
-                usage = counted
+            written = written_text(ctx)
+            if written is not None:  # an answer came back (else a refusal or an error: released)
+                usage = await asyncio.to_thread(counted_usage, ctx, written, model)  # the first count loads the BPE ranks
         ctx.usage = usage
         succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
         actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
@@ -385,22 +385,22 @@ class EnforceQuota(Stage):
         await self._settlements.drain()
 
 
-def counted_usage(ctx: RequestContext, model: str | None) -> Usage | None:
-    """Prompt and answer tokens counted by the gateway, for an exchange whose answer reached the
-    client without usage: a stream that relayed something, or a whole answer. None when nothing
-    of an answer came back (a refusal, an error: the reservation is released)."""
-    operation = ctx.route.operation
+def written_text(ctx: RequestContext) -> str | None:
+    """What the model wrote in an answer that reached the client: a stream that relayed something,
+    or a whole answer. None when nothing of an answer came back."""
     summary = ctx.stream_summary
     if summary is not None:
-        if not summary.chunks:
-            return None
-        written = sse.streamed_text(summary)
-    else:
-        result = ctx.result
-        answer = ctx.model_response if ctx.model_response is not None else (result.json if result is not None else None)
-        if result is None or result.status != 200 or not isinstance(answer, dict):
-            return None
-        written = "\n".join(operation.writes.texts(answer))
+        return sse.streamed_text(summary) if summary.chunks else None
+    result = ctx.result
+    answer = ctx.model_response if ctx.model_response is not None else (result.json if result is not None else None)
+    if result is None or result.status != 200 or not isinstance(answer, dict):
+        return None
+    return "\n".join(ctx.route.operation.writes.texts(answer))
+
+
+def counted_usage(ctx: RequestContext, written: str, model: str | None) -> Usage:
+    """Prompt and answer tokens counted by the gateway, for an answer that carried no usage."""
+    operation = ctx.route.operation
     read = "\n".join(operation.reads.texts(ctx.body or {}))
     try:
         if operation.message_framing:

@@ -47,6 +47,14 @@ def passed_headers(headers) -> dict[str, str]:
     return out
 
 
+def _answer_headers(ctx: RequestContext, response: aiohttp.ClientResponse, content_type: str) -> dict[str, str]:
+    """The upstream headers the client gets, with the answer's content type; notes the upstream's request id."""
+    headers = passed_headers(response.headers)
+    ctx.upstream.request_id = headers.get("apim-request-id") or headers.get("x-request-id")
+    headers["content-type"] = content_type
+    return headers
+
+
 def retry_after_seconds(headers) -> float | None:
     """Azure's hint: `retry-after-ms` (precise) or `Retry-After` (seconds)."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
@@ -130,7 +138,8 @@ class UpstreamClient:
         policy = ctx.policy.retry
         backends = await self._pool.backends(ctx.deployment or "")  # "" : calls about no deployment (files)
         if ctx.upstream.pinned_backend is not None:
-            # An object lives in one resource: calls about it go there, or nowhere.
+            # An object lives in one resource: calls about it go to the backend that holds it (all of
+            # the deployment's, should the catalogue no longer list that one).
             backends = [b for b in backends if b.name == ctx.upstream.pinned_backend] or backends
         started = time.monotonic()
         attempts = ctx.upstream.attempts
@@ -265,10 +274,8 @@ class UpstreamClient:
 
     # Responses ------------------------------------------------------------------------------------
     async def _read_whole(self, ctx: RequestContext, response: aiohttp.ClientResponse, prefix: bytes = b"") -> UpstreamResult:
-        headers_out = passed_headers(response.headers)
-        ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
         content_type = response.headers.get("Content-Type", "application/json")
-        headers_out["content-type"] = content_type
+        headers_out = _answer_headers(ctx, response, content_type)
         try:
             raw = prefix + await response.read()
         except asyncio.TimeoutError:
@@ -303,9 +310,7 @@ class UpstreamClient:
         content_type = response.headers.get("Content-Type", "")
         if ctx.route.operation.binary_answer and response.status == 200 and "json" not in content_type:
             # Audio (speech): relayed as it arrives, never held whole.
-            headers_out = passed_headers(response.headers)
-            ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
-            headers_out["content-type"] = content_type or "application/octet-stream"
+            headers_out = _answer_headers(ctx, response, content_type or "application/octet-stream")
             return UpstreamResult(status=200, headers=headers_out, events=self._relay_bytes(ctx, response))
         if not (ctx.stream and response.status == 200):
             return await self._read_whole(ctx, response)
@@ -319,9 +324,7 @@ class UpstreamClient:
             if not sse.looks_like_events(first):
                 return await self._read_whole(ctx, response, prefix=first)
             content_type = "text/event-stream; charset=utf-8"
-        headers_out = passed_headers(response.headers)
-        ctx.upstream.request_id = headers_out.get("apim-request-id") or headers_out.get("x-request-id")
-        headers_out["content-type"] = content_type
+        headers_out = _answer_headers(ctx, response, content_type)
         ctx.stream_summary = StreamSummary()
         return UpstreamResult(status=200, headers=headers_out, events=self._relay(ctx, response, first))
 
