@@ -12,7 +12,9 @@ routes here may match the same path, and there is no catch-all route.
 
 Async jobs (`Prefer: respond-async`) run as a Durable Functions orchestration; the HTTP function
 stores the job and enqueues it, and a queue-triggered starter with the durable client binding
-starts the orchestration (why the queue: shared/jobs/orchestration.py).
+starts the orchestration (why the queue: shared/jobs/orchestration.py). A timer function
+settles batches and background responses that ended without the app polling them
+(shared/jobs/deferred.py).
 """
 import azure.durable_functions as df
 import azure.functions as func
@@ -84,6 +86,15 @@ async def sekisho_job_attempt(task: str) -> str:
 @app.activity_trigger(input_name="task")
 async def sekisho_job_give_up(task: str) -> str:
     return encode(await gateway.give_up_job(decode(task)))
+
+
+# Batches and background responses: settled when they end ------------------------------------
+@app.function_name("reconcile_deferred_work")
+@app.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
+async def reconcile_deferred_work(timer: func.TimerRequest) -> None:
+    """Every five minutes: batches and background responses that ended without the app polling
+    them are settled (their log records written, their reservations brought to what they used)."""
+    await gateway.reconcile_deferred_work()
 
 
 # Admin API (admin app role required; see shared/admin/api.py) ----------------------------

@@ -22,6 +22,18 @@ def new_request_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
+def internal_request(method: str, path: str, query: str = "", headers: dict[str, str] | None = None, client_ip: str | None = None) -> Request:
+    """A request the gateway makes up to run work of its own through the pipeline's parts (an
+    async job's attempt, a batch's settlement): what the stages and the upstream client read."""
+    scope = {
+        "type": "http", "http_version": "1.1", "scheme": "https", "method": method, "path": path,
+        "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": (client_ip, 0) if client_ip else None, "server": None,
+    }
+    return Request(scope)
+
+
 @dataclass
 class UpstreamResult:
     """What came back from the model: a whole body, or a stream of SSE events.
@@ -90,6 +102,7 @@ class RequestContext:
     raw_body: bytes = b""
     body: dict[str, Any] | None = None
     body_modified: bool = False  # a stage changed `body`; the upstream gets it re-encoded
+    multipart_type: str | None = None  # a multipart body the gateway rewrote (raw_body): its new content type
     stream: bool = False
     client_wants_usage: bool = False  # the client itself asked for stream_options.include_usage
     gateway_asked_usage: bool = False  # the gateway added include_usage: its usage chunk is not the client's
@@ -114,6 +127,9 @@ class RequestContext:
     usage: Any = None  # usage.Usage as settled when the exchange ended (the log reports the same figures)
     job: dict[str, Any] | None = None  # the async job this request became (jobs/documents.job_summary)
     owned: dict[str, Any] | None = None  # policy.ownership: the record of the object this request is about
+    referred: list[dict[str, Any]] = field(default_factory=list)  # policy.ownership: records of the objects the body names
+    batch_input: dict[str, Any] | None = None  # jobs.batches: what a batch input file's lines may cost
+    settles: dict[str, Any] | None = None  # jobs.deferred: the batch line or background response this record settles
 
     # The answer.
     upstream: UpstreamCall = field(default_factory=UpstreamCall)

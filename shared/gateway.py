@@ -29,6 +29,8 @@ from .identity.authenticate import Authenticate, Authenticator
 from .identity.gateway_keys import KeyService, KeyVerifier
 from .identity.tokens import JwksCache, TokenValidator
 from .jobs import documents as job_documents
+from .jobs.batches import CheckBatchInput
+from .jobs.deferred import SettleDeferredWork
 from .jobs.launch import JobLauncher, QueueJobLauncher
 from .jobs.runner import JobRunner
 from .operations import OPERATIONS, Operation
@@ -78,6 +80,8 @@ class Gateway:
         # Async jobs: a storage queue in Azure; the local host sets its in-process runtime here.
         self.job_launcher: JobLauncher | None = None
         self.jobs: JobRunner | None = None
+        self.ownership: RecordOwnership | None = None
+        self.deferred: SettleDeferredWork | None = None  # batches and background responses, settled when they end
         self.stages: list[Stage] = []
         self._pipelines: dict[Operation, list[Stage]] = {}  # per operation: the stages its table entry names
         self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
@@ -131,11 +135,18 @@ class Gateway:
             )
             self.admin.usage.on_reset = self.quota.leases.forget_subject
             log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
+            batch_input = CheckBatchInput()
+            self.ownership = RecordOwnership(store)
+            self.deferred = SettleDeferredWork(store, self.upstream, self.quota, log_request, resolver, self._builtin_policy)
             self.stages = [
                 Authenticate(authenticator),
                 ValidateRequest(settings.max_body_bytes, settings.max_upload_bytes),
                 ApplyPolicy(resolver),
-                RecordOwnership(store),
+                # Before ownership, so that its `finish` (settling work that ended) sees the record
+                # that ownership's `finish` removes when the object is deleted.
+                self.deferred,
+                self.ownership,
+                batch_input,
                 GuardInput(),
                 ApplySystemPrompt(),
                 RequestStreamUsage(settings.azure_openai_api_version),
@@ -145,6 +156,7 @@ class Gateway:
                 log_request,
             ]
             self._pipelines = log_request.pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
+            batch_input.stages = self.stages  # a batch input file's lines pass the stages their operation has
             self.jobs = JobRunner(store, self.upstream, authenticator, resolver, self._builtin_policy, self.job_launcher,
                                   finish=self._finish, after=self._after)
             # Everything built so far lives as long as the process: keep the collector from
@@ -240,15 +252,18 @@ class Gateway:
         ctx.status = result.status
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
         # The quota stage prices the answer for its header; the other stages' finishing work
-        # (cache entry, log record) runs once the answer is on its way, not before it.
-        await self._finish_stage(self.quota, ctx)
+        # (cache entry, log record) runs once the answer is on its way, not before it — except
+        # the record of a created file or batch, which the app's next list must show.
+        done = (self.quota, self.ownership) if self.ownership.records_before_answer(ctx) else (self.quota,)
+        for stage in done:
+            await self._finish_stage(stage, ctx)
         headers = {**result.headers, **ctx.response_headers}
         media_type = headers.pop("content-type", None)
         response = Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
-        self._finish_soon(ctx, done=self.quota)
+        self._finish_soon(ctx, done=done)
         return response
 
-    def _finish_soon(self, ctx: RequestContext, done: Stage) -> None:
+    def _finish_soon(self, ctx: RequestContext, done: tuple[Stage, ...]) -> None:
         """Finish the request in a task of its own: it runs as soon as the handler has handed
         its response over. Tracked, so that shutdown waits for it (aclose)."""
         task = asyncio.get_running_loop().create_task(self._finish(ctx, done=done))
@@ -285,16 +300,21 @@ class Gateway:
         await self.start()
         return await self.jobs.give_up(task)
 
+    async def reconcile_deferred_work(self) -> dict[str, int]:
+        """The reconciling timer: settle batches and background responses that ended unpolled."""
+        await self.start()
+        return await self.deferred.reconcile()
+
     def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
         """The pipeline's way out (reverse order) for an answer the upstream gave a job."""
         for stage in reversed(self._pipelines[ctx.route.operation]):
             result = stage.after(ctx, result)
         return result
 
-    async def _finish(self, ctx: RequestContext, done: Stage | None = None) -> None:
+    async def _finish(self, ctx: RequestContext, done: tuple[Stage, ...] = ()) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
         for stage in self._pipelines[ctx.route.operation]:
-            if stage is not done:
+            if stage not in done:
                 await self._finish_stage(stage, ctx)
 
     @staticmethod

@@ -38,7 +38,7 @@ class RouteSpec:
 AUTHENTICATE, VALIDATE, ACCESS = "authenticate", "validate", "access"
 INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE = "input_guard", "system_prompt", "stream_usage"
 CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG = "cache", "quota", "output_guard", "request_log"
-OWNERSHIP = "ownership"
+OWNERSHIP, BATCH_INPUT, DEFERRED = "ownership", "batch_input", "deferred"
 MODEL_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE, CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG})
 
 # Fields that count something the quota estimate multiplies: whole numbers in Azure's ranges.
@@ -120,6 +120,11 @@ class Operation:
     refers_to: tuple[tuple[FieldSet, str], ...] = ()  # (body fields, kind): objects a request names, which must be the app's
     lists: str | None = None  # the kind of owned object it lists (answered from the ownership records)
     needs_deployment: bool = True  # names a deployment (path or `model`); files belong to the resource
+    # Answer statuses meaning the work goes on upstream (a batch, a background response): the
+    # request's reservation is kept with the object's record and settled, with log records, when
+    # the work ends (noticed when the app polls, and by the reconciling timer).
+    pending_statuses: frozenset[str] = frozenset()
+    batch_lines: bool = False  # a batch is many requests: each line's operation, by the line's `url`
 
     @property
     def streams(self) -> bool:
@@ -254,6 +259,7 @@ RESPONSES = Operation(
     prompt_estimate=_prompt_estimate_text,
     system_prompt="instructions",
     credential_roots=DATA_SOURCE_ROOTS,
+    pending_statuses=frozenset({"queued", "in_progress"}),  # `background: true`
 )
 
 def _check_upload(body: dict[str, Any]) -> None:
@@ -353,7 +359,7 @@ IMAGES_EDITS = Operation(
 # Stored responses: what an app created, read, deleted or cancelled by its owner only, at the
 # backend that holds it. Not model calls: no quota, no cache; the output guard still reads what
 # the model wrote.
-_STORED_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, OWNERSHIP, OUTPUT_GUARD, REQUEST_LOG})
+_STORED_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, OWNERSHIP, DEFERRED, OUTPUT_GUARD, REQUEST_LOG})
 
 STORED_RESPONSE = Operation(
     name="responses.stored",
@@ -363,13 +369,14 @@ STORED_RESPONSE = Operation(
     body="none",
     writes=_RESPONSES_WRITES,
     owned=("response", "response_id"),
+    pending_statuses=RESPONSES.pending_statuses,
 )
 
 STORED_RESPONSE_INPUT_ITEMS = Operation(
     name="responses.input_items",
     routes=(RouteSpec("azure_stored_response_input_items", "openai/responses/{response_id}/input_items", Style.AZURE, ("GET",)),
             RouteSpec("v1_stored_response_input_items", "openai/v1/responses/{response_id}/input_items", Style.V1, ("GET",))),
-    stages=_STORED_STAGES - {OUTPUT_GUARD},  # the client's own input
+    stages=_STORED_STAGES - {OUTPUT_GUARD, DEFERRED},  # the client's own input
     body="none",
     owned=("response", "response_id"),
 )
@@ -382,6 +389,7 @@ STORED_RESPONSE_CANCEL = Operation(
     body="none",
     writes=_RESPONSES_WRITES,
     owned=("response", "response_id"),
+    pending_statuses=RESPONSES.pending_statuses,
 )
 
 def _check_file_upload(body: dict[str, Any]) -> None:
@@ -390,11 +398,6 @@ def _check_file_upload(body: dict[str, Any]) -> None:
         raise errors.invalid_request("Missing required parameter: 'file' (a multipart file upload).", "file")
     if not isinstance(body.get("purpose"), str):
         raise errors.invalid_request("Missing required parameter: 'purpose'.", "purpose")
-    if body["purpose"] == "batch":
-        # A batch runs every line as a request of its own: each must pass the app's policy, which
-        # the gateway does not check inside a file yet. Refused rather than waved through.
-        raise errors.invalid_request("Batch input files are not accepted through the gateway yet (batches are not served); "
-                                     "send the requests one by one, or as async jobs (Prefer: respond-async).", "purpose")
 
 
 # Files an app uploads belong to it: listed, read and deleted by it alone, at the backend holding them.
@@ -404,7 +407,7 @@ FILES_UPLOAD = Operation(
     name="files.upload",
     routes=(RouteSpec("azure_files", "openai/files", Style.AZURE, ("POST",)),
             RouteSpec("v1_files", "openai/v1/files", Style.V1, ("POST",))),
-    stages=_FILE_STAGES,
+    stages=_FILE_STAGES | {BATCH_INPUT},  # a batch input file: every line checked, the file rewritten
     body="multipart",
     check_body=_check_file_upload,
     creates="file",
@@ -434,10 +437,71 @@ FILE_CONTENT = Operation(
     name="files.content",
     routes=(RouteSpec("azure_file_content", "openai/files/{file_id}/content", Style.AZURE, ("GET",)),
             RouteSpec("v1_file_content", "openai/v1/files/{file_id}/content", Style.V1, ("GET",))),
-    stages=_FILE_STAGES,
+    stages=_FILE_STAGES | {OUTPUT_GUARD},  # a batch's output file holds what the model wrote
     body="none",
     owned=("file", "file_id"),
     binary_answer=True,
+)
+
+# Batches: many requests in one input file, run by Azure OpenAI within a day at the batch price.
+# Every line was checked as its own request when the file was uploaded (jobs/batches.py); creating
+# the batch reserves what its lines may cost; its end settles that, one log record per line.
+BATCH_ENDPOINTS = {"/chat/completions": "chat.completions", "/v1/chat/completions": "chat.completions",
+                   "/embeddings": "embeddings", "/v1/embeddings": "embeddings",
+                   "/responses": "responses", "/v1/responses": "responses"}
+_BATCH_PENDING = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+
+def _check_batch(body: dict[str, Any]) -> None:
+    if body["endpoint"] not in BATCH_ENDPOINTS:
+        raise errors.invalid_request(f"'endpoint' must be one of {', '.join(sorted(BATCH_ENDPOINTS))}.", "endpoint")
+
+
+BATCHES_CREATE = Operation(
+    name="batches.create",
+    routes=(RouteSpec("azure_batches", "openai/batches", Style.AZURE, ("POST",)),
+            RouteSpec("v1_batches", "openai/v1/batches", Style.V1, ("POST",))),
+    stages=_FILE_STAGES | {BATCH_INPUT, QUOTA},
+    required=(("input_file_id", (str,)), ("endpoint", (str,)), ("completion_window", (str,))),
+    check_body=_check_batch,
+    creates="batch",
+    refers_to=((FieldSet("input_file_id"), "file"),),
+    needs_deployment=False,
+    pending_statuses=_BATCH_PENDING,
+    batch_lines=True,
+)
+
+BATCHES_LIST = Operation(
+    name="batches.list",
+    routes=(RouteSpec("azure_batches", "openai/batches", Style.AZURE, ("GET",)),
+            RouteSpec("v1_batches", "openai/v1/batches", Style.V1, ("GET",))),
+    stages=_FILE_STAGES - {OWNERSHIP},
+    body="none",
+    answered_by_gateway="owned_list",
+    lists="batch",
+    needs_deployment=False,
+)
+
+BATCH = Operation(
+    name="batches.retrieve",
+    routes=(RouteSpec("azure_batch", "openai/batches/{batch_id}", Style.AZURE, ("GET",)),
+            RouteSpec("v1_batch", "openai/v1/batches/{batch_id}", Style.V1, ("GET",))),
+    stages=_FILE_STAGES | {DEFERRED},
+    body="none",
+    owned=("batch", "batch_id"),
+    pending_statuses=_BATCH_PENDING,
+    needs_deployment=False,
+)
+
+BATCH_CANCEL = Operation(
+    name="batches.cancel",
+    routes=(RouteSpec("azure_batch_cancel", "openai/batches/{batch_id}/cancel", Style.AZURE),
+            RouteSpec("v1_batch_cancel", "openai/v1/batches/{batch_id}/cancel", Style.V1)),
+    stages=_FILE_STAGES | {DEFERRED},
+    body="none",
+    owned=("batch", "batch_id"),
+    pending_statuses=_BATCH_PENDING,
+    needs_deployment=False,
 )
 
 MODELS = Operation(
@@ -451,8 +515,14 @@ MODELS = Operation(
 
 OPERATIONS: tuple[Operation, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, AUDIO_TRANSCRIPTIONS, AUDIO_TRANSLATIONS,
                                      AUDIO_SPEECH, IMAGES_GENERATIONS, IMAGES_EDITS, STORED_RESPONSE, STORED_RESPONSE_INPUT_ITEMS,
-                                     STORED_RESPONSE_CANCEL, FILES_UPLOAD, FILES_LIST, FILE, FILE_CONTENT, MODELS)
+                                     STORED_RESPONSE_CANCEL, FILES_UPLOAD, FILES_LIST, FILE, FILE_CONTENT, BATCHES_CREATE,
+                                     BATCHES_LIST, BATCH, BATCH_CANCEL, MODELS)
 BY_NAME = {op.name: op for op in OPERATIONS}
+
+
+def batch_line_operation(url: str) -> Operation:
+    """The operation a batch line's `url` names."""
+    return BY_NAME[BATCH_ENDPOINTS[url]]
 
 
 def completion_budget(operation: Operation, body: dict[str, Any], default: int) -> int:

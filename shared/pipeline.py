@@ -2,8 +2,8 @@
 
 Each stage owns one concept and lives in its own module; which stages an operation runs is the
 operations table's choice (operations.py), in the order the gateway lists them (gateway.py):
-authenticate → validate → access → input_guard → system_prompt → stream_usage → cache → quota →
-output_guard → request_log.
+authenticate → validate → access → deferred → ownership → batch_input → input_guard →
+system_prompt → stream_usage → cache → quota → output_guard → request_log.
 
 `before` runs in order on the way in and may refuse the request (raise GatewayError) or answer it
 itself (set `ctx.result`, as a cache hit does); `after` runs in reverse order on the way out and

@@ -1,6 +1,7 @@
 """Validation stage: size, JSON, required fields, and which deployment the request is for."""
 from __future__ import annotations
 
+import secrets
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -52,14 +53,7 @@ async def form_fields(content_type: str, raw: bytes) -> dict[str, Any]:
     (name, type, size) — never its bytes, which go upstream as they came."""
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
         raise errors.invalid_request("This operation takes a multipart/form-data body (a file upload).")
-
-    async def once():
-        yield raw
-
-    try:
-        form = await MultiPartParser(Headers({"content-type": content_type}), once(), max_files=8, max_fields=_MAX_FORM_FIELDS).parse()
-    except (MultiPartException, ValueError) as exc:
-        raise errors.invalid_request(f"The multipart body could not be read: {exc}.") from None
+    form = await _parse_form(content_type, raw)
     fields: dict[str, Any] = {}
     try:
         for name, value in form.multi_items():
@@ -75,6 +69,16 @@ async def form_fields(content_type: str, raw: bytes) -> dict[str, Any]:
     finally:
         await form.close()
     return fields
+
+
+async def _parse_form(content_type: str, raw: bytes):
+    async def once():
+        yield raw
+
+    try:
+        return await MultiPartParser(Headers({"content-type": content_type}), once(), max_files=8, max_fields=_MAX_FORM_FIELDS).parse()
+    except (MultiPartException, ValueError) as exc:
+        raise errors.invalid_request(f"The multipart body could not be read: {exc}.") from None
 
 
 def nesting_exceeds(raw: bytes, value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -158,18 +162,56 @@ class ValidateRequest(Stage):
         ctx.body = body
         if operation.needs_deployment:  # files belong to the resource, not to a deployment
             _read_deployment(ctx, body)
-        for field, types in operation.required:
-            if field not in body:
-                raise errors.invalid_request(f"Missing required parameter: '{field}'.", field)
-            if not isinstance(body[field], types):
-                raise errors.invalid_request(f"'{field}' must be {_type_name(types)}.", field)
-        _check_fields_read_later(operation, body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise errors.invalid_request("'stream' must be true or false.", "stream")
-        if stream and not operation.streams:
-            raise errors.invalid_request(f"The {operation.name} operation cannot be streamed.", "stream")
-        ctx.stream = stream
+        ctx.stream = check_body(operation, body)
+
+
+def check_body(operation: Operation, body: dict[str, Any]) -> bool:
+    """The body's required fields and the fields later stages read; whether it asks to stream."""
+    for field, types in operation.required:
+        if field not in body:
+            raise errors.invalid_request(f"Missing required parameter: '{field}'.", field)
+        if not isinstance(body[field], types):
+            raise errors.invalid_request(f"'{field}' must be {_type_name(types)}.", field)
+    _check_fields_read_later(operation, body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise errors.invalid_request("'stream' must be true or false.", "stream")
+    if stream and not operation.streams:
+        raise errors.invalid_request(f"The {operation.name} operation cannot be streamed.", "stream")
+    return stream
+
+
+async def upload_of(content_type: str, raw: bytes, name: str) -> tuple[dict[str, str], bytes]:
+    """A multipart body's text fields and the bytes of its file `name` (a stage that must read an
+    upload: a batch input file)."""
+    form = await _parse_form(content_type, raw)
+    try:
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        upload = form.get(name)
+        if not isinstance(upload, UploadFile):
+            raise errors.invalid_request(f"Missing required parameter: '{name}' (a multipart file upload).", name)
+        content = await upload.read()
+        fields["_filename"] = upload.filename or "upload.jsonl"
+        fields["_content_type"] = upload.content_type or "application/octet-stream"
+    finally:
+        await form.close()
+    return fields, content
+
+
+def encode_multipart(fields: dict[str, str], file_field: str, filename: str, content_type: str, content: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body of text fields and one file; returns it and its content type."""
+    boundary = "sekisho-" + secrets.token_hex(16)
+    parts = []
+    for key, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(key)}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(file_field)}"; filename="{_quoted(filename)}"\r\n'
+                 f"Content-Type: {content_type}\r\n\r\n".encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _read_deployment(ctx: RequestContext, body: dict[str, Any]) -> None:

@@ -105,6 +105,12 @@ async def test_rollups_equal_a_recount_from_the_logs(logged_gateway, admin_token
         table = list(csv.DictReader(io.StringIO(body.decode())))
         assert {r["deployment"] for r in table} == {"gpt-4o-mini", "text-embedding-3-small"}
         assert sum(int(r["requests"]) for r in table) == sent
+        status, _, body = await _call(session, "GET", f"{logged_gateway.url}{ADMIN}/reports/usage?by=operation&app_id={app_id}", admin_token)
+        by_operation = {r["operation"]: r["requests"] for r in json.loads(body)["data"]}
+        expected = {}
+        for record in records:
+            expected[record["operation"]] = expected.get(record["operation"], 0) + 1
+        assert status == 200 and by_operation == expected and {"chat.completions", "embeddings"} <= set(by_operation)
         status, headers, body = await _call(session, "GET", f"{logged_gateway.url}{ADMIN}/reports/chart?by=day&metric=cost&app_id={app_id}", admin_token)
         assert status == 200 and headers["Content-Type"].startswith("image/svg+xml") and body.count(b'class="bar"') == 1
         status, _, body = await _call(session, "GET", f"{logged_gateway.url}{ADMIN}/reports/usage?by=weekday", admin_token)
@@ -163,7 +169,8 @@ def test_workbook_queries_name_only_emitted_fields():
     assert used <= set(telemetry.USAGE_EVENT_FIELDS), used - set(telemetry.USAGE_EVENT_FIELDS)
     # What the issue asks the workbook to show is all there.
     assert {"app_id", "user_id", "deployment", "cost", "total_tokens", "status", "error_code", "cache_status", "saved_cost",
-            "latency_ms", "request_id", "retries"} <= used
+            "latency_ms", "request_id", "retries", "operation", "settles_kind", "settles_id"} <= used
+    assert any(query.rstrip().endswith("by operation\n| order by cost desc") for query in queries)  # usage and cost per operation
 
 
 async def test_admin_page_sign_in_by_one_time_link(gateway, sqlite_path, token, data_dir):

@@ -62,9 +62,3 @@ async def test_another_apps_file_is_404_wherever_it_is_named(logged_gateway, adm
             {"type": "text", "text": "summarise"}, {"type": "file", "file": {"file_id": secret.id}}]}])
     assert (await owner.files.content(secret.id)).content == b"quarterly numbers"
 
-
-async def test_batch_input_files_are_refused_until_each_line_can_be_checked(gateway, token):
-    client = AsyncOpenAI(base_url=gateway.url + "/openai/v1", api_key=token, max_retries=0)
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.files.create(file=("batch.jsonl", b'{"custom_id": "1"}\n', "application/jsonl"), purpose="batch")
-    assert caught.value.param == "purpose" and "Batch input files" in caught.value.message

@@ -46,6 +46,12 @@ EXPECTED = {
     "v1_stored_response_input_items": ("openai/v1/responses/{response_id}/input_items", {"GET"}),
     "azure_stored_response_cancel": ("openai/responses/{response_id}/cancel", {"POST"}),
     "v1_stored_response_cancel": ("openai/v1/responses/{response_id}/cancel", {"POST"}),
+    "azure_batches": ("openai/batches", {"POST", "GET"}),
+    "v1_batches": ("openai/v1/batches", {"POST", "GET"}),
+    "azure_batch": ("openai/batches/{batch_id}", {"GET"}),
+    "v1_batch": ("openai/v1/batches/{batch_id}", {"GET"}),
+    "azure_batch_cancel": ("openai/batches/{batch_id}/cancel", {"POST"}),
+    "v1_batch_cancel": ("openai/v1/batches/{batch_id}/cancel", {"POST"}),
     "azure_models": ("openai/models", {"GET"}),
     "v1_models": ("openai/v1/models", {"GET"}),
     "health": ("health", {"GET"}),
@@ -90,6 +96,7 @@ DURABLE_EXPECTED = {
     "sekisho_job": {"orchestrationTrigger"},
     "sekisho_job_attempt": {"activityTrigger"},
     "sekisho_job_give_up": {"activityTrigger"},
+    "reconcile_deferred_work": {"timerTrigger"},
 }
 
 
@@ -103,6 +110,26 @@ def test_durable_functions_are_registered():
     from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR
 
     assert {ORCHESTRATOR, ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY} <= set(registered)
+    timer = registered["reconcile_deferred_work"][0]
+    assert timer["schedule"] == "0 */5 * * * *" and timer["runOnStartup"] is False
+
+
+def test_the_local_host_runs_timer_functions_on_their_schedule():
+    from datetime import datetime, timezone
+
+    from shared.local.host.timers import LocalTimers, next_time, parse_schedule
+
+    timers = LocalTimers(function_app.app)
+    assert set(timers.functions) == {"reconcile_deferred_work"}
+    every_five = parse_schedule("0 */5 * * * *")
+    at = datetime(2026, 11, 29, 10, 3, 7, tzinfo=timezone.utc)
+    assert next_time(every_five, at) == datetime(2026, 11, 29, 10, 5, 0, tzinfo=timezone.utc)
+    assert next_time(every_five, datetime(2026, 11, 29, 10, 5, 0, tzinfo=timezone.utc)) == datetime(2026, 11, 29, 10, 10, 0, tzinfo=timezone.utc)
+    weekdays_at_nine = parse_schedule("30 0 9 * * 1-5")  # Monday to Friday; 2026-11-29 is a Sunday
+    assert next_time(weekdays_at_nine, at) == datetime(2026, 11, 30, 9, 0, 30, tzinfo=timezone.utc)
+    for wrong in ("*/5 * * * *", "0 61 * * * *", "0 */0 * * * *"):
+        with pytest.raises(ValueError):
+            parse_schedule(wrong)
 
 
 def test_registered_functions_routes_and_methods():

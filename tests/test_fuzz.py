@@ -310,6 +310,8 @@ def base_body(route) -> dict[str, Any]:
         ops.IMAGES_EDITS: {"prompt": "hi"},
         ops.STORED_RESPONSE_CANCEL: {},  # no body; the id in the path is nobody's: 404
         ops.FILES_UPLOAD: {"purpose": "assistants"},  # multipart: a JSON body is refused
+        ops.BATCHES_CREATE: {"input_file_id": "file-nobody", "endpoint": "/v1/chat/completions", "completion_window": "24h"},  # nobody's file: 404
+        ops.BATCH_CANCEL: {},  # no body; the id in the path is nobody's: 404
     }[route.operation]
     if not route.deployment_in_path and route.operation.needs_deployment:
         body["model"] = DEPLOYMENT_FOR.get(route.operation, "gpt-4o-mini")
@@ -329,7 +331,8 @@ FIELDS_READ = {
     ops.AUDIO_SPEECH: ["model", "input", "instructions", "voice", "response_format", "user"],
     ops.IMAGES_GENERATIONS: ["model", "prompt", "n", "size", "quality", "response_format", "user"],
     ops.AUDIO_TRANSCRIPTIONS: [], ops.AUDIO_TRANSLATIONS: [], ops.IMAGES_EDITS: [],  # multipart: fuzzed as raw bodies
-    ops.STORED_RESPONSE_CANCEL: [], ops.FILES_UPLOAD: [],
+    ops.STORED_RESPONSE_CANCEL: [], ops.FILES_UPLOAD: [], ops.BATCH_CANCEL: [],
+    ops.BATCHES_CREATE: ["input_file_id", "endpoint", "completion_window", "metadata"],
 }
 
 

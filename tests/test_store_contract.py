@@ -265,3 +265,55 @@ async def test_owned_objects_list_newest_first_in_pages(store):
     assert [d["object_id"] for d in first] == ["file-4", "file-3"]
     rest = await store.list_owned("app-l", "file", 10, before=first[-1]["sort_key"])
     assert [d["object_id"] for d in rest] == ["file-2", "file-1", "file-0"]
+
+
+async def test_owned_records_change_only_from_the_version_read(store):
+    """Settling a batch closes its record conditionally: of two instances that read one version,
+    only the first may write; the open records of every app are found for the reconciling timer."""
+    doc = {"app_id": "app-o", "kind": "batch", "object_id": "batch_1", "created_ms": 1_000, "ttl": 3600, "open": True}
+    first_etag = await store.put_owned(doc)
+    await store.put_owned({"app_id": "app-p", "kind": "response", "object_id": "resp_1", "created_ms": 2_000, "ttl": 3600, "open": True})
+    await store.put_owned({"app_id": "app-p", "kind": "file", "object_id": "file-1", "created_ms": 500, "ttl": 3600})
+    await store.put_owned({"app_id": "app-q", "kind": "batch", "object_id": "batch_old", "created_ms": 100, "ttl": -1, "open": True})
+    read = await store.get_owned("app-o", "batch", "batch_1")
+    assert read["etag"] == first_etag
+    opened = await store.list_open_owned(10)
+    assert [(d["app_id"], d["object_id"]) for d in opened] == [("app-o", "batch_1"), ("app-p", "resp_1")]  # oldest first, expired left out
+    assert opened[0]["etag"] == first_etag
+    second_etag = await store.put_owned({**read, "open": False}, if_match=read["etag"])
+    assert second_etag != first_etag
+    with pytest.raises(PreconditionFailed):  # the other instance read the same version: too late
+        await store.put_owned({**read, "open": False, "settled_by": "other"}, if_match=read["etag"])
+    with pytest.raises(PreconditionFailed):  # nothing to replace
+        await store.put_owned({**doc, "object_id": "batch_missing"}, if_match=first_etag)
+    assert "settled_by" not in await store.get_owned("app-o", "batch", "batch_1")
+    assert [d["object_id"] for d in await store.list_open_owned(10)] == ["resp_1"]
+
+
+def test_a_sqlite_database_from_before_the_operation_roll_up_gains_its_column(tmp_path):
+    """A database made by an earlier version keeps its roll-ups, and counts new ones per operation."""
+    import sqlite3
+
+    from shared.records.rollups import ROLLUP_COUNTERS, RollupDelta, group
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    counters = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in ROLLUP_COUNTERS)
+    conn.execute("CREATE TABLE usage_rollups (app_id TEXT NOT NULL, id TEXT NOT NULL, day TEXT NOT NULL, user_id TEXT NOT NULL,"
+                 f" deployment TEXT NOT NULL, model TEXT NOT NULL, {counters}, PRIMARY KEY (app_id, id))")
+    conn.execute("INSERT INTO usage_rollups (app_id, id, day, user_id, deployment, model, requests)"
+                 " VALUES ('app-a', '2026-11-01|u|d|m', '2026-11-01', 'u', 'd', 'm', 3)")
+    conn.commit()
+    conn.close()
+
+    async def run():
+        store = SqliteStore(str(path))
+        await store.open()
+        try:
+            await store.add_rollups([RollupDelta("app-a", "2026-11-01", "u", "d", "m", "embeddings", {"requests": 2})])
+            return group(await store.query_rollups("app-a"), "operation")
+        finally:
+            await store.close()
+
+    rows = asyncio.run(run())
+    assert {r["operation"]: r["requests"] for r in rows} == {"-": 3, "embeddings": 2}

@@ -12,7 +12,7 @@
     python -m shared.admin.cli cache purge <app-id>
     python -m shared.admin.cli pricing list
     python -m shared.admin.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
-    python -m shared.admin.cli report --by app|user|deployment|model|day [--app-id X] [--since D] [--until D] [--csv FILE|-]
+    python -m shared.admin.cli report --by app|user|deployment|model|operation|day [--app-id X] [--since D] [--until D] [--csv FILE|-]
     python -m shared.admin.cli admin-login [--url http://127.0.0.1:7071]
     python -m shared.admin.cli keys create|list|revoke|rotate <app-id> [<key-id>] [--name …]
     python -m shared.admin.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import GatewayError
 from ..policy.policies import PolicyError
+from ..records.rollups import GROUPS
 from ..settings import Settings, SettingsError
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, open_store
 from .api import PolicyService
@@ -44,7 +45,7 @@ def _print(value: Any) -> None:
 
 
 def _print_table(rows: list[dict[str, Any]], by: str, currency: str) -> None:
-    keys = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "day": ("day",)}[by]
+    keys = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "operation": ("operation",), "day": ("day",)}[by]
     header = (*keys, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", f"cost ({currency})")
     lines = [header] + [(*(str(r[k]) for k in keys), str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
                          str(r["completion_tokens"]), str(r["total_tokens"]), f"{r['cost']:.6f}") for r in rows]
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--v1", action="store_true", help="a v1.0 token (sts.windows.net issuer, appid claim)")
     mint.add_argument("--minutes", type=int, default=60)
     report = groups.add_parser("report", help="usage and cost from the roll-ups (chargeback)")
-    report.add_argument("--by", choices=("app", "user", "deployment", "model", "day"), default="app")
+    report.add_argument("--by", choices=GROUPS, default="app")
     report.add_argument("--app-id")
     report.add_argument("--since", help="first day, YYYY-MM-DD (quota time zone)")
     report.add_argument("--until", help="last day, YYYY-MM-DD, inclusive")

@@ -25,7 +25,8 @@ import orjson
 from .. import sse
 from ..context import RequestContext, UpstreamResult
 from ..field_paths import EACH, Location, replace
-from ..operations import OUTPUT_GUARD, Operation
+from ..operations import OUTPUT_GUARD, Operation, batch_line_operation
+from ..policy.system_prompt import render
 from ..pipeline import Stage
 from .rules import GuardMatcher, leak_index
 
@@ -107,7 +108,10 @@ class GuardOutput(Stage):
         policy = ctx.policy
         if policy is None:
             return None
-        leak = ctx.system_prompt.text if ctx.system_prompt is not None and policy.leak_protection.enabled else None
+        prompt = ctx.system_prompt.text if ctx.system_prompt is not None else None
+        if prompt is None and _batch_output(ctx) and policy.system_prompt is not None:
+            prompt = render(policy.system_prompt.text, ctx)  # what went into the batch's lines
+        leak = prompt if policy.leak_protection.enabled else None
         if not policy.guard_rules and not leak:
             return None
         leaks = leak_index(leak, policy.leak_protection.min_chars, policy.folding) if leak else None
@@ -124,6 +128,9 @@ class GuardOutput(Stage):
         if matcher is None:
             return result
         operation = ctx.route.operation
+        if result.is_stream and _batch_output(ctx):
+            result.events = self._batch_output_lines(ctx, matcher, batch_line_operation(_batch_output(ctx).get("endpoint") or "/v1/chat/completions"), result.events)
+            return result
         if result.is_stream:
             guard = _STREAM_GUARDS.get(operation.stream_shape)
             if guard is not None:
@@ -147,6 +154,38 @@ class GuardOutput(Stage):
             ctx.model_response = result.json
             result.json, result.body = body, orjson.dumps(body)
         return result
+
+    # A batch's output file -------------------------------------------------------------------
+    async def _batch_output_lines(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation,
+                                  events: AsyncIterator[sse.Event]) -> AsyncIterator[sse.Event]:
+        """Each line's answer guarded as the same answer sent on its own would be, line by line as
+        the file arrives (a line is held until it is whole)."""
+        pending = bytearray()
+        async for event in events:
+            pending += event.encoded()
+            end = pending.rfind(b"\n")
+            if end >= 0:
+                whole, pending = bytes(pending[: end + 1]), pending[end + 1 :]
+                yield sse.Event(b"".join(self._guard_line(ctx, matcher, operation, raw) + b"\n" for raw in whole.split(b"\n")[:-1]))
+        if pending:
+            yield sse.Event(self._guard_line(ctx, matcher, operation, bytes(pending)))
+
+    def _guard_line(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, raw: bytes) -> bytes:
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        response = line.get("response") if isinstance(line, dict) else None
+        body = response.get("body") if isinstance(response, dict) else None
+        if not isinstance(body, dict) or not any(matcher.find(location.text) for location in operation.writes.locations(body)):
+            return raw
+        body = copy.deepcopy(body)
+        decided = len(ctx.guard_decisions)
+        self._guard_whole(ctx, matcher, operation, body)
+        for decision in ctx.guard_decisions[decided:]:
+            decision["where"] = f"{line.get('custom_id')}: {decision.get('where')}"
+        response["body"] = body
+        return orjson.dumps(line)
 
     # Whole answers --------------------------------------------------------------------------
     def _guard_whole(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, body: dict) -> None:
@@ -410,6 +449,11 @@ def _only_empty_pieces(choice: dict) -> bool:
     if isinstance(function_call, dict) and (function_call.get("name") or function_call.get("arguments")):
         return False
     return True
+
+
+def _batch_output(ctx: RequestContext) -> dict[str, Any] | None:
+    """The batch a file being read is the output of (its ownership record says), if any."""
+    return ctx.owned.get("batch_output") if ctx.owned is not None else None
 
 
 _STREAM_GUARDS = {

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..cache.responses import CacheState
-from ..context import RequestContext, UpstreamResult
+from ..context import RequestContext, UpstreamResult, internal_request
 from ..errors import GatewayError
 from ..policy.system_prompt import AppliedPrompt
 from ..quota.enforce import Accounting, Reservation
@@ -122,14 +122,9 @@ def check_size(ctx: RequestContext) -> None:
 def restore_context(job: dict[str, Any], policy) -> RequestContext:
     """A request context equivalent to the one that submitted the job, for finishing it."""
     saved = job["request"]
-    scope = {
-        "type": "http", "http_version": "1.1", "scheme": "https", "method": saved["method"], "path": saved["path"],
-        "raw_path": saved["path"].encode(), "query_string": saved["query"].encode(), "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in saved["headers"].items()],
-        "client": (saved["client_ip"], 0) if saved.get("client_ip") else None, "server": None,
-    }
+    http = internal_request(saved["method"], saved["path"], saved["query"], saved["headers"], saved.get("client_ip"))
     received_at = datetime.fromisoformat(saved["received_at"])
-    ctx = RequestContext(request_id=job["id"], http=Request(scope), route=ROUTES_BY_FUNCTION[saved["route"]], received_at=received_at)
+    ctx = RequestContext(request_id=job["id"], http=http, route=ROUTES_BY_FUNCTION[saved["route"]], received_at=received_at)
     # Latency in the log covers the whole job, from the original request to its end.
     ctx.started = time.perf_counter() - max(0.0, (datetime.now(timezone.utc) - received_at).total_seconds())
     ctx.deployment, ctx.api_version = saved["deployment"], saved["api_version"]

@@ -150,10 +150,17 @@ class ApplyPolicy(Stage):
         if not policy.enabled:
             who = "application" if not app_level["enabled"] else "user"
             raise forbidden(f"This {who} is disabled on the gateway.")
-        if ctx.deployment and not policy.allows_deployment(ctx.deployment):
-            raise forbidden(f"The application may not use the deployment '{ctx.deployment}'.")
-        if ctx.deployment and key is not None and key.deployments is not None and ctx.deployment not in key.deployments:
-            raise forbidden(f"This gateway key may not use the deployment '{ctx.deployment}'.")
+        if ctx.deployment:
+            check_deployment(ctx)
+
+
+def check_deployment(ctx: RequestContext) -> None:
+    """Whether the caller may use the request's deployment: its policy, and its gateway key's own list."""
+    if not ctx.policy.allows_deployment(ctx.deployment):
+        raise forbidden(f"The application may not use the deployment '{ctx.deployment}'.")
+    key = ctx.identity.key if ctx.identity is not None else None
+    if key is not None and key.deployments is not None and ctx.deployment not in key.deployments:
+        raise forbidden(f"This gateway key may not use the deployment '{ctx.deployment}'.")
 
 
 def require_admin(ctx_identity, admin_role: str) -> None:
@@ -161,4 +168,4 @@ def require_admin(ctx_identity, admin_role: str) -> None:
         raise forbidden(f"This route needs the '{admin_role}' app role.")
 
 
-__all__ = ["ApplyPolicy", "EffectivePolicy", "PolicyCache", "PolicyResolver", "forbidden", "require_admin"]
+__all__ = ["ApplyPolicy", "EffectivePolicy", "PolicyCache", "PolicyResolver", "check_deployment", "forbidden", "require_admin"]

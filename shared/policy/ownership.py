@@ -23,7 +23,7 @@ import orjson
 
 from .. import errors
 from ..context import RequestContext, UpstreamResult
-from ..operations import OWNERSHIP
+from ..operations import OPERATIONS, OWNERSHIP
 from ..pipeline import Stage
 from ..store import Store, StoreError
 
@@ -33,6 +33,7 @@ _RECENT_SECONDS = 30.0  # records this instance wrote, kept in memory while the 
 _RECENT_MAX = 5000
 _RETRY_DELAYS = (0.1, 0.2, 0.3, 0.4)  # another instance's record may be a moment from the store
 _NOT_SET = object()
+_LISTED_KINDS = frozenset(op.lists for op in OPERATIONS if op.lists)  # lists answered from the records' `object`
 
 
 class RecordOwnership(Stage):
@@ -56,6 +57,7 @@ class RecordOwnership(Stage):
             for fields, kind in operation.refers_to:
                 for location in fields.locations(ctx.body):
                     referred = await self._find(ctx, kind, location.text, location.path)
+                    ctx.referred.append(referred)
                     if ctx.upstream.pinned_backend is None:
                         ctx.upstream.pinned_backend = referred.get("backend")  # what it names lives in one resource
 
@@ -93,6 +95,12 @@ class RecordOwnership(Stage):
             result.body = orjson.dumps(result.json)
         return result
 
+    @staticmethod
+    def records_before_answer(ctx: RequestContext) -> bool:
+        """Whether the record must be written before the answer goes out: objects whose lists are
+        answered from the records (files, batches), so that the app's next list shows them."""
+        return ctx.route.operation.creates in _LISTED_KINDS
+
     async def finish(self, ctx: RequestContext) -> None:
         operation = ctx.route.operation
         if ctx.status is None or ctx.status >= 400 or ctx.error is not None:
@@ -117,8 +125,16 @@ class RecordOwnership(Stage):
         if shown is not _NOT_SET:
             doc["instructions_shown"] = shown
         answer = ctx.result.json if ctx.result is not None else None
-        if operation.creates == "file" and isinstance(answer, dict):
+        if operation.creates in _LISTED_KINDS and isinstance(answer, dict):
             doc["object"] = answer  # lists are answered from these records
+        if ctx.batch_input is not None:
+            doc["batch_input"] = ctx.batch_input  # a batch input file's lines, or what a batch runs
+        if isinstance(answer, dict) and answer.get("status") in operation.pending_statuses:
+            # Work that goes on upstream: settled when it ends (jobs/deferred.py), with the
+            # reservation the request made (kept until then).
+            doc["open"] = True
+            doc["reservation"] = ctx.quota.to_document() if ctx.quota is not None else None
+            ctx.quota = None
         now = time.monotonic()
         self._recent[(ctx.app_id, operation.creates, object_id)] = (now, doc)
         while self._recent:  # oldest first (insertion order): drop what the store has had long enough

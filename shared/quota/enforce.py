@@ -33,7 +33,7 @@ from ..token_estimate import count_tokens
 from ..usage import Usage, usage_of
 from . import tokenizer
 from .leases import LeaseBook
-from .pricing import PricingTable, cost_nanos, nanos_to_amount, units_cost, usage_cost
+from .pricing import PricingTable, batch_cost, cost_nanos, nanos_to_amount, units_cost, usage_cost
 
 logger = logging.getLogger("sekisho.quota")
 
@@ -206,15 +206,18 @@ class EnforceQuota(Stage):
         applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
         if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
             return  # no limit applies: nothing to reserve (the cost is still computed at the end)
-        _, price = await self._pricing.price_for(ctx.deployment)
         operation = ctx.route.operation
-        prompt = 0 if cached else operation.prompt_estimate(ctx.body, operation.reads)
-        completion = 0 if cached else completion_budget(operation, ctx.body, policy.default_completion_tokens)
+        if operation.batch_lines:
+            prompt, completion, cost = await self._batch_estimate(ctx.batch_input)
+        else:
+            _, price = await self._pricing.price_for(ctx.deployment)
+            prompt = 0 if cached else operation.prompt_estimate(ctx.body, operation.reads)
+            completion = 0 if cached else completion_budget(operation, ctx.body, policy.default_completion_tokens)
+            cost = cost_nanos(price, prompt, completion)
+            if operation.units is not None and not cached:
+                # Priced by units where the answer will report no tokens: reserve whichever is more.
+                cost = max(cost, units_cost(price, operation.units(ctx.body, None)))
         tokens = prompt + completion
-        cost = cost_nanos(price, prompt, completion)
-        if operation.units is not None and not cached:
-            # Priced by units where the answer will report no tokens: reserve whichever is more.
-            cost = max(cost, units_cost(price, operation.units(ctx.body, None)))
         accounting = ctx.accounting = Accounting(estimate={"prompt_tokens": prompt, "completion_tokens": completion})
         at = self._windows.now()
         now = at.timestamp()
@@ -224,6 +227,10 @@ class EnforceQuota(Stage):
             for metric in METRICS:
                 limit = getattr(limits, metric.name)
                 if limit is None or (cached and metric.kind != "requests"):
+                    continue
+                if operation.batch_lines and metric.name == "tokens_per_minute":
+                    # A batch runs within a day on Azure's batch capacity, not in this minute:
+                    # its tokens count against the day and its cost against the month.
                     continue
                 window = windows.get(metric.window)
                 if window is None:
@@ -251,6 +258,17 @@ class EnforceQuota(Stage):
             self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
         ctx.quota = Reservation(charges, metrics, degraded)
         self._remaining_headers(ctx, charges, metrics, outcome.used)
+
+    async def _batch_estimate(self, summary: dict | None) -> tuple[int, int, int]:
+        """What a batch's lines may cost at the batch price: their prompts and answer budgets,
+        as counted when the input file was uploaded, per deployment."""
+        prompt = completion = cost = 0
+        for deployment, part in ((summary or {}).get("deployments") or {}).items():
+            _, price = await self._pricing.price_for(deployment)
+            prompt += part["prompt_tokens"]
+            completion += part["completion_tokens"]
+            cost += batch_cost(price, cost_nanos(price, part["prompt_tokens"], part["completion_tokens"]))
+        return prompt, completion, cost
 
     async def _reserve(self, charges: list[CounterCharge], ends: list[float]) -> ReserveOutcome:
         """Reserve every charge: from this instance's leases where they cover it, in the store
@@ -337,6 +355,28 @@ class EnforceQuota(Stage):
         """Usage and cost for the log and the header; settlement of the reservation, off the hot path."""
         if ctx.body is None:
             return
+        if self._work_goes_on(ctx):
+            # A batch or a background response: nothing is used yet. The reservation stays with
+            # the object's record (ownership) and is settled when the work ends (jobs/deferred.py).
+            ctx.accounting = ctx.accounting or Accounting()
+            ctx.accounting.cost = {"amount": 0.0, "currency": self._currency, "price": None, "pending": True}
+            return
+        cost = await self.price(ctx)
+        reservation: Reservation | None = getattr(ctx, "quota", None)
+        if reservation is not None:
+            self.settle(reservation, ctx.usage.total_tokens, cost)  # 0 tokens when nothing reached the model, or it refused: released
+
+    @staticmethod
+    def _work_goes_on(ctx: RequestContext) -> bool:
+        pending = ctx.route.operation.pending_statuses
+        if not pending or ctx.error is not None or ctx.result is None or ctx.result.status >= 400 or ctx.stream_summary is not None:
+            return False
+        answer = ctx.result.json
+        return isinstance(answer, dict) and answer.get("status") in pending
+
+    async def price(self, ctx: RequestContext) -> int:
+        """The request's usage (`ctx.usage`) and cost in nano-units (`ctx.accounting.cost`, the
+        cost header); a batch line at the batch price."""
         usage = usage_of(ctx)
         accounting = ctx.accounting = ctx.accounting or Accounting()
         model = (ctx.stream_summary.model if ctx.stream_summary else None) or _response_model(ctx) or ctx.deployment
@@ -349,19 +389,22 @@ class EnforceQuota(Stage):
                 usage = await asyncio.to_thread(counted_usage, ctx, written, model)  # the first count loads the BPE ranks
         ctx.usage = usage
         succeeded = ctx.status is not None and ctx.status < 400 and ctx.error is None
-        actual_tokens = usage.total_tokens  # 0 when nothing reached the model, or it refused: released
+        # Priced by the deployment's model; a model name in the answer wins (a deployment may be renamed).
         price_name, price = await self._pricing.price_for(model)
         cost = usage_cost(price, usage) if usage.total_tokens or usage.units else 0
+        if ctx.settles is not None and ctx.settles.get("kind") == "batch":
+            cost = batch_cost(price, cost)
         accounting.cost = {"amount": nanos_to_amount(cost), "currency": self._currency, "price": price_name}
         if (succeeded or cost) and ctx.status != 202:  # 202: an async job, priced when it ends
             ctx.response_headers["x-sekisho-cost"] = f"{nanos_to_amount(cost):.9f}".rstrip("0").rstrip(".") or "0"
-        reservation: Reservation | None = getattr(ctx, "quota", None)
-        if reservation is None:
-            return
+        return cost
+
+    def settle(self, reservation: Reservation, tokens: int, cost: int) -> None:
+        """Bring a reservation's token and spend charges to what was used (the request charge stays)."""
         deltas = []
         for charge, metric in zip(reservation.charges, reservation.metrics):
             if metric.kind == "tokens":
-                delta = actual_tokens - charge.amount
+                delta = tokens - charge.amount
             elif metric.kind == "spend":
                 delta = cost - charge.amount
             else:

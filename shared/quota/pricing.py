@@ -2,7 +2,8 @@
 
 Prices are per 1M tokens in one currency (SEKISHO_CURRENCY), and for what is not priced by tokens:
 per minute of audio (whisper-class transcription and translation), per 1M characters (speech),
-per image by size and quality (image models whose answers carry no token usage). An answer that
+per image by size and quality (image models whose answers carry no token usage); requests run in
+a batch cost the standard price less the model's `batch_discount`. An answer that
 reports tokens is priced by its tokens; one that does not, by its units. Built-in defaults cover the common
 Azure OpenAI models (global standard list prices; check them against your agreement); admins
 override or add models in the store, and those entries win. A model name matches the longest
@@ -33,6 +34,7 @@ class Price(BaseModel):
     per_audio_minute: float | None = Field(default=None, ge=0, description="Transcription and translation priced by audio length (whisper).")
     per_1m_characters: float | None = Field(default=None, ge=0, description="Speech priced by the characters read aloud (tts).")
     per_image: dict[str, float] | None = Field(default=None, description='Per image, by "<size>/<quality>" (e.g. "1024x1024/standard"), with "default" for any other.')
+    batch_discount: float = Field(default=0.5, ge=0, le=1, description="Share taken off the price of requests run in a batch (Azure's global batch: half price).")
 
 
 BUILTIN_PRICES: dict[str, Price] = {
@@ -71,6 +73,11 @@ def cost_nanos(price: Price, prompt_tokens: int, completion_tokens: int, cached_
     cached_rate = price.cached_input_per_1m if price.cached_input_per_1m is not None else price.input_per_1m
     per_million = (prompt_tokens - cached) * price.input_per_1m + cached * cached_rate + completion_tokens * price.output_per_1m
     return round(per_million * NANOS / 1_000_000)
+
+
+def batch_cost(price: Price, cost: int) -> int:
+    """The cost of a request run in a batch, from its cost at the standard price."""
+    return round(cost * (1 - price.batch_discount))
 
 
 def nanos_to_amount(nanos: int) -> float:

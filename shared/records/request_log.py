@@ -112,6 +112,7 @@ RECORD_FIELDS: dict[str, str] = {
     "guard": "input and output guard decisions (direction, rule, action, where)",
     "client_disconnected": "the client left before the answer ended",
     "job": "the async job this request became",
+    "settles": "work that ended after its request: a batch line (kind batch, the batch id, custom_id) or a background response (kind response, its id), with the id of the request that started it",
     "ttl": "seconds the record is kept (retention_days)",
     # Contributed by stages
     "gateway_key": "authenticate: the id of the gateway key used (never the key)",
@@ -184,6 +185,8 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int, c
         record["client_disconnected"] = True
     if ctx.job is not None:
         record["job"] = ctx.job
+    if ctx.settles is not None:
+        record["settles"] = ctx.settles
     for part in contributions:
         for name, value in part.items():
             if name in RECORD_FIELDS:

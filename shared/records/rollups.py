@@ -1,4 +1,4 @@
-"""Usage roll-ups: per app, user, deployment, model and day, maintained when log records are written.
+"""Usage roll-ups: per app, user, deployment, model, operation and day, maintained when log records are written.
 
 Admin views and reports read these instead of scanning the request log: a month of a busy
 gateway is millions of records, and Cosmos DB has no cheap cross-partition GROUP BY. The log
@@ -22,8 +22,9 @@ ROLLUP_COUNTERS: tuple[str, ...] = (
     "requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
     "cached_tokens", "total_tokens", "cost_nanos", "saved_cost_nanos", "latency_ms_sum",
 )
-GROUPS = ("app", "user", "deployment", "model", "day")
-_GROUP_FIELDS = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "day": ("day",)}
+GROUPS = ("app", "user", "deployment", "model", "operation", "day")
+_GROUP_FIELDS = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",),
+                 "operation": ("operation",), "day": ("day",)}
 REPORT_COLUMNS = ("requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
                   "cached_tokens", "total_tokens", "cost", "saved_cost", "avg_latency_ms")
 
@@ -35,17 +36,19 @@ class RollupDelta:
     user_id: str
     deployment: str
     model: str
+    operation: str
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        return rollup_id(self.day, self.user_id, self.deployment, self.model)
+        return rollup_id(self.day, self.user_id, self.deployment, self.model, self.operation)
 
 
-def rollup_id(day: str, user_id: str, deployment: str, model: str) -> str:
-    # One document per (day, user, deployment, model) inside the app's partition. The parts are
-    # percent-encoded: they stay apart ("|"), and Cosmos ids may not hold / \ ? #.
-    return "|".join((day, *(quote(part, safe="@._-:") for part in (user_id, deployment, model))))
+def rollup_id(day: str, user_id: str, deployment: str, model: str, operation: str) -> str:
+    # One document per (day, user, deployment, model, operation) inside the app's partition. The
+    # parts are percent-encoded: they stay apart ("|"), and Cosmos ids may not hold / \ ? #.
+    # (Documents written before the operation was a part have four parts; they group as "-".)
+    return "|".join((day, *(quote(part, safe="@._-:") for part in (user_id, deployment, model, operation))))
 
 
 def _nanos(amount: Any) -> int:
@@ -82,8 +85,8 @@ def _day_of_minute(minute: str, zone: ZoneInfo) -> str:
     return stamp.astimezone(zone).strftime("%Y-%m-%d")
 
 
-# What one record adds: (app, day, user, deployment, model) and counts in ROLLUP_COUNTERS order.
-Contribution = tuple[tuple[str, str, str, str, str], tuple[int, ...]]
+# What one record adds: (app, day, user, deployment, model, operation) and counts in ROLLUP_COUNTERS order.
+Contribution = tuple[tuple[str, str, str, str, str, str], tuple[int, ...]]
 
 
 def contribution(record: dict[str, Any], zone: ZoneInfo) -> Contribution | None:
@@ -94,13 +97,13 @@ def contribution(record: dict[str, Any], zone: ZoneInfo) -> Contribution | None:
     app_id = str(record.get("app_id") or "anonymous")
     # str(): the model of a refused request may come from a body field of any type.
     key = (app_id, record_day(record, zone), str(record.get("user_id") or app_id), str(record.get("deployment") or "-"),
-           str(record.get("model") or record.get("deployment") or "-"))
+           str(record.get("model") or record.get("deployment") or "-"), str(record.get("operation")))
     counts = record_counts(record)
     return key, tuple(counts[name] for name in ROLLUP_COUNTERS)
 
 
 def sum_contributions(contributions: Iterable[Contribution | None]) -> list[RollupDelta]:
-    found: dict[tuple[str, str, str, str, str], list[int]] = {}
+    found: dict[tuple[str, str, str, str, str, str], list[int]] = {}
     for item in contributions:
         if item is None:
             continue
@@ -120,11 +123,11 @@ def rollup_deltas(records: Iterable[dict[str, Any]], zone: ZoneInfo) -> list[Rol
 
 
 def group(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-    """Sum roll-up documents by app, user, deployment, model or day; biggest cost first (days: in order)."""
+    """Sum roll-up documents by app, user, deployment, model, operation or day; biggest cost first (days: in order)."""
     names = _GROUP_FIELDS[by]
     totals: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        key = tuple(row[n] for n in names)
+        key = tuple(row.get(n) or "-" for n in names)
         total = totals.setdefault(key, {**dict(zip(names, key)), **{c: 0 for c in ROLLUP_COUNTERS}})
         for counter in ROLLUP_COUNTERS:
             total[counter] += int(row.get(counter) or 0)

@@ -25,7 +25,7 @@ USAGE_EVENT_FIELDS: tuple[str, ...] = (
     "request_id", "request_time", "app_id", "app_name", "user_id", "deployment", "model", "operation", "stream",
     "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost",
     "currency", "latency_ms", "upstream_latency_ms", "time_to_first_byte_ms", "cache_status", "saved_cost",
-    "retries", "backend", "guard_action", "guard_rules", "job_status",
+    "retries", "backend", "guard_action", "guard_rules", "job_status", "settles_kind", "settles_id",
 )
 
 logger = logging.getLogger(USAGE_LOGGER)
@@ -78,6 +78,8 @@ def usage_event(record: dict[str, Any]) -> dict[str, Any]:
         "guard_action": "block" if "block" in actions else ("redact" if actions else "none"),
         "guard_rules": ",".join(sorted({str(d.get("rule")) for d in guard if d.get("rule")})),
         "job_status": (record.get("job") or {}).get("status"),
+        "settles_kind": (record.get("settles") or {}).get("kind"),  # a batch line or a background response
+        "settles_id": (record.get("settles") or {}).get("id"),  # the batch or response id
     }
     # OpenTelemetry attributes cannot be None; absent is clearer than "None" in KQL.
     return {k: v for k, v in event.items() if v is not None}

@@ -244,8 +244,11 @@ class Store(abc.ABC):
         another app's object is indistinguishable from a missing one."""
 
     @abc.abstractmethod
-    async def put_owned(self, doc: dict[str, Any]) -> None:
-        """Record (or update) an object an app created: `app_id`, `kind`, `object_id`, `ttl`, …"""
+    async def put_owned(self, doc: dict[str, Any], if_match: str | None = None) -> str:
+        """Record (or update) an object an app created: `app_id`, `kind`, `object_id`, `ttl`, …;
+        returns the record's new ETag (get_owned answers it as `etag`). `if_match`: only replace
+        that version (PreconditionFailed if it changed or is gone), so that two instances noticing
+        the end of one batch cannot both settle it."""
 
     @abc.abstractmethod
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool: ...
@@ -254,6 +257,11 @@ class Store(abc.ABC):
     async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
         """The app's objects of a kind, newest first (by `sort_key`, which put_owned sets), at most
         `limit`, only those sorting before `before` (a sort key) when given."""
+
+    @abc.abstractmethod
+    async def list_open_owned(self, limit: int) -> list[dict[str, Any]]:
+        """Records of every app whose work is still running upstream (`open: true`: batches and
+        background responses not yet settled), oldest first, at most `limit`, with their `etag`."""
 
 
     # Async jobs (one document per job, partitioned by the app that owns it) -------------------

@@ -43,6 +43,22 @@ def _clean(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+async def _write_versioned(container, body: dict[str, Any], if_match: str | None) -> str:
+    """Create or replace an item; with `if_match`, only that version of it. Returns the new ETag."""
+    try:
+        if if_match is None:
+            item = await container.upsert_item(body)
+        else:
+            item = await container.replace_item(body["id"], body, etag=if_match, match_condition=MatchConditions.IfNotModified)
+    except (exceptions.CosmosResourceNotFoundError, exceptions.CosmosAccessConditionFailedError):
+        raise PreconditionFailed(f"{body['id']} has changed") from None
+    return item["_etag"]
+
+
+def _owned(item: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"}, "etag": item.get("_etag")}
+
+
 class CosmosStore(Store):
     name = "cosmos"
 
@@ -346,11 +362,12 @@ class CosmosStore(Store):
         item = await _first(self._container(OWNED_OBJECTS.name).query_items(query, parameters=params, partition_key=app_id))
         if item is None or item.get("expires_at", 0) <= time.time():
             return None
-        return {k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"}
+        return _owned(item)
 
-    async def put_owned(self, doc: dict[str, Any]) -> None:
-        body = {**doc, "id": f"{doc['kind']}:{doc['object_id']}", "sort_key": owned_sort_key(doc), "expires_at": time.time() + doc["ttl"]}
-        await self._container(OWNED_OBJECTS.name).upsert_item(body)
+    async def put_owned(self, doc: dict[str, Any], if_match: str | None = None) -> str:
+        body = {**{k: v for k, v in doc.items() if k != "etag"}, "id": f"{doc['kind']}:{doc['object_id']}", "sort_key": owned_sort_key(doc),
+                "expires_at": time.time() + doc["ttl"]}
+        return await _write_versioned(self._container(OWNED_OBJECTS.name), body, if_match)
 
     async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
         query = (f"SELECT TOP {int(limit)} * FROM c WHERE c.app_id = @app AND c.kind = @kind AND c.sort_key < @before"
@@ -358,7 +375,14 @@ class CosmosStore(Store):
         params = [{"name": "@app", "value": app_id}, {"name": "@kind", "value": kind}, {"name": "@before", "value": before or "~"},
                   {"name": "@now", "value": time.time()}]
         items = [item async for item in self._container(OWNED_OBJECTS.name).query_items(query, parameters=params, partition_key=app_id)]
-        return [{k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"} for item in items]
+        return [_owned(item) for item in items]
+
+    async def list_open_owned(self, limit: int) -> list[dict[str, Any]]:
+        # Across partitions: only the reconciling timer asks, every few minutes.
+        query = f"SELECT TOP {int(limit)} * FROM c WHERE c.open = true AND c.expires_at > @now ORDER BY c.sort_key"
+        params = [{"name": "@now", "value": time.time()}]
+        container = self._container(OWNED_OBJECTS.name)
+        return [_owned(item) async for item in container.query_items(query, parameters=params)]
 
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
         try:
@@ -377,16 +401,8 @@ class CosmosStore(Store):
         return self._with_etag(item)
 
     async def put_job(self, doc: dict[str, Any], if_match: str | None = None) -> str:
-        container = self._container(JOBS.name)
         body = {**{k: v for k, v in doc.items() if k != "etag"}, "expires_at": time.time() + doc["ttl"]}
-        try:
-            if if_match is None:
-                item = await container.upsert_item(body)
-            else:
-                item = await container.replace_item(body["id"], body, etag=if_match, match_condition=MatchConditions.IfNotModified)
-        except (exceptions.CosmosResourceNotFoundError, exceptions.CosmosAccessConditionFailedError):
-            raise PreconditionFailed(f"job {body['id']} has changed") from None
-        return item["_etag"]
+        return await _write_versioned(self._container(JOBS.name), body, if_match)
 
     # Usage roll-ups: one item per (day, user, deployment, model) in the app's partition, summed with
     # `incr` patches (atomic on the server); created on first use, a lost creation race patched.
@@ -405,7 +421,8 @@ class CosmosStore(Store):
                         pass
                     try:
                         item = {c: 0 for c in ROLLUP_COUNTERS}
-                        item.update(delta.counts, id=delta.id, app_id=delta.app_id, day=delta.day, user_id=delta.user_id, deployment=delta.deployment, model=delta.model)
+                        item.update(delta.counts, id=delta.id, app_id=delta.app_id, day=delta.day, user_id=delta.user_id, deployment=delta.deployment,
+                                    model=delta.model, operation=delta.operation)
                         await container.create_item(item)
                         return
                     except exceptions.CosmosResourceExistsError:

@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS {USAGE_ROLLUPS.name} (
     user_id TEXT NOT NULL,
     deployment TEXT NOT NULL,
     model TEXT NOT NULL,
+    operation TEXT NOT NULL DEFAULT '-',
     {", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in ROLLUP_COUNTERS)},
     PRIMARY KEY (app_id, id)
 );
@@ -102,6 +103,7 @@ CREATE TABLE IF NOT EXISTS {OWNED_OBJECTS.name} (
     PRIMARY KEY (app_id, id)
 );
 CREATE INDEX IF NOT EXISTS ix_owned_listing ON {OWNED_OBJECTS.name}(app_id, kind, sort_key);
+CREATE INDEX IF NOT EXISTS ix_owned_open ON {OWNED_OBJECTS.name}(sort_key) WHERE json_extract(doc, '$.open') = 1;
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -111,6 +113,17 @@ CREATE TABLE IF NOT EXISTS {JOBS.name} (
     PRIMARY KEY (app_id, id)
 );
 """
+
+# Columns added after a table was first created: (table, column, definition). CREATE TABLE IF
+# NOT EXISTS leaves an existing table as it was, so a database made by an earlier version gets them here.
+_ADDED_COLUMNS = ((USAGE_ROLLUPS.name, "operation", "TEXT NOT NULL DEFAULT '-'"),)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
 
 _PURGE_EVERY_SECONDS = 300
 _BACKGROUND_CHUNK = 4  # background calls per turn, so that urgent ones wait for at most this many
@@ -270,6 +283,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            _add_missing_columns(conn)
             self._conn = conn
             if self._path != ":memory:":  # another connection to :memory: would be another database
                 reader = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
@@ -567,18 +581,27 @@ class SqliteStore(Store):
         ).fetchone())
         return orjson.loads(row[0]) if row else None
 
-    async def put_owned(self, doc: dict[str, Any]) -> None:
+    async def put_owned(self, doc: dict[str, Any], if_match: str | None = None) -> str:
         now = time.time()
         key = f"{doc['kind']}:{doc['object_id']}"
-        stored = {**doc, "id": key, "sort_key": owned_sort_key(doc)}
+        etag = uuid.uuid4().hex
+        # The ETag lives in the document itself: conditional writes compare it inside the transaction.
+        stored = {**{k: v for k, v in doc.items() if k != "etag"}, "id": key, "sort_key": owned_sort_key(doc), "etag": etag}
         blob = orjson.dumps(stored)
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                if if_match is not None:
+                    row = conn.execute(f"SELECT json_extract(doc, '$.etag') FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND id = ? AND expires_at > ?",
+                                       (doc["app_id"], key, now)).fetchone()
+                    if row is None or row[0] != if_match:
+                        raise PreconditionFailed(f"{key} has changed")
                 conn.execute(f"INSERT OR REPLACE INTO {OWNED_OBJECTS.name} (app_id, id, kind, sort_key, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
                              (doc["app_id"], key, doc["kind"], stored["sort_key"], now + doc["ttl"], blob))
 
         await self._run(write)
+        return etag
 
     async def list_owned(self, app_id: str, kind: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
         now = time.time()
@@ -586,6 +609,13 @@ class SqliteStore(Store):
             f"SELECT doc FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND kind = ? AND sort_key < ? AND expires_at > ?"
             f" ORDER BY sort_key DESC LIMIT ?", (app_id, kind, before or "~", now, limit)
         ).fetchall())
+        return [orjson.loads(row[0]) for row in rows]
+
+    async def list_open_owned(self, limit: int) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = await self._read(lambda conn: conn.execute(
+            f"SELECT doc FROM {OWNED_OBJECTS.name} WHERE json_extract(doc, '$.open') = 1 AND expires_at > ? ORDER BY sort_key LIMIT ?",
+            (now, limit)).fetchall())
         return [orjson.loads(row[0]) for row in rows]
 
     async def delete_owned(self, app_id: str, kind: str, object_id: str) -> bool:
@@ -628,11 +658,11 @@ class SqliteStore(Store):
         if not deltas:
             return
         columns = ", ".join(ROLLUP_COUNTERS)
-        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(6 + len(ROLLUP_COUNTERS)))
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(7 + len(ROLLUP_COUNTERS)))
         updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_COUNTERS)
-        sql = (f"INSERT INTO {USAGE_ROLLUPS.name} (app_id, id, day, user_id, deployment, model, {columns}) "
+        sql = (f"INSERT INTO {USAGE_ROLLUPS.name} (app_id, id, day, user_id, deployment, model, operation, {columns}) "
                f"SELECT {picks} FROM json_each(?) WHERE true ON CONFLICT (app_id, id) DO UPDATE SET {updates}")
-        rows = orjson.dumps([[d.app_id, d.id, d.day, d.user_id, d.deployment, d.model, *(d.counts.get(c, 0) for c in ROLLUP_COUNTERS)]
+        rows = orjson.dumps([[d.app_id, d.id, d.day, d.user_id, d.deployment, d.model, d.operation, *(d.counts.get(c, 0) for c in ROLLUP_COUNTERS)]
                              for d in deltas]).decode()
 
         def write(conn: sqlite3.Connection) -> None:
@@ -651,7 +681,7 @@ class SqliteStore(Store):
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            cursor = conn.execute(f"SELECT app_id, id, day, user_id, deployment, model, {', '.join(ROLLUP_COUNTERS)} FROM {USAGE_ROLLUPS.name} {where} ORDER BY day", params)
+            cursor = conn.execute(f"SELECT app_id, id, day, user_id, deployment, model, operation, {', '.join(ROLLUP_COUNTERS)} FROM {USAGE_ROLLUPS.name} {where} ORDER BY day", params)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 

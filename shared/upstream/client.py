@@ -125,7 +125,7 @@ class UpstreamClient:
         if ctx.route.operation.body == "none":
             return None
         if ctx.route.operation.body == "multipart":
-            return ctx.raw_body  # as it came: files and fields are never re-encoded
+            return ctx.raw_body  # as it came (files and fields are never re-encoded), or as a stage rewrote it
         if not ctx.route.deployment_in_path and backend.deployment and backend.deployment != ctx.deployment:
             return orjson.dumps({**ctx.body, "model": backend.deployment})  # v1 routes name it in the body
         return orjson.dumps(ctx.body) if ctx.body_modified else ctx.raw_body
@@ -209,7 +209,7 @@ class UpstreamClient:
         circuit = self._pool.circuit
         operation = ctx.route.operation
         headers = {
-            "Content-Type": ctx.http.headers.get("content-type", "") if operation.body == "multipart" else "application/json",
+            "Content-Type": (ctx.multipart_type or ctx.http.headers.get("content-type", "")) if operation.body == "multipart" else "application/json",
             "Accept": "text/event-stream" if ctx.stream else "*/*" if ctx.route.operation.binary_answer else "application/json",
             "x-ms-client-request-id": ctx.request_id,
             **(await backend.auth.headers()),

@@ -28,6 +28,7 @@ from ..issuer import LocalIssuer
 from .durable_runtime import LocalDurableRuntime
 from .functions_host import FunctionsAsgiApp
 from .issuer_routes import IssuerRoutes
+from .timers import LocalTimers
 
 DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small", "whisper", "gpt-4o-transcribe", "tts", "dall-e-3", "gpt-image-1")
 
@@ -83,7 +84,7 @@ def build_asgi_app(module_name: str = "function_app") -> FunctionsAsgiApp:
         # Async jobs run in-process here: the local host plays the queue and Durable Functions.
         module.gateway.job_launcher = LocalDurableRuntime(module.app)
         hooks.append(module.gateway.aclose)
-    return FunctionsAsgiApp(module.app, on_shutdown=hooks)
+    return FunctionsAsgiApp(module.app, on_shutdown=hooks, timers=LocalTimers(module.app))
 
 
 _ISSUER_DIR_ENV = "SEKISHO_LOCAL_ISSUER_DIR"  # set by main() for worker processes

@@ -20,6 +20,7 @@ from ...errors import error_body
 from ...routes import compile_template
 
 logger = logging.getLogger("sekisho.localhost")
+_ADMIN_FUNCTIONS = "/admin/functions/"  # the Functions host's own API (no function may use an admin route)
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,11 @@ def http_functions(app: func.FunctionApp) -> list[HttpFunction]:
 class FunctionsAsgiApp:
     """Routes each request to the first registered function whose route and method match."""
 
-    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None) -> None:
+    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None, timers=None) -> None:
         self.functions = http_functions(app)
         self._matched: dict[tuple[str, str], tuple[HttpFunction | None, dict[str, str]]] = {}
         self._on_shutdown = list(on_shutdown or ())
+        self.timers = timers  # timers.LocalTimers: the app's timer-triggered functions
 
     def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
         known = self._matched.get((method, path))
@@ -100,6 +102,9 @@ class FunctionsAsgiApp:
             return
         if scope["type"] != "http":
             return
+        if scope["path"].startswith(_ADMIN_FUNCTIONS):
+            await self._admin_run(scope, receive, send)
+            return
         function, params = self.match(scope["method"], scope["path"])
         if function is None:
             body = error_body(f"No route for {scope['method']} {scope['path']}.", "not_found", "invalid_request_error")
@@ -114,12 +119,29 @@ class FunctionsAsgiApp:
                 response = Response(body, status_code=500, media_type="application/json")
         await response(scope, receive, send)
 
+    async def _admin_run(self, scope, receive, send) -> None:
+        """`POST /admin/functions/{name}`: the host's admin API runs a non-HTTP function now. Azure
+        asks for the master key; here only a caller on this machine may."""
+        name = scope["path"][len(_ADMIN_FUNCTIONS):].strip("/")
+        client = (scope.get("client") or ("",))[0]
+        if scope["method"] != "POST" or client not in ("127.0.0.1", "::1", "localhost"):
+            response = Response(status_code=401)
+        elif self.timers is not None and await self.timers.run_now(name):
+            response = Response(status_code=202)
+        else:
+            response = Response(status_code=404)
+        await response(scope, receive, send)
+
     async def _lifespan(self, receive, send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.timers is not None:
+                    self.timers.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.timers is not None:
+                    await self.timers.stop()
                 for hook in self._on_shutdown:
                     try:
                         await hook()

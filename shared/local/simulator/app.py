@@ -27,6 +27,7 @@ from aiohttp import web
 
 from . import generator as gen
 from . import media
+from .batches import SimulatedBatches
 from ...upstream import api_versions
 
 CHAT_MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-11-20", "gpt-4.1": "gpt-4.1-2025-04-14"}
@@ -65,6 +66,8 @@ class SimulatorConfig:
     chunk_interval_ms: float = 0.0
     api_key: str | None = None
     quirks: frozenset[str] = frozenset()  # QUIRKS: behave like Azure-compatible servers that are not Azure
+    batch_seconds: float = 2.0  # how long a batch runs (its metadata's x_sim_seconds wins)
+    background_ms: float = 500.0  # how long a background response runs (x_sim.background_ms wins)
 
 
 class Simulator:
@@ -74,6 +77,7 @@ class Simulator:
         self.received: list[dict[str, Any]] = []
         self.stored: dict[str, dict[str, Any]] = {}  # stored responses: id → {response, input}
         self.files_stored: dict[str, dict[str, Any]] = {}  # files: id → {object, content}
+        self.batches = SimulatedBatches(self, config.batch_seconds)
 
     # Helpers -----------------------------------------------------------------------
     def _record(self, request: web.Request, deployment: str | None, status: int) -> None:
@@ -223,11 +227,19 @@ class Simulator:
             data = stored["input"]
             return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                                       "last_id": data[-1]["id"] if data else None, "has_more": False})
+        running = stored.get("ready_at") is not None and time.monotonic() < stored["ready_at"]
         if what == "cancel":
-            return self._error(400, "invalid_request_error", "Only responses created with background=true can be cancelled.")
+            if not stored["response"].get("background"):
+                return self._error(400, "invalid_request_error", "Only responses created with background=true can be cancelled.")
+            if running:
+                stored["response"] = {**stored["response"], "status": "cancelled", "output": [], "usage": None}
+                stored["ready_at"] = None
+            return web.json_response(stored["response"])
         if request.method == "DELETE":
             del self.stored[response_id]
             return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+        if running:  # a background response still being written
+            return web.json_response({**stored["response"], "status": "in_progress", "output": [], "usage": None})
         return web.json_response(stored["response"])
 
     async def files(self, request: web.Request) -> web.StreamResponse:
@@ -477,12 +489,21 @@ class Simulator:
             "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": body.get("metadata") or {},
         }
         headers = self._headers(request_id)
+        if body.get("background"):
+            if body.get("store") is False or body.get("stream"):
+                return self._error(400, "invalid_request_error", "Background responses are stored and not streamed (store: true, stream: false).")
+            response["background"] = True
         if body.get("store", True) is not False:
             items = body.get("input")
             items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": items}]}] if isinstance(items, str) else list(items or [])
             self.stored[response_id] = {"response": response, "input": [{"id": f"msg_{i}_{response_id[5:17]}", **i} for i in items]}
             if len(self.stored) > 5_000:
                 self.stored.pop(next(iter(self.stored)))
+        if body.get("background"):
+            # Answered at once; retrieving it shows it in progress until it is done.
+            self.stored[response_id]["ready_at"] = time.monotonic() + float(controls.get("background_ms", self.config.background_ms)) / 1000.0
+            return web.Response(body=orjson.dumps({**response, "status": "queued", "output": [], "usage": None}),
+                                content_type="application/json", headers=headers)
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(response), content_type="application/json", headers=headers)
         pending = {**response, "status": "in_progress", "output": [], "usage": None}
@@ -660,6 +681,11 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
         app.router.add_route("GET", prefix + "/{file_id}", simulator.files)
         app.router.add_route("DELETE", prefix + "/{file_id}", simulator.files)
         app.router.add_get(prefix + "/{file_id}/{what:content}", simulator.files)
+    for prefix in ("/openai/batches", "/openai/v1/batches"):
+        app.router.add_route("GET", prefix, simulator.batches.handle)
+        app.router.add_route("POST", prefix, simulator.batches.handle)
+        app.router.add_get(prefix + "/{batch_id}", simulator.batches.handle)
+        app.router.add_post(prefix + "/{batch_id}/{what:cancel}", simulator.batches.handle)
     for prefix in ("/openai/responses", "/openai/v1/responses"):
         app.router.add_route("GET", prefix + "/{response_id}", simulator.stored_response)
         app.router.add_route("DELETE", prefix + "/{response_id}", simulator.stored_response)
