@@ -107,6 +107,12 @@ async def test_a_batch_runs_checked_lines_and_settles_each_at_the_batch_price(lo
     assert metrics["tokens_per_day"]["used"] == total_tokens  # the reservation settled to what the lines used
     spent = sum(r["cost"]["amount"] for r in records)
     assert metrics["spend_per_month"]["used"] == pytest.approx(spent, abs=1e-8)
+    async def reported():  # the admin page's reports read the roll-ups, which the line records feed
+        status, report = await _admin(gw, admin_token, "GET", f"{ADMIN}/reports/usage?by=operation&app_id={app_id}")
+        rows = {r["operation"]: r for r in report["data"]}
+        return rows if status == 200 and rows.get("chat.completions", {}).get("requests") == 3 else None
+    rows = await _until(reported, timeout=5)
+    assert rows["chat.completions"]["cost"] == pytest.approx(spent, abs=1e-8) and rows["batches.create"]["cost"] == 0
     await client.batches.retrieve(batch.id)  # polled again: settled once, no more records
     await asyncio.sleep(0.5)
     assert len(await _settled(gw, app_id, "batch", batch.id, 3)) == 3
@@ -196,6 +202,12 @@ async def test_a_cancelled_batch_releases_what_it_did_not_use(gateway, admin_tok
     cancelled = await _until(lambda: _status(client, batch.id, "cancelled"))
     assert cancelled.output_file_id is None  # cancelled before any line ran
     assert (await _usage(gateway, admin_token, app_id))["tokens_per_day"]["used"] == 0
+    expiring = await client.batches.create(input_file_id=upload.id, endpoint="/chat/completions", completion_window="24h",
+                                           metadata={"x_sim_seconds": "0.2", "x_sim_expire": "1"})
+    assert (await _usage(gateway, admin_token, app_id))["tokens_per_day"]["used"] > 200
+    expired = await _until(lambda: _status(client, expiring.id, "expired"))
+    assert expired.output_file_id is None
+    assert (await _usage(gateway, admin_token, app_id))["tokens_per_day"]["used"] == 0  # an expired batch releases it all
 
 
 async def test_the_timer_settles_batches_nobody_polls(logged_gateway, admin_token, issuer):
