@@ -160,3 +160,57 @@ def test_any_ignorable_code_point_in_a_word_is_still_redacted_in_a_stream(text, 
         position += size
     out += channel.feed(reply[position:]) + channel.flush()
     assert "[x]" in out and out.startswith("The file ") and out.endswith(" is here.")
+
+
+# The stream guard holds back only what could still become a match ---------------------------------
+def _streamed(matcher, action: str, text: str, cuts: list[int]) -> tuple[str, list[str]]:
+    """What a client receives when `text` arrives in pieces of the sizes in `cuts`, and what each
+    piece released at once."""
+    channel = GuardedChannel(matcher, action, "[x]", [], "test")
+    pieces, position = [], 0
+    for size in cuts:
+        pieces.append(channel.feed(text[position : position + size]))
+        position += size
+    pieces.append(channel.feed(text[position:]))
+    pieces.append(channel.flush())
+    return "".join(pieces), pieces
+
+
+ALPHABET = "abcx -"
+SMALL_RULES = [GuardRule(id="w1", pattern="abca"), GuardRule(id="w2", pattern="bcb"), GuardRule(id="w3", pattern="ab c ab"),
+               GuardRule(id="r1", kind="regex", pattern=r"x{2,4}a"), GuardRule(id="r2", kind="regex", pattern=r"c(?:aab)?")]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=ALPHABET, max_size=60), st.lists(st.integers(1, 5), max_size=30), st.sampled_from(["redact", "block"]),
+       st.sampled_from([None, "abcbaxcab cabba"]))
+def test_however_a_stream_is_cut_no_match_reaches_the_client(text, cuts, action, prompt):
+    """Whatever the pieces, nothing the client receives holds a match: each run of text between
+    two redactions is clean, and a block leaves a clean start of the text."""
+    matcher = matcher_for(SMALL_RULES, "output", prompt, 8)
+    streamed, _ = _streamed(matcher, action, text, cuts)
+    if action == "block":
+        assert text.startswith(streamed) and not matcher.find(streamed)
+    else:
+        assert all(not matcher.find(run) for run in streamed.split("[x]"))
+
+
+def test_only_a_possible_start_of_a_match_is_held_back():
+    opening = "Hello there, this is a long enough opening sentence."
+    channel = GuardedChannel(matcher_for(RULES, "output"), "redact", "[x]", [], "c")
+    # Nothing here can begin a rule: all but the last character goes at once (a combining mark in
+    # the next piece could still change that one).
+    assert channel.feed(opening) == opening[:-1]
+    # "Proj" may become "Project Falcon", "12" a card number, "機" "機密": held until the next piece.
+    for start, piece in (("Proj", " Sure. Proj"), ("12", " Card 12"), ("機", " これは機")):
+        released = channel.feed(piece)
+        assert start not in released
+        channel.feed(" ok.")  # the next piece shows it was not a match: released then
+    assert channel.flush() == "." and channel.text.endswith("機 ok.") and "[x]" not in channel.text
+    # With leak protection, the longest end that also occurs in the system prompt is held: here "e"
+    # ("sentence" ends with it, "ce" is nowhere in the prompt), and the last character.
+    leak = GuardedChannel(matcher_for([], "output", "You are the helpdesk bot of ACME. Answer briefly and politely.", 30),
+                          "redact", "[x]", [], "c")
+    assert leak.feed(opening) == opening[:-2]
+    assert leak.feed(" You are the") == "e. "  # "You are the" could be the start of a copy of the prompt
+    assert leak.feed(" best!") == "You are the bes"  # "t" occurs in the prompt; "!" is the last character

@@ -30,7 +30,7 @@ import regex
 # characters (C*), e.g. zero-width spaces inserted to dodge a rule.
 _DROPPED = ("Z", "P", "S", "C")
 # Half-width voiced marks combine with the preceding kana under NFKC; keep them with their base.
-_COMBINING_EXTRA = {"\uff9e", "\uff9f"}
+COMBINING_EXTRA = {"\uff9e", "\uff9f"}
 _IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 
 
@@ -178,7 +178,7 @@ def _clusters(text: str):
     """(start index, cluster) with combining marks kept on their base character."""
     start = 0
     for index in range(1, len(text) + 1):
-        if index == len(text) or not (unicodedata.combining(text[index]) or text[index] in _COMBINING_EXTRA):
+        if index == len(text) or not (unicodedata.combining(text[index]) or text[index] in COMBINING_EXTRA):
             yield start, text[start:index]
             start = index
 

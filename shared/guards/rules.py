@@ -16,13 +16,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .normalize import NO_FOLDING, Folding, View, skeleton, views
+from .normalize import COMBINING_EXTRA, NO_FOLDING, Folding, View, skeleton, views
 
 try:  # Python 3.11 keeps the parser here (re._parser from 3.11, sre_parse before)
     from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -193,6 +195,19 @@ class RuleSet:
         self.regex = re.compile("|".join(f"(?P<r{i}>{r.pattern})" for i, r in enumerate(regexes))) if regexes else None
         self.word_span = max((len(w) for w in self.word_rule), default=0)
         self.regex_span = max((sre_parse.parse(r.pattern).getwidth()[1] for r in regexes), default=0)
+        # For a stream's hold-back: every proper prefix of a word, and the regexes in an engine that
+        # tells whether a text could still grow into a match (partial matching).
+        self.word_prefixes = frozenset(word[:k] for word in self.word_rule for k in range(1, len(word)))
+        self.partial_regex = _partial(self.regex.pattern) if self.regex is not None else None
+
+
+def _partial(pattern: str):
+    """The pattern in the `regex` engine, which can match partially (a text that a later character
+    could still turn into a match); None if that engine reads the pattern differently."""
+    try:
+        return regex.compile(pattern, flags=regex.VERSION0)
+    except regex.error:
+        return None
 
 
 class LeakIndex:
@@ -200,6 +215,7 @@ class LeakIndex:
 
     def __init__(self, source: str, min_chars: int, folding: Folding = NO_FOLDING) -> None:
         text = skeleton(source, folding)
+        self.text = text  # a stream's tail found in it could still become a copied run
         self.min_chars = min_chars
         self.grams = frozenset(text[i : i + min_chars] for i in range(len(text) - min_chars + 1))
 
@@ -244,7 +260,7 @@ class GuardMatcher:
         if self._leak is not None:
             hits.extend(self._leaks(skel, len(text)))
         hits.sort(key=lambda h: (h.start, -h.end))
-        return hits, (self._release_point(folded, skel, len(text)) if release else len(text))
+        return hits, (self._release_point(text, folded, skel) if release else len(text))
 
     def _leaks(self, skel: View, length: int) -> list[Hit]:
         n, grams, text, found = self._leak.min_chars, self._leak.grams, skel.text, []
@@ -261,15 +277,64 @@ class GuardMatcher:
                 i += 1
         return found
 
-    def _release_point(self, folded: View, skel: View, length: int) -> int:
-        cut = length
-        if self.word_span > 1:
-            at = skel.tail_origin(self.word_span - 1)
+    def _release_point(self, text: str, folded: View, skel: View) -> int:
+        """Where the text must stop being released: the start of the longest tail that a later
+        character could still turn into a match — a tail that is the beginning of a word, of a
+        run copied from the system prompt, or of a regex match. Everything before it can never
+        be part of a match, so it goes now. The last character is always kept: a combining mark
+        in the next piece would change it."""
+        cut = _last_cluster_start(text)
+        rules = self._rules
+        keep = _longest_suffix_in(skel.text, rules.word_prefixes, rules.word_span - 1) if rules.word_prefixes else 0
+        if self._leak is not None:
+            keep = max(keep, _longest_suffix_within(skel.text, self._leak.text, self._leak.min_chars - 1))
+        if keep:
+            at = skel.tail_origin(keep)
             cut = min(cut, at if at is not None else 0)
-        if self.regex_span > 1:
-            at = folded.tail_origin(self.regex_span - 1)
-            cut = min(cut, at if at is not None else 0)
+        if rules.regex is not None and rules.regex_span > 1:
+            cut = min(cut, self._regex_release_point(folded, len(text)))
         return cut
+
+    def _regex_release_point(self, folded: View, length: int) -> int:
+        viewed = folded.text
+        first = max(0, len(viewed) - (self.regex_span - 1))  # a match is at most regex_span long
+        partial = self._rules.partial_regex
+        if partial is None:  # hold the whole span back, as if anything could still match
+            return folded.origin[first] if first < len(viewed) else length
+        for start in range(first, len(viewed)):
+            # A match (which more text could extend), or the beginning of one, from `start` to the end.
+            if partial.fullmatch(viewed, start, partial=True) is not None:
+                return folded.origin[start]
+        return length
+
+
+def _last_cluster_start(text: str) -> int:
+    """Where the text's last character begins, with the combining marks that follow it."""
+    index = len(text) - 1
+    while index > 0 and (unicodedata.combining(text[index]) or text[index] in COMBINING_EXTRA):
+        index -= 1
+    return max(index, 0)
+
+
+def _longest_suffix_in(text: str, prefixes: frozenset[str], most: int) -> int:
+    """The length of the longest end of `text` (at most `most`) that is in `prefixes`."""
+    for length in range(min(most, len(text)), 0, -1):
+        if text[-length:] in prefixes:
+            return length
+    return 0
+
+
+def _longest_suffix_within(text: str, source: str, most: int) -> int:
+    """The length of the longest end of `text` (at most `most`) found anywhere in `source`. A
+    shorter end of a found end is found too, so a binary search over the length suffices."""
+    low, high = 0, min(most, len(text))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text[-middle:] in source:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def matcher_for(rules: list[GuardRule], direction: str, leak_source: str | None = None, leak_min_chars: int = 40,
