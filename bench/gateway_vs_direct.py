@@ -24,7 +24,11 @@ Metrics, for the same requests (each carries a unique tag, so no cache answers a
 - CPU time per request of the server process(es) over the throughput run and the deferred writes
   that follow it (/proc utime+stime), and how long the server stays busy after the load;
 - peak resident memory (VmHWM) per server process at the end of the run (each Sekisho app has its
-  own server process and SQLite database).
+  own server process and SQLite database), and resident memory before and after the c=64 burst;
+- streams paced like a model (first byte after 50 ms, a token every 10 ms, sent through `x_sim`):
+  time to the first SSE event, to the first event with answer text (what a chat user sees), and
+  to the end of the stream, at concurrency 1;
+- with --pin, every proxy on core 0 and the simulator and load generator on core 1.
 Rounds at concurrency 1 are interleaved across targets, so drift on the machine hits all alike.
 Load generator, proxies and simulator share this machine's cores, as in the orientation figures.
 
@@ -79,6 +83,10 @@ TARGET_SHARE_OF_BARE = 0.30
 TARGET_TIMES_LITELLM = 15.0
 TARGET_ADDED_TTFB_MS = 1.0
 TARGET_PEAK_RSS_MB = 150.0
+TARGET_ADDED_FIRST_CONTENT_MS = 2.0  # issue 19: what a chat user sees first
+TARGET_TAIL_RATIO = 3.0  # p99 at c=64 at most 3 × its p50
+TARGET_CPU_MS = 0.5
+TARGET_RSS_RETURN = 1.2  # back within 20 % of the idle figure after a burst
 
 LABELS = {
     "direct": "direct",
@@ -109,6 +117,16 @@ def chat_body(tag: str, stream: bool = False) -> dict:
     return body
 
 
+# A stream paced like a model: the first byte after 50 ms, then one token (a few characters) every
+# 10 ms. What users feel is the first *content* token, which a guard holding text back delays.
+PACED = {"latency_ms": 50, "chunk_interval_ms": 10}
+PACED_TOKENS = 20
+
+
+def paced_body(tag: str) -> dict:
+    return {**chat_body(tag, stream=True), "max_tokens": PACED_TOKENS, "x_sim": PACED}
+
+
 def guard_settings() -> dict:
     """50 words (Japanese among them) and 2 regexes, on input and output, redacting."""
     words = [f"forbidden term {i}" for i in range(40)] + ["社外秘", "極秘", "Project Falcon", "confidential-x", "内部限定",
@@ -127,7 +145,8 @@ MINIMAL = {"allowed_deployments": [DEPLOYMENT]}
 
 # The Sekisho apps (one server): key -> (client id, policy settings).
 SEKISHO_APPS = {
-    "sekisho": ("b0b0b0b0-0000-4000-8000-000000000001", {**MINIMAL, **QUOTA, **CACHE, "guards": guard_settings()}),
+    "sekisho": ("b0b0b0b0-0000-4000-8000-000000000001", {**MINIMAL, **QUOTA, **CACHE, "guards": guard_settings(),
+                                                         "system_prompt": {"text": SYSTEM_PROMPT}}),
     "sekisho-min": ("b0b0b0b0-0000-4000-8000-000000000003", MINIMAL),
     "sekisho-quota": ("b0b0b0b0-0000-4000-8000-000000000004", {**MINIMAL, **QUOTA}),
     "sekisho-cache": ("b0b0b0b0-0000-4000-8000-000000000005", {**MINIMAL, **CACHE}),
@@ -226,12 +245,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field_name: str = "VmHWM") -> float:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return float("nan")
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    return int(re.search(rf"{field_name}:\s+(\d+)", status).group(1)) / 1024
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory now (VmRSS), summed over the processes."""
+    return sum(peak_rss_mb(pid, "VmRSS") for pid in pids)
 
 
 @dataclass
@@ -262,6 +286,11 @@ class Measurement:
     foreign_cores: float = 0.0
     busy_after_load_s: float = 0.0
     peak_rss_mb: dict[int, float] = field(default_factory=dict)
+    rss_idle_mb: float | None = None  # before the c=64 run, after the c=1 rounds
+    rss_after_burst_mb: float | None = None  # once the server is idle again after the c=64 run
+    first_event: list[float] = field(default_factory=list)  # paced streams: ms to the first SSE event
+    first_content: list[float] = field(default_factory=list)  # ... to the first event carrying answer text
+    stream_end: list[float] = field(default_factory=list)  # ... to the end of the stream
 
 
 # Servers -----------------------------------------------------------------------------------------
@@ -367,6 +396,38 @@ async def sequential(target: Target, tags: list[str], stream: bool) -> list[floa
     return timings
 
 
+async def paced_streams(target: Target, tags: list[str]) -> tuple[list[float], list[float], list[float]]:
+    """Streams paced like a model, at concurrency 1: ms to the first SSE event, to the first event
+    that carries answer text (what a chat user sees first), and to the end of the stream."""
+    first_events, first_contents, ends = [], [], []
+    headers = {**target.headers, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for tag in tags:
+            payload = json.dumps(paced_body(tag)).encode()
+            start = time.perf_counter()
+            first_event = first_content = None
+            async with session.post(target.url, data=payload) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"{target.key}: HTTP {response.status}: {(await response.text())[:300]}")
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    now = time.perf_counter()
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        event, buffer = buffer.split(b"\n\n", 1)
+                        if first_event is None:
+                            first_event = now
+                        if first_content is None and event.startswith(b"data: {"):
+                            choices = json.loads(event[6:]).get("choices") or []
+                            if any((c.get("delta") or {}).get("content") for c in choices):
+                                first_content = now
+            end = time.perf_counter()
+            first_events.append((first_event - start) * 1000)
+            first_contents.append(((first_content or end) - start) * 1000)
+            ends.append((end - start) * 1000)
+    return first_events, first_contents, ends
+
+
 def wrk_script(target: Target, prefix: str) -> Path:
     """A wrk script that sends the chat body with a new tag on every request (no cache hits)."""
     head, tail = json.dumps(chat_body("@@")).split("@@")
@@ -403,6 +464,9 @@ def wrk(target: Target, concurrency: int, seconds: int, prefix: str) -> dict:
     }
     for q, value, unit in re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
         result["latency_ms"][f"p{q}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    found = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", output, re.M)  # avg, stdev, max
+    if found:
+        result["latency_ms"]["max"] = float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
     return result
 
 
@@ -433,6 +497,7 @@ def wait_idle(pids: list[int], limit: float = 180.0) -> None:
 
 
 def throughput(target: Target, simulator: subprocess.Popen, concurrency: int, seconds: int, run_id: str, all_pids) -> dict:
+    rss_idle = rss_mb(target.pids())
     wrk(target, concurrency, 2, f"{run_id}-{target.key}-warm")  # pools, first-use set-up
     pids, sim_pids, everything = target.pids(), process_tree(simulator.pid), all_pids()
     cpu0, sim0, ours0, machine0, started = cpu_seconds(pids), cpu_seconds(sim_pids), cpu_seconds(everything) + own_seconds(), machine_busy_seconds(), time.monotonic()
@@ -442,6 +507,8 @@ def throughput(target: Target, simulator: subprocess.Popen, concurrency: int, se
     load_ended = time.monotonic()
     wait_idle(pids)
     result["busy_after_load_s"] = max(0.0, time.monotonic() - load_ended - IDLE_WINDOW)
+    time.sleep(2)  # memory a burst used should be back by now
+    result["rss_idle_mb"], result["rss_after_burst_mb"] = rss_idle, rss_mb(pids)
     cpu1, sim1, ours1, machine1, elapsed = cpu_seconds(pids), cpu_seconds(sim_pids), cpu_seconds(everything) + own_seconds(), machine_busy_seconds(), time.monotonic() - started
     done = max(1, result["requests"])
     result["cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / done
@@ -502,6 +569,18 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _difference(r: dict, d: dict, name: str) -> float | None:
+    return r[name] - d[name] if r.get(name) is not None and d.get(name) is not None else None
+
+
+def _added(r: dict, d: dict, name: str) -> str:
+    return "–" if r is d else fmt(_difference(r, d, name))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, list[tuple]]:
     m = data["results"]
     d = m["direct"]
@@ -512,11 +591,17 @@ def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, l
         "added p99 vs direct (ms)": lambda r: fmt(r["latency_p99_ms"] - d["latency_p99_ms"]) if r is not d else "–",
         "stream TTFB p50, c=1 (ms)": lambda r: fmt(r["ttfb_p50_ms"]),
         "added TTFB p50 vs direct (ms)": lambda r: fmt(r["ttfb_p50_ms"] - d["ttfb_p50_ms"]) if r is not d else "–",
+        "paced stream: first event p50 (ms)": lambda r: fmt(r.get("first_event_p50_ms")),
+        "paced stream: first content token p50 (ms)": lambda r: fmt(r.get("first_content_p50_ms")),
+        "added first content token p50 vs direct (ms)": lambda r: _added(r, d, "first_content_p50_ms"),
+        "added first content token p99 vs direct (ms)": lambda r: _added(r, d, "first_content_p99_ms"),
+        "added end of stream p50 vs direct (ms)": lambda r: _added(r, d, "stream_end_p50_ms"),
         "throughput, c=64 (req/s)": lambda r: fmt(r["rps"], 0),
-        "latency p99 at c=64 (ms)": lambda r: fmt(r["rps_latency_ms"].get("p99"), 1),
+        "latency p50 / p99 / max at c=64 (ms)": lambda r: " / ".join(fmt(r["rps_latency_ms"].get(q), 1) for q in ("p50", "p99", "max")),
         "server CPU per request (ms)": lambda r: fmt(r["cpu_ms_per_request"], 3),
         "server busy after c=64 load ended (s)": lambda r: fmt(r["busy_after_load_s"], 1),
         "peak RSS per process (MB)": lambda r: " / ".join(fmt(v, 0) for v in r["peak_rss_mb"].values()),
+        "RSS idle → after the c=64 burst (MB)": lambda r: f"{fmt(r.get('rss_idle_mb'), 0)} → {fmt(r.get('rss_after_burst_mb'), 0)}",
     }
     lines = [
         f"# Sekisho benchmark, {data['date']}",
@@ -542,14 +627,18 @@ def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, l
         ("throughput at c=64 / bare pass-through", s["rps"] / m["bare"]["rps"], "×", TARGET_SHARE_OF_BARE, "≥"),
         ("throughput at c=64 / LiteLLM", s["rps"] / m["litellm"]["rps"] if "litellm" in m else None, "×", TARGET_TIMES_LITELLM, "≥"),
         ("added stream TTFB p50", s["ttfb_p50_ms"] - d["ttfb_p50_ms"], "ms", TARGET_ADDED_TTFB_MS, "≤"),
+        ("added first content token p50, paced stream", _difference(s, d, "first_content_p50_ms"), "ms", TARGET_ADDED_FIRST_CONTENT_MS, "≤"),
+        ("latency p99 / p50 at c=64", _ratio(s["rps_latency_ms"].get("p99"), s["rps_latency_ms"].get("p50")), "×", TARGET_TAIL_RATIO, "≤"),
+        ("server CPU per request", s["cpu_ms_per_request"], "ms", TARGET_CPU_MS, "≤"),
         ("peak RSS per worker", max(s["peak_rss_mb"].values()), "MB", TARGET_PEAK_RSS_MB, "≤"),
+        ("RSS after the c=64 burst / idle", _ratio(s.get("rss_after_burst_mb"), s.get("rss_idle_mb")), "×", TARGET_RSS_RETURN, "≤"),
     ]
     lines += ["", "Sekisho (full pipeline) against the targets:", "",
               "| target | measured | limit | measured / limit | result |", "|---|---:|---:|---:|---|"]
     verdicts = []
     for name, value, unit, limit, sense in checks:
         if value is None:
-            verdict, shown, ratio = "n/a (LiteLLM not measured)", "–", "–"
+            verdict, shown, ratio = "n/a (not measured)", "–", "–"
         else:
             ok = value <= limit if sense == "≤" else value >= limit
             verdict = "PASS" if ok else "MISS"
@@ -578,6 +667,9 @@ async def main() -> None:
     parser.add_argument("--wait-quiet", type=int, default=60, metavar="SECONDS",
                         help="first wait (up to SECONDS, default 60; 0: do not) until other processes use under 0.1 core")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, SQLite database)")
+    parser.add_argument("--paced-streams", type=int, default=90, help="streams paced like a model per target (first content token)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin every proxy to core 0 and the simulator and load generator to core 1 (needs 2 cores)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed for the throughput runs (apt-get install wrk)")
@@ -626,6 +718,14 @@ async def main() -> None:
                 notes.append(f"LiteLLM left out: {str(exc).splitlines()[0]}")
                 targets.pop("litellm", None)
         order = list(targets)
+        if args.pin:
+            # One core for the proxy under test, the other for what feeds it: the figures of a gateway
+            # that owns its core, as on a dedicated instance.
+            os.sched_setaffinity(0, {1})  # this process and wrk
+            for process in processes:
+                for pid in process_tree(process.pid):
+                    os.sched_setaffinity(pid, {1} if process is simulator else {0})
+            notes.append("Pinned: each proxy on core 0; the simulator, this script and wrk on core 1.")
         sekisho_check = await check_sekisho_pipeline(targets["sekisho"])
         print(f"targets: {', '.join(LABELS[k] for k in order)}; Sekisho full pipeline check: {sekisho_check}", flush=True)
 
@@ -642,6 +742,15 @@ async def main() -> None:
                 results[key].latency += await sequential(targets[key], [f"{run_id}-{key}-{r}-{i}" for i in range(n)], stream=False)
                 results[key].ttfb += await sequential(targets[key], [f"{run_id}-{key}-s{r}-{i}" for i in range(n // 2)], stream=True)
             print(f"c=1 round {r + 1}/{rounds} done", flush=True)
+        paced = [key for key in order if key != "litellm"]  # the pacing travels in the body's x_sim, which LiteLLM drops
+        for r in range(rounds):
+            for key in paced:
+                n = max(1, args.paced_streams // rounds)
+                events, contents, ends = await paced_streams(targets[key], [f"{run_id}-{key}-p{r}-{i}" for i in range(n)])
+                results[key].first_event += events
+                results[key].first_content += contents
+                results[key].stream_end += ends
+            print(f"paced streams round {r + 1}/{rounds} done", flush=True)
         foreign_c1 = max(0.0, ((machine_busy_seconds() - machine0) - (cpu_seconds(every_pid()) + own_seconds() - ours0)) / (time.monotonic() - started))
         if foreign_c1 > 0.15:
             notes.append(f"WARNING: other processes used {foreign_c1:.2f} cores during the c=1 rounds; latencies are skewed (rerun on a quiet machine).")
@@ -652,6 +761,7 @@ async def main() -> None:
             m.cpu_ms_per_request, m.upstream_cpu_ms_per_request = run["cpu_ms_per_request"], run["upstream_cpu_ms_per_request"]
             m.rps_latency_ms = run["latency_ms"]
             m.foreign_cores, m.busy_after_load_s = run["foreign_cores"], run["busy_after_load_s"]
+            m.rss_idle_mb, m.rss_after_burst_mb = run["rss_idle_mb"], run["rss_after_burst_mb"]
             if m.errors:
                 notes.append(f"{LABELS[key]} at c={args.concurrency}: {m.errors}")
             if m.foreign_cores > 0.15:
@@ -691,7 +801,12 @@ async def main() -> None:
             "rps": m.rps, "requests_c64": m.requests, "errors_c64": m.errors, "rps_latency_ms": m.rps_latency_ms,
             "cpu_ms_per_request": m.cpu_ms_per_request, "upstream_cpu_ms_per_request": m.upstream_cpu_ms_per_request,
             "peak_rss_mb": m.peak_rss_mb, "foreign_cores_c64": m.foreign_cores, "busy_after_load_s": m.busy_after_load_s,
+            "rss_idle_mb": m.rss_idle_mb, "rss_after_burst_mb": m.rss_after_burst_mb,
         }
+        for name, values in (("first_event", m.first_event), ("first_content", m.first_content), ("stream_end", m.stream_end)):
+            if values:
+                data["results"][key][f"{name}_p50_ms"] = percentile(values, 50)
+                data["results"][key][f"{name}_p99_ms"] = percentile(values, 99)
     report, verdicts = build_report(data, list(results), notes)
     print("\n" + report)
     out = BENCH / "results"

@@ -38,6 +38,22 @@ async def test_chunks_reach_the_client_before_the_upstream_finishes(gateway, aut
     assert min(gaps) > 0.08
 
 
+async def test_the_simulator_paces_generation_like_a_model(simulator):
+    """Pieces on a fixed schedule, and the usage chunk and [DONE] right after the last one: what
+    bench/ measures a stream's end against."""
+    body = {"messages": [{"role": "user", "content": "count"}], "stream": True, "stream_options": {"include_usage": True},
+            "x_sim": {"reply": "one two three four five six", "chunk_interval_ms": 40}}
+    started = time.perf_counter()
+    arrivals = [(t, e) async for t, e in _read_events(simulator.url + CHAT_URL, body, {"api-key": simulator.api_key})]
+    content = [t for t, e in arrivals if b'"content":"' in e and b'"content":""' not in e]
+    finish = next(t for t, e in arrivals if b'"finish_reason":"stop"' in e)
+    usage = next(t for t, e in arrivals if b'"usage":{' in e)
+    done = arrivals[-1][0]
+    assert arrivals[-1][1] == b"data: [DONE]" and len(content) == 6
+    assert usage - finish < 0.02 and done - usage < 0.02  # not paced: they trail the last piece at once
+    assert 0.2 < done - started < 0.4  # seven paced events, 40 ms apart, on one schedule
+
+
 async def test_azure_quirks_are_relayed_in_order(gateway, auth):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "x_sim": {"annotations": True, "reply": "a b"}}
     events = [e async for _, e in _read_events(gateway.url + CHAT_URL, body, auth)]

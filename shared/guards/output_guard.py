@@ -6,8 +6,9 @@ arguments), on whole answers and inside streams.
 
 A stream is guarded per channel: one written field of one choice, tool call or output part.
 Each new piece of text is scanned together with the text still held back; everything is released
-at once except the shortest tail that a later character could still turn into a match (the
-longest rule's span, or the leak threshold). On a hit the policy's action applies: `redact`
+at once except the tail that a later character could still turn into a match: the longest end
+that begins a word rule, a run copied from the system prompt or a regex match (rules.py), and the
+last character (a combining mark may follow). Text that cannot begin a match is never held. On a hit the policy's action applies: `redact`
 replaces the matched text, `block` ends the choice there with `finish_reason: "content_filter"`
 (Responses: status `incomplete`, reason `content_filter`). Blocked streams are read to their end
 without relaying, so the usage chunk still arrives and the cost stays exact.

@@ -296,14 +296,16 @@ class Simulator:
         await response.prepare(request)
         interval = float(controls.get("chunk_interval_ms", self.config.chunk_interval_ms)) / 1000.0
         break_after = controls.get("break_after_chunks")
-        number = 0
+        number, paced, due = 0, 0, time.monotonic()
         try:
             for number, event in enumerate(events):
                 if break_after is not None and number >= int(break_after):
                     request.transport.close()  # the upstream dies mid-stream
                     return response
-                if interval > 0 and number > 0:
-                    await asyncio.sleep(interval)
+                if interval > 0 and number > 0 and not _trails(event):
+                    # On a fixed schedule, as a model generates: a slow reader does not slow it down.
+                    paced += 1
+                    await asyncio.sleep(max(0.0, due + paced * interval - time.monotonic()))
                 await response.write(event)
             await response.write_eof()
             self._stream_ended(request, "complete", len(events))
@@ -566,6 +568,12 @@ class Simulator:
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": d, "object": "model", "created": 0, "owned_by": "simulator"} for d in [*self.config.chat_deployments, *self.config.embedding_deployments]]
         return web.json_response({"object": "list", "data": data})
+
+
+def _trails(event: bytes) -> bool:
+    """The usage chunk and the end marker come right after the last generated piece, as a model's
+    do: the chunk interval paces generation, not these."""
+    return event.endswith(b"[DONE]\n\n") or b'"choices":[]' in event
 
 
 _KIND_OF = {
