@@ -214,3 +214,25 @@ def test_only_a_possible_start_of_a_match_is_held_back():
     assert leak.feed(opening) == opening[:-2]
     assert leak.feed(" You are the") == "e. "  # "You are the" could be the start of a copy of the prompt
     assert leak.feed(" best!") == "You are the bes"  # "t" occurs in the prompt; "!" is the last character
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcd", min_size=10, max_size=40), st.text(alphabet="abcd", max_size=120), st.integers(8, 12))
+def test_copies_of_the_prompt_are_found_as_a_position_by_position_scan_finds_them(prompt, text, min_chars):
+    """The block index only skips text that cannot hold a copied run: the runs found are exactly
+    those that testing every position finds."""
+    from shared.guards.rules import leak_index
+
+    index = leak_index(prompt, min_chars)
+    expected, i = [], 0
+    while i + min_chars <= len(text):
+        if text[i : i + min_chars] in index.grams:
+            end = i + min_chars
+            while end < len(text) and text[end - min_chars + 1 : end + 1] in index.grams:
+                end += 1
+            expected.append((i, end))
+            i = end
+        else:
+            i += 1
+    hits = matcher_for([], "output", prompt, min_chars).find(text)
+    assert [(h.start, h.end) for h in hits] == expected

@@ -147,7 +147,7 @@ class GuardOutput(Stage):
             return result
         if not isinstance(result.json, dict):
             return result
-        if not any(matcher.find(location.text) for location in operation.writes.locations(result.json)):
+        if not any(matcher.find(text) for text in operation.writes.texts(result.json)):
             return result  # the common case: nothing to change, so no copy of the answer
         body = copy.deepcopy(result.json)
         self._guard_whole(ctx, matcher, operation, body)
@@ -178,7 +178,7 @@ class GuardOutput(Stage):
             return raw
         response = line.get("response") if isinstance(line, dict) else None
         body = response.get("body") if isinstance(response, dict) else None
-        if not isinstance(body, dict) or not any(matcher.find(location.text) for location in operation.writes.locations(body)):
+        if not isinstance(body, dict) or not any(matcher.find(text) for text in operation.writes.texts(body)):
             return raw
         body = copy.deepcopy(body)
         decided = len(ctx.guard_decisions)

@@ -217,6 +217,10 @@ class LeakIndex:
         text = skeleton(source, folding)
         self.text = text  # a stream's tail found in it could still become a copied run
         self.min_chars = min_chars
+        # Every run of min_chars holds a whole aligned block of half that length: looking up blocks
+        # first skips most of a text that copies nothing, instead of testing every position.
+        self.block = max(1, min_chars // 2)
+        self.blocks = frozenset(text[i : i + self.block] for i in range(len(text) - self.block + 1))
         self.grams = frozenset(text[i : i + min_chars] for i in range(len(text) - min_chars + 1))
 
 
@@ -263,18 +267,29 @@ class GuardMatcher:
         return hits, (self._release_point(text, folded, skel) if release else len(text))
 
     def _leaks(self, skel: View, length: int) -> list[Hit]:
-        n, grams, text, found = self._leak.min_chars, self._leak.grams, skel.text, []
+        leak = self._leak
+        n, grams, text, found = leak.min_chars, leak.grams, skel.text, []
+        block, blocks, size = leak.block, leak.blocks, len(text)
         i = 0
-        while i + n <= len(text):
-            if text[i : i + n] in grams:
-                end = i + n
-                while end < len(text) and text[end - n + 1 : end + 1] in grams:
-                    end += 1  # extend over the whole copied run
-                start, stop = skel.span(i, end, length)
-                found.append(Hit(start, stop, LEAK_RULE, end, "skeleton"))
-                i = end
-            else:
-                i += 1
+        while i + n <= size:
+            # The first aligned block at or after i that the prompt holds: a copied run starting at
+            # i or later must contain one (a run starting before p + block - n would contain an
+            # earlier aligned block, and none of those is in the prompt).
+            p = -(-i // block) * block
+            while p + block <= size and text[p : p + block] not in blocks:
+                p += block
+            if p + block > size:
+                break
+            start = next((j for j in range(max(i, p + block - n), min(p, size - n) + 1) if text[j : j + n] in grams), None)
+            if start is None:
+                i = p + 1
+                continue
+            end = start + n
+            while end < size and text[end - n + 1 : end + 1] in grams:
+                end += 1  # extend over the whole copied run
+            first, stop = skel.span(start, end, length)
+            found.append(Hit(first, stop, LEAK_RULE, end, "skeleton"))
+            i = end
         return found
 
     def _release_point(self, text: str, folded: View, skel: View) -> int:
