@@ -27,6 +27,7 @@ class _Node:
     children: dict[str, "_Node"] = field(default_factory=dict)
     terminal: bool = False  # a string here is one of the set's fields
     everything: bool = False  # every string below (keys included) is
+    path: str = ""  # the text form of the path to here (Location.path), made once when compiled
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class FieldSet:
                         raise ValueError(f"'**' must end a path: {path}")
                     node.everything = True
                     break
-                node = node.children.setdefault(segment, _Node())
+                if segment not in node.children:
+                    below = node.path + EACH if segment == EACH else (f"{node.path}.{segment}" if node.path else segment)
+                    node.children[segment] = _Node(path=below)
+                node = node.children[segment]
             else:
                 node.terminal = True
 
@@ -79,9 +83,11 @@ class FieldSet:
     def __iter__(self):
         return iter(self.paths)
 
-    def locations(self, value: Any) -> Iterator[Location]:
+    def locations(self, value: Any) -> list[Location]:
         """Every string of the set in `value`, in reading order."""
-        yield from _walk(value, self._root, None, None, "", ())
+        found: list[Location] = []
+        _walk(value, self._root, None, None, (), found)
+        return found
 
     def texts(self, value: Any) -> list[str]:
         """Every string of the set in `value`, in reading order: what `locations` finds, without
@@ -112,25 +118,26 @@ def _collect(value: Any, node: _Node, found: list[str]) -> None:
                 _collect(value[name], child, found)
 
 
-def _walk(value: Any, node: _Node, parent: Any, key: Any, path: str, indexes: tuple) -> Iterator[Location]:
+def _walk(value: Any, node: _Node, parent: Any, key: Any, indexes: tuple, found: list[Location]) -> None:
     if node.terminal and isinstance(value, str):
-        yield Location(parent, key, value, path, indexes)
+        found.append(Location(parent, key, value, node.path, indexes))
     if node.everything:
-        yield from _everything(value, parent, key, path, indexes)
+        found.extend(_everything(value, parent, key, node.path, indexes))
         return
-    if not node.children:
+    children = node.children
+    if not children:
         return
     if isinstance(value, list):
-        each = node.children.get(EACH)
+        each = children.get(EACH)
         if each is not None:
             for position, item in enumerate(value):
                 own = item.get("index") if isinstance(item, dict) else None
                 identity = own if isinstance(own, int) and not isinstance(own, bool) else position
-                yield from _walk(item, each, value, position, path + EACH, indexes + (identity,))
+                _walk(item, each, value, position, indexes + (identity,), found)
     elif isinstance(value, dict):
-        for name, child in node.children.items():
+        for name, child in children.items():
             if name != EACH and name in value:
-                yield from _walk(value[name], child, value, name, f"{path}.{name}" if path else name, indexes)
+                _walk(value[name], child, value, name, indexes, found)
 
 
 def _everything(value: Any, parent: Any, key: Any, path: str, indexes: tuple) -> Iterator[Location]:

@@ -192,7 +192,7 @@ class GuardOutput(Stage):
     def _guard_whole(self, ctx: RequestContext, matcher: GuardMatcher, operation: Operation, body: dict) -> None:
         blocked_choices: set[int] = set()  # ids of the choices a block ended
         response_blocked = False
-        for location in list(operation.writes.locations(body)):
+        for location in operation.writes.locations(body):
             # Chat and completions answers end per choice; others (Responses, transcripts, images) as a whole.
             per_choice = location.path.startswith("choices" + EACH)
             choice = body["choices"][_position(body["choices"], location.indexes[0])] if per_choice else None
@@ -237,7 +237,7 @@ class GuardOutput(Stage):
                     continue
                 # The payload is this event's own (decoded for it alone): changed in place.
                 changed = False
-                for location in list(writes.locations(payload)):
+                for location in writes.locations(payload):
                     index = location.indexes[0]
                     if index in blocked:
                         replace(location, "")  # the choice ended at a block: nothing after it goes out
@@ -316,7 +316,7 @@ class GuardOutput(Stage):
                 wrapped = {"output": [{"content": [value]}]}
             else:
                 wrapped = value
-            for location in list(writes.locations(wrapped)):
+            for location in writes.locations(wrapped):
                 if member == "item":
                     indexes = (output_index, *location.indexes[1:])
                 elif member == "part":

@@ -316,7 +316,12 @@ class GuardMatcher:
         partial = self._rules.partial_regex
         if partial is None:  # hold the whole span back, as if anything could still match
             return folded.origin[first] if first < len(viewed) else length
-        for start in range(first, len(viewed)):
+        # Where anything (a match, or the beginning of one) starts at all, found at the engine's speed:
+        # no position before it needs a closer look.
+        found = partial.search(viewed, first, partial=True)
+        if found is None:
+            return length
+        for start in range(found.start(), len(viewed)):
             # A match (which more text could extend), or the beginning of one, from `start` to the end.
             if partial.fullmatch(viewed, start, partial=True) is not None:
                 return folded.origin[start]
