@@ -1,20 +1,24 @@
 """Async mode: `Prefer: respond-async` → 202 → a Durable orchestration waits out 429s → poll.
 
-The orchestrator is driven step by step here, and end to end through the local host, which
-runs the very functions registered in function_app.py (queue starter, orchestrator,
-activities) in-process."""
+The orchestrator is replayed here by the Durable SDK's own engine over histories in the
+extension's shape, and run end to end through the local host, which runs the very functions
+registered in function_app.py (queue starter, orchestrator, activities) in-process the same way."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import pytest
+from dateutil.parser import isoparse
 
-from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, decode, orchestrate_job
-from shared.local.host.durable_runtime import ActivityCall, LocalOrchestrationContext, Timer
+import function_app
+from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, decode, encode
+from shared.local.host.durable_runtime import ORCHESTRATOR_STARTED, TASK_COMPLETED, TASK_FAILED, TIMER_FIRED, History, run_episode
+from shared.local.host.functions_host import registered_functions
 
 from .conftest import _gateway_env
 from .servers import start_local_host, start_simulator, stop
@@ -24,70 +28,108 @@ CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 ASYNC = {"Prefer": "respond-async"}
 
 
-# The orchestrator, step by step ---------------------------------------------------------------
-def _context(max_attempts=3, max_wait_seconds=60):
-    return LocalOrchestrationContext("job-1", '{"job_id": "job-1", "app_id": "app", "max_attempts": %d, "max_wait_seconds": %d}' % (max_attempts, max_wait_seconds))
+# The orchestrator, replayed by the Durable SDK's engine over histories in the extension's shape --
+class Replay:
+    """Drives the registered orchestrator as the Durable extension does: after each step, the
+    outcome of what it asked for is appended to its history and the whole history is replayed."""
+
+    def __init__(self, max_attempts=3, max_wait_seconds=60):
+        self.handle = next(f.get_user_function() for f in registered_functions(function_app.app) if f.get_function_name() == ORCHESTRATOR)
+        job = encode({"job_id": "job-1", "app_id": "app", "max_attempts": max_attempts, "max_wait_seconds": max_wait_seconds})
+        self.clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.history = History(ORCHESTRATOR, "job-1", json.dumps(job), at=self.clock.isoformat())
+        self.state = run_episode(self.handle, self.history)
+
+    def asked(self) -> list[tuple[int, dict]]:
+        """What the last episode asked for that was not scheduled yet, scheduled now."""
+        return [self.history.schedule(action) for action in self.history.new_actions(self.state)]
+
+    def _next(self, outcome: dict, seconds: float = 1.0) -> list[tuple[int, dict]]:
+        self.history.episode_ended()
+        self.clock += timedelta(seconds=seconds)
+        self.history.add(ORCHESTRATOR_STARTED, at=self.clock.isoformat())
+        self.history.events.append(outcome)
+        self.state = run_episode(self.handle, self.history)
+        return self.asked()
+
+    def complete(self, event_id: int, result: dict) -> list[tuple[int, dict]]:
+        return self._next({"EventType": TASK_COMPLETED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
+                           "TaskScheduledId": event_id, "Result": json.dumps(encode(result))})
+
+    def fail(self, event_id: int, reason: str) -> list[tuple[int, dict]]:
+        return self._next({"EventType": TASK_FAILED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
+                           "TaskScheduledId": event_id, "Reason": reason, "Details": ""})
+
+    def fire(self, event_id: int, action: dict) -> list[tuple[int, dict]]:
+        wait = (isoparse(action["fireAt"]) - self.clock).total_seconds()
+        return self._next({"EventType": TIMER_FIRED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
+                           "TimerId": event_id, "FireAt": action["fireAt"]}, seconds=wait)
+
+
+def _activity(step: list[tuple[int, dict]], name: str) -> tuple[int, dict]:
+    (event_id, action), = step
+    assert action["functionName"] == name
+    return event_id, decode(json.loads(action["input"]))
+
+
+def _timer(step: list[tuple[int, dict]], replay: Replay) -> tuple[int, dict, float]:
+    (event_id, action), = step
+    assert "fireAt" in action
+    return event_id, action, (isoparse(action["fireAt"]) - replay.clock).total_seconds()
 
 
 def test_orchestrator_waits_the_retry_after_the_activity_reports():
-    context = _context()
-    steps = orchestrate_job(context)
-    first = next(steps)
-    assert isinstance(first, ActivityCall) and first.name == ATTEMPT_ACTIVITY
-    assert decode(first.input) == {"job_id": "job-1", "app_id": "app", "max_attempts": 3, "max_wait_seconds": 60, "attempt": 1, "waited_seconds": 0.0}
-    timer = steps.send('{"state": "retry", "retry_after_seconds": 7.5, "error": {"status": 429, "code": "upstream_rate_limited"}}')
-    assert isinstance(timer, Timer) and timer.fire_at == context.current_utc_datetime + timedelta(seconds=7.5)
-    assert context.custom_status == {"attempt": 1, "waiting_seconds": 7.5, "waited_seconds": 7.5}
-    second = steps.send(None)
-    assert decode(second.input)["attempt"] == 2 and decode(second.input)["waited_seconds"] == 7.5
-    with pytest.raises(StopIteration) as done:
-        steps.send('{"state": "succeeded"}')
-    assert done.value.value == {"state": "succeeded"}
+    replay = Replay()
+    first, job = _activity(replay.asked(), ATTEMPT_ACTIVITY)
+    assert job == {"job_id": "job-1", "app_id": "app", "max_attempts": 3, "max_wait_seconds": 60, "attempt": 1, "waited_seconds": 0.0}
+    timer, action, wait = _timer(replay.complete(first, {"state": "retry", "retry_after_seconds": 7.5,
+                                                         "error": {"status": 429, "code": "upstream_rate_limited"}}), replay)
+    assert wait == 7.5  # on the orchestration's replay-safe clock, not the machine's
+    assert replay.state["customStatus"] == {"attempt": 1, "waiting_seconds": 7.5, "waited_seconds": 7.5}
+    second, job = _activity(replay.fire(timer, action), ATTEMPT_ACTIVITY)
+    assert job["attempt"] == 2 and job["waited_seconds"] == 7.5
+    assert replay.complete(second, {"state": "succeeded"}) == []
+    assert replay.state["isDone"] and decode(replay.state["output"]) == {"state": "succeeded"}
 
 
 def test_orchestrator_gives_up_after_its_attempts():
-    steps = orchestrate_job(_context(max_attempts=2))
-    next(steps)
-    steps.send('{"state": "retry", "retry_after_seconds": 1}')
-    steps.send(None)
-    give_up = steps.send('{"state": "retry", "retry_after_seconds": 1, "error": {"status": 429, "code": "upstream_rate_limited"}}')
-    assert isinstance(give_up, ActivityCall) and give_up.name == GIVE_UP_ACTIVITY
-    assert decode(give_up.input)["last_error"]["code"] == "upstream_rate_limited" and decode(give_up.input)["attempt"] == 2
-    with pytest.raises(StopIteration) as done:
-        steps.send('{"state": "failed"}')
-    assert done.value.value == {"state": "failed"}
+    replay = Replay(max_attempts=2)
+    first, _ = _activity(replay.asked(), ATTEMPT_ACTIVITY)
+    timer, action, _ = _timer(replay.complete(first, {"state": "retry", "retry_after_seconds": 1}), replay)
+    second, _ = _activity(replay.fire(timer, action), ATTEMPT_ACTIVITY)
+    give_up, final = _activity(replay.complete(second, {"state": "retry", "retry_after_seconds": 1,
+                                                        "error": {"status": 429, "code": "upstream_rate_limited"}}), GIVE_UP_ACTIVITY)
+    assert final["last_error"]["code"] == "upstream_rate_limited" and final["attempt"] == 2
+    replay.complete(give_up, {"state": "failed"})
+    assert replay.state["isDone"] and decode(replay.state["output"]) == {"state": "failed"}
 
 
 def test_orchestrator_gives_up_when_the_wait_would_pass_its_limit():
-    steps = orchestrate_job(_context(max_attempts=10, max_wait_seconds=30))
-    next(steps)
-    give_up = steps.send('{"state": "retry", "retry_after_seconds": 31}')
-    assert give_up.name == GIVE_UP_ACTIVITY and decode(give_up.input)["waited_seconds"] == 0.0
+    replay = Replay(max_attempts=10, max_wait_seconds=30)
+    first, _ = _activity(replay.asked(), ATTEMPT_ACTIVITY)
+    _, final = _activity(replay.complete(first, {"state": "retry", "retry_after_seconds": 31}), GIVE_UP_ACTIVITY)
+    assert final["waited_seconds"] == 0.0
 
 
 def test_orchestrator_counts_a_failed_activity_as_an_attempt_and_waits_at_least_a_second():
-    context = _context()
-    steps = orchestrate_job(context)
-    next(steps)
-    timer = steps.throw(RuntimeError("store down"))
-    assert isinstance(timer, Timer) and timer.fire_at - context.current_utc_datetime == timedelta(seconds=10)
-    steps.send(None)
-    timer = steps.send('{"state": "retry", "retry_after_seconds": 0}')
-    assert timer.fire_at - context.current_utc_datetime == timedelta(seconds=1)
+    replay = Replay()
+    first, _ = _activity(replay.asked(), ATTEMPT_ACTIVITY)
+    timer, action, wait = _timer(replay.fail(first, "store down"), replay)  # the SDK throws the failure into the orchestrator
+    assert wait == 10
+    second, _ = _activity(replay.fire(timer, action), ATTEMPT_ACTIVITY)
+    _, _, wait = _timer(replay.complete(second, {"state": "retry", "retry_after_seconds": 0}), replay)
+    assert wait == 1
 
 
-def test_orchestrator_is_deterministic_on_replay():
-    """Durable replays the generator from its history: the same results give the same actions."""
-    def run():
-        context = _context()
-        context.current_utc_datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
-        steps = orchestrate_job(context)
-        actions = [next(steps)]
-        actions.append(steps.send('{"state": "retry", "retry_after_seconds": 3}'))
-        actions.append(steps.send(None))
-        return actions
-
-    assert run() == run()
+def test_orchestrator_replays_its_history_without_asking_again():
+    """Replaying a history whose steps are all recorded asks for nothing new and gives the same
+    state: the orchestrator decides only from its input and what its history says."""
+    replay = Replay()
+    first, _ = _activity(replay.asked(), ATTEMPT_ACTIVITY)
+    timer, action, _ = _timer(replay.complete(first, {"state": "retry", "retry_after_seconds": 3}), replay)
+    before = replay.state
+    again = run_episode(replay.handle, replay.history)  # the same history, every event played
+    assert again == before and replay.history.new_actions(again) == []
 
 
 # End to end through the local host -------------------------------------------------------------

@@ -3,22 +3,27 @@
 Azure runs an async job as: queue message → `job_starter` (queue trigger + durable client) →
 `sekisho_job` orchestrator → `sekisho_job_attempt` / `sekisho_job_give_up` activities, with
 durable timers between attempts. Locally the same registered functions run, read off the
-FunctionApp: the starter gets the message and a client whose `start_new` runs the orchestrator
-generator on the event loop; each `call_activity` awaits the registered activity function, and
-each `create_timer` sleeps until its time. What this does not reproduce: persistence across
-restarts (a job in flight when the local host stops is left as it was) and history replay.
+FunctionApp. The orchestrator runs as the Durable extension runs it: each episode calls the
+registered orchestrator function — the SDK's own handle and replay engine — with the instance's
+whole history in the extension's JSON shape (OrchestratorStarted, ExecutionStarted,
+TaskScheduled, TaskCompleted or TaskFailed, TimerCreated, TimerFired, OrchestratorCompleted;
+events of earlier episodes marked played), and reads the actions it returns; the new ones are
+scheduled (an activity is awaited, a timer slept), their outcomes appended, and the next episode
+replays everything from the start. What this does not reproduce: the history kept across a
+restart of the local host (a job in flight when it stops is left as its job document says).
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import azure.functions as func
+from dateutil.parser import isoparse
 
 from ...jobs.orchestration import START_QUEUE, start_message
 from .functions_host import registered_functions
@@ -26,38 +31,63 @@ from .functions_host import registered_functions
 logger = logging.getLogger("sekisho.localhost.durable")
 _MAX_REMEMBERED = 10_000  # instance statuses kept (the job store, not this, is what clients read)
 
-
-@dataclass
-class ActivityCall:
-    name: str
-    input: Any
-
-
-@dataclass
-class Timer:
-    fire_at: datetime
+# History event and action types, as the Durable extension numbers them.
+EXECUTION_STARTED, TASK_SCHEDULED, TASK_COMPLETED, TASK_FAILED = 0, 4, 5, 6
+TIMER_CREATED, TIMER_FIRED, ORCHESTRATOR_STARTED, ORCHESTRATOR_COMPLETED = 10, 11, 12, 13
+CALL_ACTIVITY, CREATE_TIMER = 0, 5
 
 
-class LocalOrchestrationContext:
-    """The part of DurableOrchestrationContext that Sekisho's orchestrator uses."""
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
-    def __init__(self, instance_id: str, input_: Any) -> None:
+
+class History:
+    """One orchestration instance's history, in the shape the extension sends to the worker."""
+
+    def __init__(self, name: str, instance_id: str, encoded_input: str, at: str | None = None) -> None:
         self.instance_id = instance_id
-        self._input = input_
-        self.current_utc_datetime = datetime.now(timezone.utc)
-        self.custom_status: Any = None
+        self.encoded_input = encoded_input  # the orchestration's input, JSON-encoded (as the durable client sends it)
+        self.events: list[dict[str, Any]] = []
+        self.scheduled = 0  # tasks and timers scheduled so far: the next one's EventId
+        self.add(ORCHESTRATOR_STARTED, at=at)
+        self.add(EXECUTION_STARTED, Name=name, Input=encoded_input, Version="", at=at)
 
-    def get_input(self) -> Any:
-        return self._input
+    def add(self, event_type: int, at: str | None = None, event_id: int = -1, **fields: Any) -> dict[str, Any]:
+        event = {"EventType": event_type, "EventId": event_id, "IsPlayed": False, "Timestamp": at or _now(), **fields}
+        self.events.append(event)
+        return event
 
-    def call_activity(self, name: str, input_: Any = None) -> ActivityCall:
-        return ActivityCall(name, input_)
+    def context(self) -> str:
+        """The orchestration trigger's payload for the next episode."""
+        return json.dumps({"history": self.events, "instanceId": self.instance_id, "isReplaying": False,
+                           "parentInstanceId": None, "input": self.encoded_input, "upperSchemaVersion": 0})
 
-    def create_timer(self, fire_at: datetime) -> Timer:
-        return Timer(fire_at)
+    def episode_ended(self) -> None:
+        """What the extension records when an episode ends: its events are played from now on."""
+        self.add(ORCHESTRATOR_COMPLETED)
+        for event in self.events:
+            event["IsPlayed"] = True
 
-    def set_custom_status(self, status: Any) -> None:
-        self.custom_status = status
+    def schedule(self, action: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        event_id = self.scheduled
+        self.scheduled += 1
+        if action["actionType"] == CALL_ACTIVITY:
+            self.add(TASK_SCHEDULED, event_id=event_id, Name=action["functionName"], Input=action.get("input"))
+        elif action["actionType"] == CREATE_TIMER:
+            self.add(TIMER_CREATED, event_id=event_id, FireAt=action["fireAt"])
+        else:
+            raise RuntimeError(f"the orchestrator asked for action type {action['actionType']}, which this runtime does not run")
+        return event_id, action
+
+    def new_actions(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Actions the episode returned beyond those already scheduled (schema V1 returns them all)."""
+        actions = [action for group in state.get("actions") or [] for action in group]
+        return actions[self.scheduled :]
+
+
+def run_episode(handle: Callable[[Any], str], history: History) -> dict[str, Any]:
+    """Replay the orchestrator over its history with the SDK's engine; its state as the extension reads it."""
+    return json.loads(handle(history.context()))
 
 
 @dataclass
@@ -80,14 +110,6 @@ class LocalDurableClient:
         return self._runtime.start(orchestration_function_name, instance_id, client_input)
 
 
-def _orchestrator_generator(handle: Callable) -> Callable:
-    """The user's generator function inside the handle that DFApp registers (it closes over it)."""
-    function = inspect.getclosurevars(handle).nonlocals.get("fn")
-    if not inspect.isgeneratorfunction(function):
-        raise RuntimeError(f"cannot find the orchestrator generator behind {handle!r}")
-    return function
-
-
 class LocalDurableRuntime:
     def __init__(self, app) -> None:
         self._starter: Callable | None = None
@@ -103,7 +125,7 @@ class LocalDurableRuntime:
                 self._starter = getattr(user_function, "client_function", user_function)
                 self._starter_arg = trigger.name
             elif kind == "orchestrationTrigger":
-                self._orchestrators[name] = _orchestrator_generator(user_function)
+                self._orchestrators[name] = user_function  # the SDK's handle: history in, actions out
             elif kind == "activityTrigger":
                 self._activities[name] = (user_function, trigger.name)
         if self._starter is None:
@@ -133,34 +155,48 @@ class LocalDurableRuntime:
         return instance_id
 
     async def _run(self, name: str, instance_id: str, client_input: Any) -> None:
-        context = LocalOrchestrationContext(instance_id, client_input)
         status = self.instances[instance_id]
         status.runtime_status = "Running"
-        steps = self._orchestrators[name](context)
-        sent: Any = None
-        failure: BaseException | None = None
+        handle = self._orchestrators[name]
+        history = History(name, instance_id, json.dumps(client_input))
         try:
             while True:
-                action = steps.throw(failure) if failure is not None else steps.send(sent)
-                sent, failure = None, None
-                if isinstance(action, ActivityCall):
-                    function, argument = self._activities[action.name]
-                    try:
-                        sent = await function(**{argument: action.input})
-                    except Exception as exc:  # Durable throws an activity's failure into the orchestrator
-                        logger.exception("activity %s of %s failed", action.name, instance_id)
-                        failure = exc
-                elif isinstance(action, Timer):
-                    await asyncio.sleep(max(0.0, (action.fire_at - datetime.now(timezone.utc)).total_seconds()))
-                else:
-                    raise RuntimeError(f"the orchestrator yielded {action!r}, which this runtime does not run")
-                context.current_utc_datetime = datetime.now(timezone.utc)
-                status.custom_status = context.custom_status
-        except StopIteration as done:
-            status.runtime_status, status.output = "Completed", done.value
+                state = run_episode(handle, history)
+                status.custom_status = state.get("customStatus")
+                if state.get("isDone"):
+                    status.runtime_status, status.output = "Completed", state.get("output")
+                    return
+                if state.get("error"):
+                    logger.error("orchestration %s failed: %s", instance_id, state["error"])
+                    status.runtime_status = "Failed"
+                    return
+                pending = [history.schedule(action) for action in history.new_actions(state)]
+                if not pending:
+                    raise RuntimeError(f"orchestration {instance_id} waits on nothing this runtime can complete")
+                history.episode_ended()
+                outcomes = [await self._complete(instance_id, event_id, action) for event_id, action in pending]
+                history.add(ORCHESTRATOR_STARTED)
+                history.events.extend(outcomes)
         except asyncio.CancelledError:
             status.runtime_status = "Terminated"
             raise
         except Exception:
             logger.exception("orchestration %s failed", instance_id)
             status.runtime_status = "Failed"
+
+    async def _complete(self, instance_id: str, event_id: int, action: dict[str, Any]) -> dict[str, Any]:
+        """Run a scheduled activity, or wait out a timer; the history event that says how it ended."""
+        if action["actionType"] == CREATE_TIMER:
+            fire_at = isoparse(action["fireAt"])
+            await asyncio.sleep(max(0.0, (fire_at - datetime.now(timezone.utc)).total_seconds()))
+            return {"EventType": TIMER_FIRED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TimerId": event_id, "FireAt": action["fireAt"]}
+        function, argument = self._activities[action["functionName"]]
+        try:
+            # The activity gets its input decoded, and its result is stored encoded, as the extension does.
+            result = await function(**{argument: json.loads(action["input"]) if action.get("input") is not None else None})
+        except Exception as exc:
+            logger.exception("activity %s of %s failed", action["functionName"], instance_id)
+            return {"EventType": TASK_FAILED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TaskScheduledId": event_id,
+                    "Reason": str(exc), "Details": traceback.format_exc()}
+        return {"EventType": TASK_COMPLETED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TaskScheduledId": event_id,
+                "Result": json.dumps(result)}
