@@ -342,3 +342,33 @@ async def test_queue_launcher_enqueues_what_the_registered_starter_reads(tmp_pat
     finally:
         azurite.process.kill()  # an emulator with throwaway data: no graceful stop needed (it takes ~10 s)
         azurite.process.wait()
+
+
+async def test_a_restart_of_the_local_host_resumes_a_waiting_job(tmp_path, data_dir, admin_token, issuer):
+    """The orchestration's history is kept in the data folder while it runs, as Durable's task hub
+    keeps it: a job waiting on its timer when `make run` stops finishes after the next start."""
+    import shutil
+
+    data = tmp_path / "data"  # the issuer's keys, none of the other hosts' state
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("durable*", "*.db*", "log-spool", "*.txt"))
+    sim = start_simulator()
+    env = _gateway_env(sim, SEKISHO_SQLITE_PATH=str(tmp_path / "restart.db"))
+    host = start_local_host(env, data)
+    try:
+        _, token = await _app(host, admin_token, issuer)
+        sim.inject(429, count=1, retry_after_ms=3000)
+        status, _, job = await _call("POST", host.url + CHAT, token, _chat_body(), ASYNC)
+        assert status == 202
+        deadline = time.monotonic() + 10
+        while (await _call("GET", job["status_url"], token))[2]["status"] != "waiting" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert list((data / "durable").glob("*.json")), "the waiting orchestration's history is kept"
+        stop(host.process)
+        host = start_local_host(env, data)  # another port, the same data folder
+        status, headers, completion = await _poll(f"{host.url}/sekisho/jobs/{job['id']}", token, timeout=20)
+        assert status == 200 and completion["object"] == "chat.completion" and headers["x-sekisho-job-status"] == "succeeded"
+        assert [r["status"] for r in sim.received() if r["path"].endswith("/chat/completions")][-2:] == [429, 200]
+        assert not list((data / "durable").glob("*.json"))  # finished: forgotten
+    finally:
+        stop(host.process)
+        stop(sim.process)

@@ -77,23 +77,45 @@ def load_function_app(module_name: str = "function_app"):
     return importlib.import_module(module_name)
 
 
-def build_asgi_app(module_name: str = "function_app") -> FunctionsAsgiApp:
-    module = load_function_app(module_name)
-    hooks = []
-    if hasattr(module, "gateway"):
-        # Async jobs run in-process here: the local host plays the queue and Durable Functions.
-        module.gateway.job_launcher = LocalDurableRuntime(module.app)
-        hooks.append(module.gateway.aclose)
-    return FunctionsAsgiApp(module.app, on_shutdown=hooks, timers=LocalTimers(module.app))
-
-
 _ISSUER_DIR_ENV = "SEKISHO_LOCAL_ISSUER_DIR"  # set by main() for worker processes
+_DATA_DIR_ENV = "SEKISHO_LOCAL_DATA_DIR"
+
+
+def build_asgi_app(module_name: str = "function_app", data_dir: str | Path | None = None) -> FunctionsAsgiApp:
+    module = load_function_app(module_name)
+    on_startup, on_shutdown = [], []
+    if hasattr(module, "gateway"):
+        # Async jobs run in-process here: the local host plays the queue and Durable Functions,
+        # keeping each orchestration's history in the data folder so a restart resumes it.
+        runtime = LocalDurableRuntime(module.app, Path(data_dir) / "durable" if data_dir else None)
+        module.gateway.job_launcher = runtime
+        on_startup.append(lambda: _resume_once(runtime, data_dir))
+        on_shutdown.append(module.gateway.aclose)
+    return FunctionsAsgiApp(module.app, on_shutdown=on_shutdown, timers=LocalTimers(module.app), on_startup=on_startup)
+
+
+def _resume_once(runtime: LocalDurableRuntime, data_dir: str | Path | None) -> None:
+    """Resume unfinished orchestrations in one worker only (the first to take the lock)."""
+    if not data_dir:
+        return
+    import fcntl
+
+    lock = open(Path(data_dir) / "durable.lock", "a")  # kept open (and locked) while the worker lives
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return
+    runtime.resume_lock = lock
+    resumed = runtime.resume()
+    if resumed:
+        logging.getLogger("sekisho.localhost").warning("resumed %s unfinished async job orchestration(s)", resumed)
 
 
 def worker_app():
     """The ASGI app of one worker process (uvicorn calls this factory in each worker when
     --workers > 1; the parent has set the environment: upstream, issuer, store path)."""
-    app = build_asgi_app()
+    app = build_asgi_app(data_dir=os.environ.get(_DATA_DIR_ENV))
     issuer_dir = os.environ.get(_ISSUER_DIR_ENV)
     return IssuerRoutes(app, LocalIssuer(issuer_dir)) if issuer_dir else app
 
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(PROJECT_ROOT)
 
     data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[_DATA_DIR_ENV] = str(data_dir)
     os.environ.setdefault("SEKISHO_SQLITE_PATH", str(data_dir / "sekisho.db"))
     os.environ.setdefault("SEKISHO_LOG_SPOOL_DIR", str(data_dir / "log-spool"))
     upstream = os.environ.get("AZURE_OPENAI_ENDPOINT", "")

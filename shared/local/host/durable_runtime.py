@@ -9,8 +9,8 @@ whole history in the extension's JSON shape (OrchestratorStarted, ExecutionStart
 TaskScheduled, TaskCompleted or TaskFailed, TimerCreated, TimerFired, OrchestratorCompleted;
 events of earlier episodes marked played), and reads the actions it returns; the new ones are
 scheduled (an activity is awaited, a timer slept), their outcomes appended, and the next episode
-replays everything from the start. What this does not reproduce: the history kept across a
-restart of the local host (a job in flight when it stops is left as its job document says).
+replays everything from the start. Each instance's history is kept in the local host's data
+folder while it runs, so a restart resumes it, as the task hub does in Azure.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import logging
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import azure.functions as func
 from dateutil.parser import isoparse
@@ -79,6 +81,31 @@ class History:
             raise RuntimeError(f"the orchestrator asked for action type {action['actionType']}, which this runtime does not run")
         return event_id, action
 
+    def awaiting(self) -> list[tuple[int, dict[str, Any]]]:
+        """Tasks and timers the last episode scheduled whose outcome is not in the history yet (all
+        of them right after the episode; after a restart, those it was still waiting on)."""
+        if not self.events or self.events[-1]["EventType"] != ORCHESTRATOR_COMPLETED:
+            return []
+        ended = {e.get("TaskScheduledId") for e in self.events if e["EventType"] in (TASK_COMPLETED, TASK_FAILED)}
+        ended |= {e.get("TimerId") for e in self.events if e["EventType"] == TIMER_FIRED}
+        waiting = []
+        for event in self.events:
+            if event["EventType"] == TASK_SCHEDULED and event["EventId"] not in ended:
+                waiting.append((event["EventId"], {"actionType": CALL_ACTIVITY, "functionName": event["Name"], "input": event.get("Input")}))
+            elif event["EventType"] == TIMER_CREATED and event["EventId"] not in ended:
+                waiting.append((event["EventId"], {"actionType": CREATE_TIMER, "fireAt": event["FireAt"]}))
+        return waiting
+
+    def to_document(self, name: str) -> dict[str, Any]:
+        return {"name": name, "instance_id": self.instance_id, "input": self.encoded_input, "events": self.events, "scheduled": self.scheduled}
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> "History":
+        history = cls.__new__(cls)
+        history.instance_id, history.encoded_input = doc["instance_id"], doc["input"]
+        history.events, history.scheduled = doc["events"], doc["scheduled"]
+        return history
+
     def new_actions(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Actions the episode returned beyond those already scheduled (schema V1 returns them all)."""
         actions = [action for group in state.get("actions") or [] for action in group]
@@ -111,7 +138,14 @@ class LocalDurableClient:
 
 
 class LocalDurableRuntime:
-    def __init__(self, app) -> None:
+    """`history_dir`: where each running instance's history is kept (a JSON file per instance,
+    written after every step), so that a restart of the local host resumes it, as the task hub
+    does in Azure: tasks it was waiting on run again (at least once, as in Durable), timers fire
+    when due."""
+
+    def __init__(self, app, history_dir: str | Path | None = None) -> None:
+        self._history_dir = Path(history_dir) if history_dir else None
+        self.resume_lock: Any = None  # with several local workers: the lock that makes this one the resumer
         self._starter: Callable | None = None
         self._orchestrators: dict[str, Callable] = {}
         self._activities: dict[str, tuple[Callable, str]] = {}
@@ -145,44 +179,85 @@ class LocalDurableRuntime:
 
     # Orchestrations ------------------------------------------------------------------------------
     def start(self, name: str, instance_id: str, client_input: Any) -> str:
+        self._begin(name, History(name, instance_id, json.dumps(client_input)))
+        return instance_id
+
+    def resume(self) -> int:
+        """Carry on with the instances a previous run of the local host left unfinished."""
+        resumed = 0
+        for path in sorted(self._history_dir.glob("*.json")) if self._history_dir and self._history_dir.exists() else ():
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                history = History.from_document(doc)
+            except (OSError, ValueError, KeyError):
+                logger.exception("cannot resume the orchestration in %s", path)
+                continue
+            if doc["name"] in self._orchestrators and history.instance_id not in self.instances:
+                self._begin(doc["name"], history)
+                resumed += 1
+        return resumed
+
+    def _begin(self, name: str, history: History) -> None:
         if len(self.instances) >= _MAX_REMEMBERED:  # forget finished instances, oldest first
             for old in [k for k, v in self.instances.items() if v.runtime_status in ("Completed", "Failed", "Terminated")][: _MAX_REMEMBERED // 2]:
                 del self.instances[old]
-        self.instances[instance_id] = InstanceStatus("Pending")
-        task = asyncio.get_running_loop().create_task(self._run(name, instance_id, client_input), name=f"orchestration-{instance_id}")
+        self.instances[history.instance_id] = InstanceStatus("Pending")
+        self._save(name, history)
+        task = asyncio.get_running_loop().create_task(self._run(name, history), name=f"orchestration-{history.instance_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return instance_id
 
-    async def _run(self, name: str, instance_id: str, client_input: Any) -> None:
+    def _path(self, instance_id: str) -> Path | None:
+        return self._history_dir / f"{quote(instance_id, safe='')}.json" if self._history_dir else None
+
+    def _save(self, name: str, history: History) -> None:
+        path = self._path(history.instance_id)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(json.dumps(history.to_document(name)), encoding="utf-8")
+            partial.replace(path)  # whole or not at all
+
+    def _forget(self, instance_id: str) -> None:
+        path = self._path(instance_id)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    async def _run(self, name: str, history: History) -> None:
+        instance_id = history.instance_id
         status = self.instances[instance_id]
         status.runtime_status = "Running"
         handle = self._orchestrators[name]
-        history = History(name, instance_id, json.dumps(client_input))
         try:
             while True:
+                waiting = history.awaiting()
+                if waiting:  # the last episode's tasks, scheduled and not yet done (after a restart too)
+                    outcomes = [await self._complete(instance_id, event_id, action) for event_id, action in waiting]
+                    history.add(ORCHESTRATOR_STARTED)
+                    history.events.extend(outcomes)
+                    self._save(name, history)
                 state = run_episode(handle, history)
                 status.custom_status = state.get("customStatus")
                 if state.get("isDone"):
                     status.runtime_status, status.output = "Completed", state.get("output")
+                    self._forget(instance_id)
                     return
                 if state.get("error"):
                     logger.error("orchestration %s failed: %s", instance_id, state["error"])
                     status.runtime_status = "Failed"
+                    self._forget(instance_id)
                     return
-                pending = [history.schedule(action) for action in history.new_actions(state)]
-                if not pending:
+                if not [history.schedule(action) for action in history.new_actions(state)]:
                     raise RuntimeError(f"orchestration {instance_id} waits on nothing this runtime can complete")
                 history.episode_ended()
-                outcomes = [await self._complete(instance_id, event_id, action) for event_id, action in pending]
-                history.add(ORCHESTRATOR_STARTED)
-                history.events.extend(outcomes)
+                self._save(name, history)
         except asyncio.CancelledError:
-            status.runtime_status = "Terminated"
+            status.runtime_status = "Terminated"  # the history stays: the next start resumes it
             raise
         except Exception:
             logger.exception("orchestration %s failed", instance_id)
             status.runtime_status = "Failed"
+            self._forget(instance_id)
 
     async def _complete(self, instance_id: str, event_id: int, action: dict[str, Any]) -> dict[str, Any]:
         """Run a scheduled activity, or wait out a timer; the history event that says how it ended."""

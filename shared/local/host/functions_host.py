@@ -75,8 +75,10 @@ def http_functions(app: func.FunctionApp) -> list[HttpFunction]:
 class FunctionsAsgiApp:
     """Routes each request to the first registered function whose route and method match."""
 
-    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None, timers=None) -> None:
+    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None, timers=None,
+                 on_startup: list[Callable[[], None]] | None = None) -> None:
         self.functions = http_functions(app)
+        self._on_startup = list(on_startup or ())  # run in the event loop once the server starts
         self._matched: dict[tuple[str, str], tuple[HttpFunction | None, dict[str, str]]] = {}
         self._on_shutdown = list(on_shutdown or ())
         self.timers = timers  # timers.LocalTimers: the app's timer-triggered functions
@@ -136,6 +138,11 @@ class FunctionsAsgiApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                for hook in self._on_startup:
+                    try:
+                        hook()
+                    except Exception:
+                        logger.exception("startup hook failed")
                 if self.timers is not None:
                     self.timers.start()
                 await send({"type": "lifespan.startup.complete"})
