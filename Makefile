@@ -1,5 +1,6 @@
 # Sekisho: `make run` serves the gateway locally, `make test` runs every test.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Python 3.13 (what the Function App runs): on PATH, or installed by pyenv.
+PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && python3.13 -c '' 2>/dev/null && echo python3.13 || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null | tail -1)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,8 +11,8 @@ NODE_STAMP := node_modules/.installed
 setup: $(STAMP) $(NODE_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Sekisho needs Python 3.11 (Azure Functions 1.x line)"'
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 13), "Sekisho needs Python 3.13 (the Function App runtime)"'
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)

@@ -3,7 +3,7 @@
 //   az deployment group create -g <rg> -f infra/main.bicep -p infra/main.parameters.json \
 //     -p gatewayClientId=<gateway app registration client id>
 //
-// Function App (Flex Consumption, Python 3.11) running as a user-assigned identity; its storage
+// Function App (Flex Consumption, Python 3.13) running as a user-assigned identity; its storage
 // account (identity-based host storage, deployment container, Durable Functions); Cosmos DB for
 // NoSQL with every container of the code; Key Vault; Log Analytics, Application Insights and the
 // usage workbook; optionally Azure OpenAI with model deployments and a private network.

@@ -222,3 +222,20 @@ def test_requirements_are_pinned():
     names = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
     assert {"azure-functions", "azure-functions-durable", "azure-cosmos", "azure-identity", "azure-keyvault-secrets",
             "openai", "tenacity", "azurefunctions-extensions-http-fastapi"} <= names
+
+
+def test_the_local_host_indexes_through_the_python_worker_runtimes_loader():
+    """What the local host serves is what the runtime's loader (azure-functions-runtime, which
+    Azure loads from requirements.txt on Python 3.13) indexes, bindings as the host receives them."""
+    assert registered_functions(function_app.app) is function_app.app._sekisho_indexed_functions
+    # A fresh interpreter: the loader imports the module itself and finds the one FunctionApp.
+    import subprocess
+    import sys
+
+    script = ("import json; from azure_functions_runtime.loader import index_function_app; "
+              "print(json.dumps({f.get_function_name(): json.loads(f.get_function_json()) for f in index_function_app('function_app.py')}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    indexed = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = {f.get_function_name(): json.loads(f.get_function_json()) for f in registered_functions(function_app.app)}
+    assert indexed == ours

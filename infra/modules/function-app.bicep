@@ -1,4 +1,4 @@
-// The gateway: a Python 3.11 Function App on the Flex Consumption plan, running as the
+// The gateway: a Python 3.13 Function App on the Flex Consumption plan, running as the
 // user-assigned identity. Its app settings are the single list below; tests/test_infra.py
 // checks them against shared/settings.py SETTINGS and infra/optional-settings.json.
 
@@ -163,7 +163,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       }
       runtime: {
         name: 'python'
-        version: '3.11'
+        version: '3.13'
       }
     }
   }

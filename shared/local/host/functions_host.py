@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -40,13 +41,21 @@ class HttpFunction:
 
 
 def registered_functions(app: func.FunctionApp) -> list:
-    """`app.get_functions()`, called once per app.
+    """The app's functions as the Python worker indexes them at start-up: through the worker
+    runtime's own loader (`azure-functions-runtime`, the library Azure loads from the app's
+    requirements on Python 3.13+), which imports the app's module and calls `get_functions()`.
 
-    The Functions worker calls it once at indexing; a second call reports every function as a
-    duplicate name (it validates against state kept on the app), so the result is kept on the app."""
+    The worker indexes once; a second `get_functions()` reports every function as a duplicate
+    name (it validates against state kept on the app), so the result is kept on the app."""
     functions = getattr(app, "_sekisho_indexed_functions", None)
     if functions is None:
-        functions = app.get_functions()
+        module = next((m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("app") is app and getattr(m, "__file__", None)), None)
+        if module is not None:
+            from azure_functions_runtime.loader import index_function_app
+
+            functions = index_function_app(module.__file__)
+        else:  # an app object made outside a module (tests build small ones)
+            functions = app.get_functions()
         app._sekisho_indexed_functions = functions
     return functions
 
