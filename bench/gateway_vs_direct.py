@@ -28,7 +28,9 @@ Metrics, for the same requests (each carries a unique tag, so no cache answers a
 - streams paced like a model (first byte after 50 ms, a token every 10 ms, sent through `x_sim`):
   time to the first SSE event, to the first event with answer text (what a chat user sees), and
   to the end of the stream, at concurrency 1;
-- with --pin, every proxy on core 0 and the simulator and load generator on core 1.
+- with --pin, every proxy on core 0 and the simulator and load generator on core 1;
+- cold start: the import of function_app, and from spawning the local host to its first answered
+  request, with this interpreter and any given with --cold-start-python.
 Rounds at concurrency 1 are interleaved across targets, so drift on the machine hits all alike.
 Load generator, proxies and simulator share this machine's cores, as in the orientation figures.
 
@@ -53,6 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -553,6 +557,40 @@ def count_rows(db: Path) -> dict[str, int]:
         return {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("request_logs", "response_cache", "quota_counters")}
 
 
+def cold_start(work: Path, sim_url: str, python: str, token: str, db: Path, runs: int = 3) -> dict:
+    """What a fresh process costs before it answers: the import of function_app alone (median of
+    `runs`), and from spawning the local host to the first answered request (median of `runs`)."""
+    probe = "import time; t = time.perf_counter(); import function_app; print(time.perf_counter() - t)"
+    imports = [float(subprocess.run([python, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip())
+               for _ in range(runs)]
+    firsts = []
+    payload = json.dumps(chat_body("cold")).encode()
+    for number in range(runs):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
+        env.update({"AZURE_OPENAI_ENDPOINT": sim_url, "AZURE_OPENAI_API_KEY": SIMULATOR_KEY, "SEKISHO_SQLITE_PATH": str(db)})
+        started = time.perf_counter()
+        process = spawn([python, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed", "--data-dir", str(work)],
+                        work / f"cold-{number}.log", env=env)
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{AZURE_CHAT_PATH}", data=payload, method="POST",
+                                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            while True:
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        if response.status == 200:
+                            break
+                except (ConnectionError, urllib.error.URLError):
+                    if process.poll() is not None or time.perf_counter() - started > 60:
+                        raise RuntimeError(f"the local host did not answer{log_tail(work / f'cold-{number}.log')}") from None
+                    time.sleep(0.01)
+            firsts.append(time.perf_counter() - started)
+        finally:
+            stop(process)
+    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True).stdout.strip()
+    return {"python": version, "import_s": percentile(imports, 50), "first_answer_s": percentile(firsts, 50)}
+
+
 # Report ------------------------------------------------------------------------------------------
 def machine() -> dict[str, str]:
     model = "unknown CPU"
@@ -668,6 +706,8 @@ async def main() -> None:
                         help="first wait (up to SECONDS, default 60; 0: do not) until other processes use under 0.1 core")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, SQLite database)")
     parser.add_argument("--paced-streams", type=int, default=90, help="streams paced like a model per target (first content token)")
+    parser.add_argument("--cold-start-python", action="append", default=[], metavar="PYTHON",
+                        help="also measure cold start with this interpreter (its environment must have requirements.txt installed); repeatable")
     parser.add_argument("--pin", action="store_true",
                         help="pin every proxy to core 0 and the simulator and load generator to core 1 (needs 2 cores)")
     args = parser.parse_args()
@@ -685,6 +725,7 @@ async def main() -> None:
     targets: dict[str, Target] = {}
     results: dict[str, Measurement] = {}
     sekisho_check = ""
+    cold: list[dict] = []
     try:
         issuer = LocalIssuer(work)
         simulator, sim_url = start_simulator(work)
@@ -770,6 +811,12 @@ async def main() -> None:
             print(f"c={args.concurrency} {LABELS[key]}: {m.rps:,.0f} req/s", flush=True)
         for key in order:
             results[key].peak_rss_mb = {pid: peak_rss_mb(pid) for pid in targets[key].pids()}
+        token = issuer.mint(SEKISHO_APPS["sekisho"][0], lifetime_seconds=3600)
+        for python in [sys.executable, *args.cold_start_python]:
+            try:
+                cold.append(cold_start(work, sim_url, python, token, work / "sekisho.db"))
+            except Exception as exc:  # an interpreter without the requirements: say so, measure the rest
+                notes.append(f"cold start with {python} not measured: {str(exc).splitlines()[0]}")
     finally:
         for process in reversed(processes):
             stop(process)
@@ -807,6 +854,10 @@ async def main() -> None:
             if values:
                 data["results"][key][f"{name}_p50_ms"] = percentile(values, 50)
                 data["results"][key][f"{name}_p99_ms"] = percentile(values, 99)
+    data["cold_start"] = cold
+    for run in cold:
+        notes.append(f"Cold start, Python {run['python']}: import of function_app {run['import_s'] * 1000:.0f} ms; "
+                     f"from spawning the local host to the first answered request {run['first_answer_s'] * 1000:.0f} ms (medians of 3).")
     report, verdicts = build_report(data, list(results), notes)
     print("\n" + report)
     out = BENCH / "results"

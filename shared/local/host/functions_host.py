@@ -50,9 +50,11 @@ def registered_functions(app: func.FunctionApp) -> list:
     functions = getattr(app, "_sekisho_indexed_functions", None)
     if functions is None:
         module = next((m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("app") is app and getattr(m, "__file__", None)), None)
-        if module is not None:
+        try:
             from azure_functions_runtime.loader import index_function_app
-
+        except ImportError:  # before Python 3.13 the worker brings its own loader (the bench compares 3.11)
+            index_function_app = None
+        if module is not None and index_function_app is not None:
             functions = index_function_app(module.__file__)
         else:  # an app object made outside a module (tests build small ones)
             functions = app.get_functions()
