@@ -113,8 +113,8 @@ def _resume_once(runtime: LocalDurableRuntime, data_dir: str | Path | None) -> N
 
 
 def worker_app():
-    """The ASGI app of one worker process (uvicorn calls this factory in each worker when
-    --workers > 1; the parent has set the environment: upstream, issuer, store path)."""
+    """The ASGI app of one worker process (with --workers > 1, each worker builds its own; the
+    parent has set the environment: upstream, issuer, store path)."""
     app = build_asgi_app(data_dir=os.environ.get(_DATA_DIR_ENV))
     issuer_dir = os.environ.get(_ISSUER_DIR_ENV)
     return IssuerRoutes(app, LocalIssuer(issuer_dir)) if issuer_dir else app
@@ -243,10 +243,34 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(host=args.host, port=args.port, loop="asyncio", http="httptools", lifespan="on",
                    access_log=False, log_level="warning", timeout_graceful_shutdown=10)
     if args.workers > 1:
-        # Each worker imports function_app and builds its own gateway, as Functions instances do.
-        uvicorn.run("shared.local.host.__main__:worker_app", factory=True, workers=args.workers, **options)
+        _serve_workers(args.workers, options)
     else:
         uvicorn.Server(uvicorn.Config(worker_app(), **options)).run()
+
+
+def _serve_workers(count: int, options: dict) -> None:
+    """Worker processes, each importing function_app and building its own gateway, as Functions
+    instances do. Each listens on the port with a socket of its own (SO_REUSEPORT), so that the
+    kernel spreads new connections over them as a load balancer spreads requests over instances:
+    on one shared socket, whichever worker's event loop wakes first accepts a whole burst."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    from .workers import serve_worker  # importable by name: a spawned process cannot find this __main__'s functions
+
+    workers = [context.Process(target=serve_worker, args=(options,), name=f"sekisho-worker-{n}") for n in range(count)]
+    for worker in workers:
+        worker.start()
+
+    def stop_workers(signum, frame) -> None:
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)  # each finishes its requests and shuts down
+
+    signal.signal(signal.SIGTERM, stop_workers)
+    signal.signal(signal.SIGINT, stop_workers)
+    for worker in workers:
+        worker.join()
 
 
 if __name__ == "__main__":
