@@ -133,6 +133,10 @@ class Operation:
     def applies(self, stage: str) -> bool:
         return stage in self.stages
 
+    def still_running(self, answer: Any) -> bool:
+        """Whether an answer says its work goes on upstream (a batch, a background response)."""
+        return isinstance(answer, dict) and answer.get("status") in self.pending_statuses
+
 
 _CHAT_READS = FieldSet(
     # The model reads the tool and function definitions and the answer's schema before the messages.

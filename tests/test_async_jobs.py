@@ -17,7 +17,9 @@ from dateutil.parser import isoparse
 
 import function_app
 from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, decode, encode
-from shared.local.host.durable_runtime import ORCHESTRATOR_STARTED, TASK_COMPLETED, TASK_FAILED, TIMER_FIRED, History, run_episode
+from shared.local.host.durable_runtime import (
+    ORCHESTRATOR_STARTED, TASK_COMPLETED, TASK_FAILED, TIMER_FIRED, History, history_event, run_episode,
+)
 from shared.local.host.functions_host import registered_functions
 
 from .conftest import _gateway_env
@@ -53,17 +55,14 @@ class Replay:
         return self.asked()
 
     def complete(self, event_id: int, result: dict) -> list[tuple[int, dict]]:
-        return self._next({"EventType": TASK_COMPLETED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
-                           "TaskScheduledId": event_id, "Result": json.dumps(encode(result))})
+        return self._next(history_event(TASK_COMPLETED, self.clock.isoformat(), TaskScheduledId=event_id, Result=json.dumps(encode(result))))
 
     def fail(self, event_id: int, reason: str) -> list[tuple[int, dict]]:
-        return self._next({"EventType": TASK_FAILED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
-                           "TaskScheduledId": event_id, "Reason": reason, "Details": ""})
+        return self._next(history_event(TASK_FAILED, self.clock.isoformat(), TaskScheduledId=event_id, Reason=reason, Details=""))
 
     def fire(self, event_id: int, action: dict) -> list[tuple[int, dict]]:
         wait = (isoparse(action["fireAt"]) - self.clock).total_seconds()
-        return self._next({"EventType": TIMER_FIRED, "EventId": -1, "IsPlayed": False, "Timestamp": self.clock.isoformat(),
-                           "TimerId": event_id, "FireAt": action["fireAt"]}, seconds=wait)
+        return self._next(history_event(TIMER_FIRED, self.clock.isoformat(), TimerId=event_id, FireAt=action["fireAt"]), seconds=wait)
 
 
 def _activity(step: list[tuple[int, dict]], name: str) -> tuple[int, dict]:

@@ -129,8 +129,10 @@ class GuardOutput(Stage):
         if matcher is None:
             return result
         operation = ctx.route.operation
-        if result.is_stream and _batch_output(ctx):
-            result.events = self._batch_output_lines(ctx, matcher, batch_line_operation(_batch_output(ctx).get("endpoint") or "/v1/chat/completions"), result.events)
+        batch = _batch_output(ctx) if result.is_stream else None
+        if batch is not None:
+            line_operation = batch_line_operation(batch.get("endpoint") or "/v1/chat/completions")
+            result.events = self._batch_output_lines(ctx, matcher, line_operation, result.events)
             return result
         if result.is_stream:
             guard = _STREAM_GUARDS.get(operation.stream_shape)

@@ -79,6 +79,7 @@ class CheckBatchInput(Stage):
         seen: set[str] = set()
         deployments: dict[str, dict[str, int]] = {}
         rewritten: list[bytes] = []
+        changed = False  # a line's body changed (the system prompt went in): the file is re-encoded
         count = 0
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
@@ -98,11 +99,13 @@ class CheckBatchInput(Stage):
             part["lines"] += 1
             part["prompt_tokens"] += prompt
             part["completion_tokens"] += completion
-            rewritten.append(raw if body is line["body"] else orjson.dumps({**line, "body": body}))
+            if body is not line["body"]:
+                raw, changed = orjson.dumps({**line, "body": body}), True
+            rewritten.append(raw)
         if not count:
             raise errors.invalid_request("The batch input file holds no requests.", "file")
         ctx.batch_input = {"lines": count, "endpoint": endpoint, "deployments": deployments}
-        if any(a is not b for a, b in zip(rewritten, (raw for raw in lines if raw.strip()))):
+        if changed:
             filename, content_type = fields.pop("_filename"), fields.pop("_content_type")
             ctx.raw_body, ctx.multipart_type = encode_multipart(fields, "file", filename, content_type, b"\n".join(rewritten) + b"\n")
 

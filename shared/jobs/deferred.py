@@ -37,10 +37,10 @@ from .batches import line_route
 
 logger = logging.getLogger("sekisho.deferred")
 
-# Per kind of object with work that goes on: the route that reads it upstream, and the statuses
-# that say it is still running (the operations table's).
+# Per kind of object with work that goes on: the route that reads it upstream, and the operation
+# whose answers say whether it is still running (the operations table's).
 _READ_ROUTE = {"batch": "azure_batch", "response": "azure_stored_response"}
-_PENDING = {"batch": BATCH.pending_statuses, "response": STORED_RESPONSE.pending_statuses}
+_READ_OPERATION = {"batch": BATCH, "response": STORED_RESPONSE}
 _FILE_CONTENT_ROUTE, _FILE_ROUTE = "azure_file_content", "azure_file"
 
 
@@ -93,7 +93,7 @@ class SettleDeferredWork(Stage):
         fresh = await self._store.get_owned(doc["app_id"], doc["kind"], doc["object_id"])
         if fresh is None or not fresh.get("open"):
             return "settled"
-        if answer.get("status") in _PENDING[doc["kind"]]:
+        if _READ_OPERATION[doc["kind"]].still_running(answer):
             if isinstance(fresh.get("object"), dict) and fresh["object"].get("status") != answer.get("status"):
                 try:
                     await self._store.put_owned({**fresh, "object": answer}, if_match=fresh["etag"])
@@ -212,10 +212,8 @@ class SettleDeferredWork(Stage):
     async def _read(self, doc: dict[str, Any], function_name: str, params: dict[str, str], policy) -> UpstreamResult:
         """GET an object at the backend that holds it."""
         route = ROUTES_BY_FUNCTION[function_name].for_method("GET")
-        path = "/" + route.template
-        for name, value in params.items():
-            path = path.replace("{" + name + "}", value)
-        ctx = RequestContext(request_id=new_request_id(), http=internal_request("GET", path), route=route)
+        # The upstream client fills the route's template from path_params (url_for).
+        ctx = RequestContext(request_id=new_request_id(), http=internal_request("GET", "/" + route.template), route=route)
         ctx.path_params = dict(params)
         ctx.app_id, ctx.user_id = doc["app_id"], doc.get("user_id")
         ctx.policy = policy or await self._policy(doc)

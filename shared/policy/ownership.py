@@ -129,7 +129,7 @@ class RecordOwnership(Stage):
             doc["object"] = answer  # lists are answered from these records
         if ctx.batch_input is not None:
             doc["batch_input"] = ctx.batch_input  # a batch input file's lines, or what a batch runs
-        if isinstance(answer, dict) and answer.get("status") in operation.pending_statuses:
+        if operation.still_running(answer):
             # Work that goes on upstream: settled when it ends (jobs/deferred.py), with the
             # reservation the request made (kept until then).
             doc["open"] = True

@@ -368,11 +368,9 @@ class EnforceQuota(Stage):
 
     @staticmethod
     def _work_goes_on(ctx: RequestContext) -> bool:
-        pending = ctx.route.operation.pending_statuses
-        if not pending or ctx.error is not None or ctx.result is None or ctx.result.status >= 400 or ctx.stream_summary is not None:
+        if ctx.error is not None or ctx.result is None or ctx.result.status >= 400 or ctx.stream_summary is not None:
             return False
-        answer = ctx.result.json
-        return isinstance(answer, dict) and answer.get("status") in pending
+        return ctx.route.operation.still_running(ctx.result.json)
 
     async def price(self, ctx: RequestContext) -> int:
         """The request's usage (`ctx.usage`) and cost in nano-units (`ctx.accounting.cost`, the

@@ -43,6 +43,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def history_event(event_type: int, at: str | None = None, event_id: int = -1, **fields: Any) -> dict[str, Any]:
+    """One history event in the extension's JSON shape (not yet played)."""
+    return {"EventType": event_type, "EventId": event_id, "IsPlayed": False, "Timestamp": at or _now(), **fields}
+
+
 class History:
     """One orchestration instance's history, in the shape the extension sends to the worker."""
 
@@ -55,7 +60,7 @@ class History:
         self.add(EXECUTION_STARTED, Name=name, Input=encoded_input, Version="", at=at)
 
     def add(self, event_type: int, at: str | None = None, event_id: int = -1, **fields: Any) -> dict[str, Any]:
-        event = {"EventType": event_type, "EventId": event_id, "IsPlayed": False, "Timestamp": at or _now(), **fields}
+        event = history_event(event_type, at, event_id, **fields)
         self.events.append(event)
         return event
 
@@ -264,14 +269,12 @@ class LocalDurableRuntime:
         if action["actionType"] == CREATE_TIMER:
             fire_at = isoparse(action["fireAt"])
             await asyncio.sleep(max(0.0, (fire_at - datetime.now(timezone.utc)).total_seconds()))
-            return {"EventType": TIMER_FIRED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TimerId": event_id, "FireAt": action["fireAt"]}
+            return history_event(TIMER_FIRED, TimerId=event_id, FireAt=action["fireAt"])
         function, argument = self._activities[action["functionName"]]
         try:
             # The activity gets its input decoded, and its result is stored encoded, as the extension does.
             result = await function(**{argument: json.loads(action["input"]) if action.get("input") is not None else None})
         except Exception as exc:
             logger.exception("activity %s of %s failed", action["functionName"], instance_id)
-            return {"EventType": TASK_FAILED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TaskScheduledId": event_id,
-                    "Reason": str(exc), "Details": traceback.format_exc()}
-        return {"EventType": TASK_COMPLETED, "EventId": -1, "IsPlayed": False, "Timestamp": _now(), "TaskScheduledId": event_id,
-                "Result": json.dumps(result)}
+            return history_event(TASK_FAILED, TaskScheduledId=event_id, Reason=str(exc), Details=traceback.format_exc())
+        return history_event(TASK_COMPLETED, TaskScheduledId=event_id, Result=json.dumps(result))
