@@ -2,8 +2,8 @@
 
 Every HTTP function is thin: it hands the request to the gateway package (`shared/`). HTTP
 streaming is on (azurefunctions-extensions-http-fastapi), so all HTTP functions take and return
-the FastAPI (Starlette) types. The local host (`python -m shared.local.host`) serves exactly the
-functions registered here, read off `app`.
+the FastAPI (Starlette) types. The local host (`python -m shared.local.host`) runs this module
+through the Python worker runtime, as Azure does, and serves exactly the functions it indexes.
 
 Two rules of the Functions host shape the routes: a route may not start with `admin` or
 `runtime` (reserved for the host's own APIs; such a function is refused at indexing), and the
@@ -24,7 +24,9 @@ from shared.gateway import Gateway
 from shared.jobs.documents import JOB_ROUTE
 from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, START_QUEUE, decode, encode, orchestrate_job
 from shared.routes import ADMIN_PREFIX, HEALTH_ROUTE, ROUTES_BY_FUNCTION
+from shared.worker_runtime import correct_http_streaming
 
+correct_http_streaming()  # before the worker builds its web server (see shared/worker_runtime.py)
 app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 gateway = Gateway()  # the one application context; opens its connections on first use
 

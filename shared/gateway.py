@@ -158,7 +158,7 @@ class Gateway:
             self._pipelines = log_request.pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
             batch_input.stages = self.stages  # a batch input file's lines pass the stages their operation has
             self.jobs = JobRunner(store, self.upstream, authenticator, resolver, self._builtin_policy, self.job_launcher,
-                                  finish=self._finish, after=self._after)
+                                  finish=self._finish, after=self._after, public_base_url=settings.public_base_url)
             # Everything built so far lives as long as the process: keep the collector from
             # walking it again and again (full collections were a cause of the latency tail).
             gc.freeze()

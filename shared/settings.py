@@ -30,6 +30,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_UPSTREAM_MAX_CONNECTIONS", "256", "Size of the pooled upstream connection pool."),
     Setting("SEKISHO_CIRCUIT_FAILURES", "5", "Consecutive failures (5xx, unreachable, timeout) after which a backend is skipped."),
     Setting("SEKISHO_CIRCUIT_OPEN_SECONDS", "10", "How long a failing backend is skipped before one request probes it (when every backend is paused: 502 with Retry-After)."),
+    Setting("SEKISHO_PUBLIC_BASE_URL", "", "The gateway's address as clients reach it, e.g. https://ai.contoso.com (a path prefix is kept). Status URLs of async jobs are built from it, never from a request's Host header (behind the Functions host, a function sees the worker's own loopback address). Empty = https://<WEBSITE_HOSTNAME> in Azure; elsewhere status URLs are paths, relative to the address the client called."),
+    Setting("WEBSITE_HOSTNAME", "", "Set by Azure: the function app's default host name (used when SEKISHO_PUBLIC_BASE_URL is empty)."),
     Setting("SEKISHO_MAX_BODY_BYTES", "8388608", "Largest request body accepted (413 above)."),
     Setting("SEKISHO_MAX_UPLOAD_BYTES", "26214400", "Largest multipart body (audio and image uploads) accepted, in bytes; larger ones get 413."),
     Setting("SEKISHO_STORE", "sqlite", "Store adapter: sqlite or cosmos."),
@@ -116,6 +118,7 @@ class Settings:
     appinsights_authentication_string: str = ""
     webjobs_storage_account: str = ""
     webjobs_storage_client_id: str = ""
+    public_base_url: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -208,6 +211,7 @@ class Settings:
             appinsights_authentication_string=get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
             webjobs_storage_account=get("AzureWebJobsStorage__accountName"),
             webjobs_storage_client_id=get("AzureWebJobsStorage__clientId"),
+            public_base_url=_public_base_url(get("SEKISHO_PUBLIC_BASE_URL"), get("WEBSITE_HOSTNAME")),
             raw=dict(env),
         )
         if settings.quota_lease_share > 0.1:
@@ -223,6 +227,17 @@ class Settings:
         if not settings.azure_openai_endpoint:
             raise SettingsError("AZURE_OPENAI_ENDPOINT is not set (the local host sets it to its simulator)")
         return settings
+
+
+def _public_base_url(configured: str, website_hostname: str) -> str:
+    from urllib.parse import urlsplit
+
+    if not configured:
+        return f"https://{website_hostname}" if website_hostname else ""
+    parts = urlsplit(configured)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise SettingsError(f"SEKISHO_PUBLIC_BASE_URL={configured!r} is not an http(s) base URL (scheme, host, optional path)")
+    return configured.rstrip("/")
 
 
 # Functions platform settings that the sample carries beside Sekisho's own.

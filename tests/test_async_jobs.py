@@ -18,7 +18,7 @@ from dateutil.parser import isoparse
 import function_app
 from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, decode, encode
 from shared.local.host.durable_runtime import (
-    ORCHESTRATOR_STARTED, TASK_COMPLETED, TASK_FAILED, TIMER_FIRED, History, history_event, run_episode,
+    ORCHESTRATOR_STARTED, TASK_COMPLETED, TASK_FAILED, TIMER_FIRED, History, history_event,
 )
 from shared.local.host.functions_host import registered_functions
 
@@ -31,6 +31,12 @@ ASYNC = {"Prefer": "respond-async"}
 
 
 # The orchestrator, replayed by the Durable SDK's engine over histories in the extension's shape --
+def run_episode(handle, history: History) -> dict:
+    """Replay the orchestrator over its history, calling the registered function itself; its state
+    as the extension reads it (the local host invokes it through the worker runtime instead)."""
+    return json.loads(handle(history.context()))
+
+
 class Replay:
     """Drives the registered orchestrator as the Durable extension does: after each step, the
     outcome of what it asked for is appended to its history and the whole history is replayed."""

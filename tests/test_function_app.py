@@ -11,7 +11,8 @@ import pytest
 from azurefunctions.extensions.http.fastapi import Request
 
 import function_app
-from shared.local.host.functions_host import FunctionsAsgiApp, registered_functions
+from shared.local.host.functions_host import RouteMatcher, registered_functions, route_table
+from shared.local.host.language_worker import entries_of
 from shared.routes import MODEL_ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_the_local_host_runs_timer_functions_on_their_schedule():
 
     from shared.local.host.timers import LocalTimers, next_time, parse_schedule
 
-    timers = LocalTimers(function_app.app)
+    timers = LocalTimers(entries_of(function_app.app), invoke=None)
     assert set(timers.functions) == {"reconcile_deferred_work"}
     every_five = parse_schedule("0 */5 * * * *")
     at = datetime(2026, 11, 29, 10, 3, 7, tzinfo=timezone.utc)
@@ -153,20 +154,20 @@ def test_every_model_route_is_registered():
 
 
 def test_local_host_serves_exactly_the_registered_functions():
-    local = FunctionsAsgiApp(function_app.app)
+    local = RouteMatcher(route_table(entries_of(function_app.app)))
     served = {f.name: (f.route, set(f.methods)) for f in local.functions}
     assert served == EXPECTED
 
 
 def test_routes_obey_the_functions_host_rules():
-    routes = [f.route for f in FunctionsAsgiApp(function_app.app).functions]
+    routes = [f.route for f in RouteMatcher(route_table(entries_of(function_app.app))).functions]
     for route in routes:
         # The host refuses routes starting with these (its own APIs) when indexing.
         assert not route.lower().startswith(("admin", "runtime")), route
         assert "{*" not in route, "catch-all routes can shadow others: the host takes the first match"
     # The host takes the first registered match, not the most specific: no two routes may overlap.
     samples = {r: "/" + re.sub(r"\{(\w+)\}", r"x\1", r) for r in routes}
-    local = FunctionsAsgiApp(function_app.app)
+    local = RouteMatcher(route_table(entries_of(function_app.app)))
     for route, path in samples.items():
         matching = [f.route for f in local.functions if f.pattern.fullmatch(path.strip("/"))]
         assert matching == [route], f"{path} is matched by {matching}"
@@ -184,7 +185,7 @@ def test_routes_obey_the_functions_host_rules():
     ],
 )
 def test_local_host_matching(method, path, expected):
-    function, _ = FunctionsAsgiApp(function_app.app).match(method, path)
+    function, _ = RouteMatcher(route_table(entries_of(function_app.app))).match(method, path)
     assert (function.name if function else None) == expected
 
 

@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 import function_app
 from shared import operations as ops
 from shared.identity.tokens import v2_issuer
-from shared.local.host.functions_host import FunctionsAsgiApp, registered_functions
+from shared.local.host.functions_host import RouteMatcher, registered_functions, route_table
+from shared.local.host.language_worker import entries_of
 from shared.routes import MODEL_ROUTES
 
 from .conftest import MAX_BODY_BYTES
@@ -111,7 +112,7 @@ class Contract:
 
 
 CONTRACT = Contract(json.loads(OPENAPI.read_text()))
-LOCAL = FunctionsAsgiApp(function_app.app)  # the same route matching as the local host
+LOCAL = RouteMatcher(route_table(entries_of(function_app.app)))  # the same route matching as the local host
 
 
 # HTTP -----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.requests import Request
@@ -61,8 +62,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def status_url(request: Request, job_id: str) -> str:
-    return str(request.base_url).rstrip("/") + "/" + JOB_ROUTE.replace("{job_id}", job_id)
+def status_url(public_base_url: str, job_id: str) -> str:
+    """Where the job is polled: under the configured public address, or a path relative to the
+    one the client called (never built from the request's Host header, which a client sets)."""
+    return public_base_url + "/" + JOB_ROUTE.replace("{job_id}", quote(job_id, safe=""))
 
 
 def new_job(ctx: RequestContext, reason: str) -> dict[str, Any]:

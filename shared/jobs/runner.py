@@ -34,8 +34,9 @@ _RETRIED_CODES = ("upstream_rate_limited", "upstream_error", "upstream_timeout")
 class JobRunner:
     def __init__(self, store: Store, upstream, authenticator, resolver, builtin_policy, launcher: JobLauncher | None, *,
                  finish: Callable[[RequestContext], Awaitable[None]],
-                 after: Callable[[RequestContext, UpstreamResult], UpstreamResult]) -> None:
+                 after: Callable[[RequestContext, UpstreamResult], UpstreamResult], public_base_url: str = "") -> None:
         self._store = store
+        self.public_base_url = public_base_url  # Settings.public_base_url: status URLs are built from it
         self._upstream = upstream
         self._authenticator = authenticator
         self._resolver = resolver
@@ -76,7 +77,7 @@ class JobRunner:
         headers = dict(ctx.response_headers)
         if reason == "prefer":
             headers["Preference-Applied"] = "respond-async"
-        return documents.accepted_response(job, documents.status_url(ctx.http, job["id"]), headers)
+        return documents.accepted_response(job, documents.status_url(self.public_base_url, job["id"]), headers)
 
     async def status(self, request: Request, job_id: str) -> Response:
         """GET on a job's status URL, by the app (and, for delegated tokens, the user) that owns it."""
@@ -91,7 +92,7 @@ class JobRunner:
                 raise errors.not_found(f"No job {job_id!r} for this application (jobs are kept for their retention time).")
         except GatewayError as exc:
             return Response(content=exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json")
-        return documents.status_response(job, documents.status_url(request, job_id))
+        return documents.status_response(job, documents.status_url(self.public_base_url, job_id))
 
     async def _load(self, task: dict) -> tuple[dict | None, RequestContext | None, GatewayError | None]:
         """The job and a request context to finish it; a refusal when its app may no longer call."""

@@ -28,6 +28,7 @@ from ..issuer import LocalIssuer
 from .durable_runtime import LocalDurableRuntime
 from .functions_host import FunctionsAsgiApp
 from .issuer_routes import IssuerRoutes
+from .language_worker import LanguageWorker
 from .timers import LocalTimers
 
 DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small", "whisper", "gpt-4o-transcribe", "tts", "dall-e-3", "gpt-image-1")
@@ -71,27 +72,42 @@ def start_simulator(port: int, latency_ms: float, chunk_interval_ms: float) -> t
     return process, f"http://127.0.0.1:{port}", api_key
 
 
-def load_function_app(module_name: str = "function_app"):
-    if str(PROJECT_ROOT) not in sys.path:
-        sys.path.insert(0, str(PROJECT_ROOT))
-    return importlib.import_module(module_name)
+def load_function_app(app_dir: str | Path = PROJECT_ROOT):
+    """Import the app's `function_app` module, as the worker does (the app's folder first on the path)."""
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    return importlib.import_module("function_app")
 
 
 _ISSUER_DIR_ENV = "SEKISHO_LOCAL_ISSUER_DIR"  # set by main() for worker processes
 _DATA_DIR_ENV = "SEKISHO_LOCAL_DATA_DIR"
+_HOST_URL_ENV = "SEKISHO_LOCAL_HOST_URL"
+_APP_DIR_ENV = "SEKISHO_LOCAL_APP_DIR"
 
 
-def build_asgi_app(module_name: str = "function_app", data_dir: str | Path | None = None) -> FunctionsAsgiApp:
-    module = load_function_app(module_name)
-    on_startup, on_shutdown = [], []
-    if hasattr(module, "gateway"):
-        # Async jobs run in-process here: the local host plays the queue and Durable Functions,
-        # keeping each orchestration's history in the data folder so a restart resumes it.
-        runtime = LocalDurableRuntime(module.app, Path(data_dir) / "durable" if data_dir else None)
-        module.gateway.job_launcher = runtime
-        on_startup.append(lambda: _resume_once(runtime, data_dir))
-        on_shutdown.append(module.gateway.aclose)
-    return FunctionsAsgiApp(module.app, on_shutdown=on_shutdown, timers=LocalTimers(module.app), on_startup=on_startup)
+def build_asgi_app(app_dir: str | Path = PROJECT_ROOT, data_dir: str | Path | None = None,
+                   host_url: str = "http://127.0.0.1:7071") -> FunctionsAsgiApp:
+    """The local host for the Functions app in `app_dir`: imported, indexed and invoked by the
+    Python worker runtime, started when the server starts (in its event loop, as Azure's worker
+    runs it)."""
+    module = load_function_app(app_dir)
+    worker = LanguageWorker(app_dir)
+    on_shutdown = [module.gateway.aclose] if hasattr(module, "gateway") else []
+    local = FunctionsAsgiApp(worker, on_shutdown=on_shutdown)
+
+    def started(functions) -> None:
+        local.timers = LocalTimers(functions, worker.invoke)
+        if hasattr(module, "gateway"):
+            # Async jobs: the local host plays the queue and the Durable extension, keeping each
+            # orchestration's history in the data folder so a restart resumes it.
+            runtime = LocalDurableRuntime(functions, worker.invoke, host_url, Path(data_dir) / "durable" if data_dir else None)
+            module.gateway.job_launcher = runtime
+            local.durable = runtime
+            on_shutdown.insert(0, runtime.close)
+            _resume_once(runtime, data_dir)
+
+    local.on_startup(started)
+    return local
 
 
 def _resume_once(runtime: LocalDurableRuntime, data_dir: str | Path | None) -> None:
@@ -115,7 +131,8 @@ def _resume_once(runtime: LocalDurableRuntime, data_dir: str | Path | None) -> N
 def worker_app():
     """The ASGI app of one worker process (with --workers > 1, each worker builds its own; the
     parent has set the environment: upstream, issuer, store path)."""
-    app = build_asgi_app(data_dir=os.environ.get(_DATA_DIR_ENV))
+    app = build_asgi_app(os.environ.get(_APP_DIR_ENV, str(PROJECT_ROOT)), data_dir=os.environ.get(_DATA_DIR_ENV),
+                         host_url=os.environ.get(_HOST_URL_ENV, "http://127.0.0.1:7071"))
     issuer_dir = os.environ.get(_ISSUER_DIR_ENV)
     return IssuerRoutes(app, LocalIssuer(issuer_dir)) if issuer_dir else app
 
@@ -191,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulator-chunk-interval-ms", type=float, default=15.0)
     parser.add_argument("--data-dir", default=".data", help="SQLite database and local issuer keys")
     parser.add_argument("--no-seed", action="store_true", help="do not register the demo app")
+    parser.add_argument("--app-dir", default=str(PROJECT_ROOT),
+                        help="folder of the Functions app to serve (function_app.py, host.json); default: Sekisho itself")
     parser.add_argument("--quiet", action="store_true", help="do not print the how-to banner")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("SEKISHO_LOCAL_WORKERS", "1")),
                         help="worker processes (they share the SQLite store; quotas and the cache stay correct across them)")
@@ -203,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ[_DATA_DIR_ENV] = str(data_dir)
+    os.environ[_HOST_URL_ENV] = f"http://127.0.0.1:{args.port}"
+    os.environ[_APP_DIR_ENV] = str(Path(args.app_dir).resolve())
+    os.environ.setdefault("SEKISHO_PUBLIC_BASE_URL", f"http://127.0.0.1:{args.port}")  # Azure: https://<WEBSITE_HOSTNAME>
     os.environ.setdefault("SEKISHO_SQLITE_PATH", str(data_dir / "sekisho.db"))
     os.environ.setdefault("SEKISHO_LOG_SPOOL_DIR", str(data_dir / "log-spool"))
     upstream = os.environ.get("AZURE_OPENAI_ENDPOINT", "")

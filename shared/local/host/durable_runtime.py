@@ -2,15 +2,22 @@
 
 Azure runs an async job as: queue message → `job_starter` (queue trigger + durable client) →
 `sekisho_job` orchestrator → `sekisho_job_attempt` / `sekisho_job_give_up` activities, with
-durable timers between attempts. Locally the same registered functions run, read off the
-FunctionApp. The orchestrator runs as the Durable extension runs it: each episode calls the
-registered orchestrator function — the SDK's own handle and replay engine — with the instance's
-whole history in the extension's JSON shape (OrchestratorStarted, ExecutionStarted,
-TaskScheduled, TaskCompleted or TaskFailed, TimerCreated, TimerFired, OrchestratorCompleted;
-events of earlier episodes marked played), and reads the actions it returns; the new ones are
-scheduled (an activity is awaited, a timer slept), their outcomes appended, and the next episode
-replays everything from the start. Each instance's history is kept in the local host's data
-folder while it runs, so a restart resumes it, as the task hub does in Azure.
+durable timers between attempts. Locally the same functions run, found in the worker's function
+metadata by their bindings and invoked through the worker, with the binding data the host and
+the Durable extension send:
+
+- the starter gets the queue message (body and metadata) and the durable client binding's JSON,
+  from which the SDK's client calls the extension's HTTP API (`/runtime/webhooks/durabletask/`,
+  served by this module on the local host's port) to start the instance and read its status;
+- the orchestrator gets, in each episode, the instance's whole history in the extension's JSON
+  shape (OrchestratorStarted, ExecutionStarted, TaskScheduled, TaskCompleted or TaskFailed,
+  TimerCreated, TimerFired, OrchestratorCompleted; events of earlier episodes marked played); the
+  SDK's replay engine answers with the actions it wants. The new ones are scheduled (an activity
+  invoked, a timer slept), their outcomes appended, and the next episode replays everything;
+- an activity gets its input as JSON and answers with its result.
+
+Each instance's history is kept in the local host's data folder while it runs, so a restart
+resumes it, as the task hub does in Azure.
 """
 from __future__ import annotations
 
@@ -21,16 +28,18 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import quote
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, unquote
 
-import azure.functions as func
 from dateutil.parser import isoparse
+from starlette.responses import JSONResponse, Response
 
 from ...jobs.orchestration import START_QUEUE, start_message
-from .functions_host import registered_functions
+from .language_worker import FunctionEntry, untyped
+from .worker_protocol import protos
 
 logger = logging.getLogger("sekisho.localhost.durable")
+DURABLE_API = "/runtime/webhooks/durabletask/"  # where the extension serves its HTTP API on the host
 _MAX_REMEMBERED = 10_000  # instance statuses kept (the job store, not this, is what clients read)
 
 # History event and action types, as the Durable extension numbers them.
@@ -117,29 +126,11 @@ class History:
         return actions[self.scheduled :]
 
 
-def run_episode(handle: Callable[[Any], str], history: History) -> dict[str, Any]:
-    """Replay the orchestrator over its history with the SDK's engine; its state as the extension reads it."""
-    return json.loads(handle(history.context()))
-
-
 @dataclass
 class InstanceStatus:
     runtime_status: str | None
     output: Any = None
     custom_status: Any = None
-
-
-class LocalDurableClient:
-    """The part of DurableOrchestrationClient that the starter uses."""
-
-    def __init__(self, runtime: "LocalDurableRuntime") -> None:
-        self._runtime = runtime
-
-    async def get_status(self, instance_id: str) -> InstanceStatus:
-        return self._runtime.instances.get(instance_id) or InstanceStatus(None)
-
-    async def start_new(self, orchestration_function_name: str, instance_id: str | None = None, client_input: Any = None) -> str:
-        return self._runtime.start(orchestration_function_name, instance_id, client_input)
 
 
 class LocalDurableRuntime:
@@ -148,43 +139,74 @@ class LocalDurableRuntime:
     does in Azure: tasks it was waiting on run again (at least once, as in Durable), timers fire
     when due."""
 
-    def __init__(self, app, history_dir: str | Path | None = None) -> None:
+    def __init__(self, entries: list[FunctionEntry], invoke: Callable[..., Awaitable[Any]], host_url: str,
+                 history_dir: str | Path | None = None) -> None:
+        self._invoke = invoke  # the worker's: (entry, inputs, trigger_metadata) -> InvocationResponse
         self._history_dir = Path(history_dir) if history_dir else None
         self.resume_lock: Any = None  # with several local workers: the lock that makes this one the resumer
-        self._starter: Callable | None = None
-        self._orchestrators: dict[str, Callable] = {}
-        self._activities: dict[str, tuple[Callable, str]] = {}
-        for function in registered_functions(app):
-            trigger = function.get_trigger()
-            kind, name = getattr(trigger, "type", None), function.get_function_name()
-            user_function = function.get_user_function()
-            if kind == "queueTrigger" and trigger.queue_name == START_QUEUE:
-                # durable_client_input wraps the user code to build the client from the host's
-                # binding data; locally the client is ours, so call the user code itself.
-                self._starter = getattr(user_function, "client_function", user_function)
-                self._starter_arg = trigger.name
+        self._starter: FunctionEntry | None = None
+        self._orchestrators: dict[str, FunctionEntry] = {}
+        self._activities: dict[str, FunctionEntry] = {}
+        for entry in entries:
+            trigger = entry.trigger
+            kind = trigger.get("type")
+            if kind == "queueTrigger" and trigger.get("queueName") == START_QUEUE:
+                self._starter = entry
             elif kind == "orchestrationTrigger":
-                self._orchestrators[name] = user_function  # the SDK's handle: history in, actions out
+                self._orchestrators[entry.name] = entry
             elif kind == "activityTrigger":
-                self._activities[name] = (user_function, trigger.name)
+                self._activities[entry.name] = entry
         if self._starter is None:
             raise RuntimeError(f"no function is triggered by the {START_QUEUE} queue")
+        # What the extension gives a durable client binding: where its HTTP API is.
+        self._client_binding = json.dumps({
+            "taskHubName": "SekishoLocal", "creationUrls": {}, "managementUrls": {},
+            "rpcBaseUrl": f"{host_url.rstrip('/')}{DURABLE_API}", "baseUrl": f"{host_url.rstrip('/')}{DURABLE_API}",
+            "requiredQueryStringParameters": "", "httpBaseUrl": "",
+        })
         self.instances: dict[str, InstanceStatus] = {}
         self._tasks: set[asyncio.Task] = set()
 
     # JobLauncher ---------------------------------------------------------------------------------
     async def launch(self, job: dict[str, Any]) -> None:
-        message = func.QueueMessage(id=job["id"], body=json.dumps(start_message(job)).encode())
-        await self._starter(**{self._starter_arg: message, "client": LocalDurableClient(self)})
+        """Deliver the job's start message to the queue-triggered starter."""
+        now = datetime.now(timezone.utc).isoformat()
+        trigger = self._starter.trigger
+        client = self._starter.binding("durableClient")
+        await self._invoke(self._starter, {trigger["name"]: json.dumps(start_message(job)), client["name"]: self._client_binding},
+                           {"Id": job["id"], "DequeueCount": 1, "InsertionTime": now, "ExpirationTime": now,
+                            "NextVisibleTime": now, "PopReceipt": ""})
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    # The extension's HTTP API, as far as the SDK's client uses it here -------------------------
+    async def handle_api(self, method: str, path: str, body: bytes) -> Response:
+        """`POST orchestrators/{name}/{id}` starts an instance; `GET instances/{id}` reads one."""
+        parts = [unquote(p) for p in path.split("?", 1)[0].strip("/").split("/")]
+        if method == "POST" and len(parts) == 3 and parts[0] == "orchestrators":
+            name, instance_id = parts[1], parts[2]
+            if name not in self._orchestrators:
+                return JSONResponse({"ExceptionMessage": f"The function '{name}' doesn't exist."}, status_code=400)
+            # The SDK's client posts its serialized input as a JSON string: that text is the input.
+            self.start(name, instance_id, json.loads(body) if body else "null")
+            return JSONResponse({"id": instance_id}, status_code=202)
+        if method == "GET" and len(parts) == 2 and parts[0] == "instances":
+            status = self.instances.get(parts[1])
+            if status is None:
+                return Response(status_code=404)
+            shape = {"instanceId": parts[1], "runtimeStatus": status.runtime_status, "customStatus": status.custom_status,
+                     "output": status.output}
+            return JSONResponse(shape, status_code=200 if status.runtime_status in ("Completed",) else 202)
+        return Response(status_code=404)
+
     # Orchestrations ------------------------------------------------------------------------------
-    def start(self, name: str, instance_id: str, client_input: Any) -> str:
-        self._begin(name, History(name, instance_id, json.dumps(client_input)))
+    def start(self, name: str, instance_id: str, encoded_input: str) -> str:
+        if instance_id in self.instances and self.instances[instance_id].runtime_status in ("Pending", "Running"):
+            return instance_id  # already running: one orchestration per instance id
+        self._begin(name, History(name, instance_id, encoded_input))
         return instance_id
 
     def resume(self) -> int:
@@ -232,7 +254,8 @@ class LocalDurableRuntime:
         instance_id = history.instance_id
         status = self.instances[instance_id]
         status.runtime_status = "Running"
-        handle = self._orchestrators[name]
+        orchestrator = self._orchestrators[name]
+        context = orchestrator.trigger["name"]
         try:
             while True:
                 waiting = history.awaiting()
@@ -241,7 +264,9 @@ class LocalDurableRuntime:
                     history.add(ORCHESTRATOR_STARTED)
                     history.events.extend(outcomes)
                     self._save(name, history)
-                state = run_episode(handle, history)
+                answer = await self._invoke(orchestrator, {context: history.context()})
+                state = untyped(answer.return_value)
+                state = json.loads(state) if isinstance(state, str) else state
                 status.custom_status = state.get("customStatus")
                 if state.get("isDone"):
                     status.runtime_status, status.output = "Completed", state.get("output")
@@ -270,10 +295,11 @@ class LocalDurableRuntime:
             fire_at = isoparse(action["fireAt"])
             await asyncio.sleep(max(0.0, (fire_at - datetime.now(timezone.utc)).total_seconds()))
             return history_event(TIMER_FIRED, TimerId=event_id, FireAt=action["fireAt"])
-        function, argument = self._activities[action["functionName"]]
+        activity = self._activities[action["functionName"]]
         try:
-            # The activity gets its input decoded, and its result is stored encoded, as the extension does.
-            result = await function(**{argument: json.loads(action["input"]) if action.get("input") is not None else None})
+            # The activity's input goes as the JSON the orchestrator encoded; its result is stored encoded.
+            answer = await self._invoke(activity, {activity.trigger["name"]: protos.TypedData(json=action["input"]) if action.get("input") is not None else protos.TypedData()})
+            result = untyped(answer.return_value)
         except Exception as exc:
             logger.exception("activity %s of %s failed", action["functionName"], instance_id)
             return history_event(TASK_FAILED, TaskScheduledId=event_id, Reason=str(exc), Details=traceback.format_exc())

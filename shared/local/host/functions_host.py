@@ -1,36 +1,55 @@
-"""An ASGI app made from the HTTP functions registered on an Azure Functions `FunctionApp`.
+"""The Functions host's part for HTTP, played locally: route each request to a function by its
+route template, and invoke the function through the Python worker runtime.
 
-The route table is read off the FunctionApp object (route template, methods, handler), so the
-local host serves exactly what Azure would, with the same handlers. Matching follows the
-Functions host's precedence: literal segments beat parameters, and catch-all (`{*x}`) routes
-come last.
+The route table is built from the function metadata the worker sends (the `httpTrigger`
+binding's route and methods), as the host builds it. Matching follows the host's precedence:
+literal segments beat parameters, and catch-all (`{*x}`) routes come last. A matched request
+is invoked the way the host invokes a worker that streams HTTP: an `InvocationRequest` with the
+route parameters, and the request itself forwarded to the runtime's web server with the
+invocation id; the response streams back from there. Forwarding gives the worker's server the
+request's path, query, headers and body, and, as the host's forwarder does, not the client's
+`Host`: what the app sees as its own address is the worker's loopback one.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
+from urllib.parse import parse_qsl
 
+import aiohttp
 import azure.functions as func
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from ...errors import error_body
 from ...routes import compile_template
+from .durable_runtime import DURABLE_API
+from .language_worker import INVOCATION_ID_HEADER, FunctionEntry, LanguageWorker
 
 logger = logging.getLogger("sekisho.localhost")
 _ADMIN_FUNCTIONS = "/admin/functions/"  # the Functions host's own API (no function may use an admin route)
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                         b"proxy-connection", b"host"})
+_NOT_PASSED_BACK = _HOP_BY_HOP | {b"date", b"server"}  # the host's own server sets these
 
 
 @dataclass(frozen=True)
 class HttpFunction:
-    name: str
+    entry: FunctionEntry
     route: str
     methods: frozenset[str]
-    handler: Callable[[Request], Awaitable[Response]]
+    trigger_name: str
     pattern: re.Pattern[str]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
 
     @property
     def precedence(self) -> tuple[int, int, int]:
@@ -44,9 +63,10 @@ def registered_functions(app: func.FunctionApp) -> list:
     """The app's functions as the Python worker indexes them at start-up: through the worker
     runtime's own loader (`azure-functions-runtime`, the library Azure loads from the app's
     requirements on Python 3.13+), which imports the app's module and calls `get_functions()`.
+    For tests and tools that look at the app without running a worker.
 
-    The worker indexes once; a second `get_functions()` reports every function as a duplicate
-    name (it validates against state kept on the app), so the result is kept on the app."""
+    A second `get_functions()` reports every function as a duplicate name (it validates against
+    state kept on the app), so the result is kept on the app."""
     functions = getattr(app, "_sekisho_indexed_functions", None)
     if functions is None:
         module = next((m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("app") is app and getattr(m, "__file__", None)), None)
@@ -62,37 +82,33 @@ def registered_functions(app: func.FunctionApp) -> list:
     return functions
 
 
-def http_functions(app: func.FunctionApp) -> list[HttpFunction]:
-    """The HTTP-triggered functions of `app`, in matching order."""
+def route_prefix(app_directory: str | Path) -> str:
+    """host.json's `extensions.http.routePrefix` (the host's default: `api`)."""
+    try:
+        config = json.loads((Path(app_directory) / "host.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "api"
+    prefix = config.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    return str(prefix).strip("/")
+
+
+def route_table(entries: list[FunctionEntry], prefix: str = "") -> list[HttpFunction]:
+    """The HTTP-triggered functions, in matching order; each route under `prefix`."""
     found = []
-    for function in registered_functions(app):
-        trigger = function.get_trigger()
-        if getattr(trigger, "type", None) != "httpTrigger":
+    for entry in entries:
+        trigger = entry.trigger
+        if trigger.get("type") != "httpTrigger":
             continue
-        route = trigger.route or function.get_function_name()
-        methods = frozenset(str(getattr(m, "value", m)).upper() for m in (trigger.methods or ("GET", "POST")))
-        found.append(
-            HttpFunction(
-                name=function.get_function_name(),
-                route=route,
-                methods=methods,
-                handler=function.get_user_function(),
-                pattern=compile_template(route),
-            )
-        )
+        route = "/".join(part for part in (prefix, (trigger.get("route") or entry.name).strip("/")) if part)
+        methods = frozenset(str(m).upper() for m in (trigger.get("methods") or ("GET", "POST")))
+        found.append(HttpFunction(entry, route, methods, trigger["name"], compile_template(route)))
     return sorted(found, key=lambda f: f.precedence)
 
 
-class FunctionsAsgiApp:
-    """Routes each request to the first registered function whose route and method match."""
-
-    def __init__(self, app: func.FunctionApp, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None, timers=None,
-                 on_startup: list[Callable[[], None]] | None = None) -> None:
-        self.functions = http_functions(app)
-        self._on_startup = list(on_startup or ())  # run in the event loop once the server starts
+class RouteMatcher:
+    def __init__(self, functions: list[HttpFunction]) -> None:
+        self.functions = functions
         self._matched: dict[tuple[str, str], tuple[HttpFunction | None, dict[str, str]]] = {}
-        self._on_shutdown = list(on_shutdown or ())
-        self.timers = timers  # timers.LocalTimers: the app's timer-triggered functions
 
     def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str]]:
         known = self._matched.get((method, path))
@@ -109,6 +125,20 @@ class FunctionsAsgiApp:
                 return function, found.groupdict()  # the server decoded the path once already
         return None, {}
 
+
+class FunctionsAsgiApp:
+    """The local host's HTTP front: starts the worker when the server starts, then routes each
+    request to the first registered function whose route and method match."""
+
+    def __init__(self, worker: LanguageWorker, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None) -> None:
+        self.worker = worker
+        self.routes = RouteMatcher([])
+        self._on_startup: list[Callable[[list[FunctionEntry]], Awaitable[None] | None]] = []
+        self._on_shutdown = on_shutdown if on_shutdown is not None else []
+        self.timers = None  # timers.LocalTimers, set by a startup hook: the app's timer-triggered functions
+        self.durable = None  # durable_runtime.LocalDurableRuntime, set by a startup hook: the extension's HTTP API
+        self._session: aiohttp.ClientSession | None = None
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -118,26 +148,79 @@ class FunctionsAsgiApp:
         if scope["path"].startswith(_ADMIN_FUNCTIONS):
             await self._admin_run(scope, receive, send)
             return
-        function, params = self.match(scope["method"], scope["path"])
+        if scope["path"].startswith(DURABLE_API):
+            await self._durable_api(scope, receive, send)
+            return
+        function, params = self.routes.match(scope["method"], scope["path"])
         if function is None:
             body = error_body(f"No route for {scope['method']} {scope['path']}.", "not_found", "invalid_request_error")
-            response = Response(body, status_code=404, media_type="application/json")
-        else:
-            scope["path_params"] = params
+            await Response(body, status_code=404, media_type="application/json")(scope, receive, send)
+            return
+        await self._invoke_http(function, params, scope, receive, send)
+
+    def on_startup(self, hook: Callable[[list[FunctionEntry]], Awaitable[None] | None]) -> None:
+        """Run `hook(functions)` once the worker has started and sent its functions' metadata."""
+        self._on_startup.append(hook)
+
+    async def _invoke_http(self, function: HttpFunction, params: dict[str, str], scope, receive, send) -> None:
+        invocation_id = str(uuid.uuid4())
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope.get("raw_path") or scope["path"].encode()
+        path_and_query = target.decode("latin-1") + (f"?{query}" if query else "")
+        first_values: dict[str, str] = {}
+        headers: list[tuple[str, str]] = []
+        for k, v in scope["headers"]:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            first_values.setdefault(name.lower(), value)
+            if k.lower() not in _HOP_BY_HOP:
+                headers.append((name, value))
+        headers.append((INVOCATION_ID_HEADER, invocation_id))
+        own = f"{scope.get('scheme', 'http')}://{first_values.get('host', 'localhost')}"  # the URL the client asked for
+        http = self.worker.http_input(scope["method"], own + path_and_query, first_values, params, dict(parse_qsl(query)))
+        invocation = asyncio.create_task(self.worker.invoke(function.entry, {function.trigger_name: http}, invocation_id=invocation_id))
+        try:
+            upstream = await self._session.request(
+                scope["method"], self.worker.http_uri + path_and_query, headers=headers,
+                data=_request_body(receive) if _has_body(scope) else None, allow_redirects=False,
+            )
+        except Exception:
+            invocation.cancel()  # it waits for a request that will not come
+            logger.exception("forwarding %s %s to the worker failed", scope["method"], scope["path"])
+            body = error_body("The function host could not reach the worker.", "server_error", "server_error")
+            await Response(body, status_code=502, media_type="application/json")(scope, receive, send)
+            return
+        try:
+            response = StreamingResponse(upstream.content.iter_any(), status_code=upstream.status)
+            response.raw_headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
+            await response(scope, receive, send)
+        finally:
+            upstream.release()
+            # The function has answered by now (its response is what was streamed), so its
+            # invocation ends at once; one the worker's server answered without pairing it never
+            # would (the host would wait out the function timeout): it is given up on.
             try:
-                response = await function.handler(Request(scope, receive))
-            except Exception:
-                logger.exception("function %s raised", function.name)
-                body = error_body("The function raised an exception.", "server_error", "server_error")
-                response = Response(body, status_code=500, media_type="application/json")
+                await asyncio.wait_for(invocation, timeout=1)
+            except TimeoutError:
+                logger.warning("invocation %s of %s never received its HTTP request (the worker answered %s itself)",
+                               invocation_id, function.name, upstream.status)
+            except Exception as exc:  # the worker's server already answered the client (a 500 if the function raised)
+                logger.warning("invocation %s of %s: %s", invocation_id, function.name, exc)
+
+    async def _durable_api(self, scope, receive, send) -> None:
+        """The Durable extension's HTTP API on the host's port (Azure asks for the system key; here
+        only a caller on this machine may)."""
+        if self.durable is None or not _from_loopback(scope):
+            response = Response(status_code=401 if self.durable is not None else 404)
+        else:
+            body = b"".join([chunk async for chunk in _request_body(receive)])
+            response = await self.durable.handle_api(scope["method"], scope["path"][len(DURABLE_API):], body)
         await response(scope, receive, send)
 
     async def _admin_run(self, scope, receive, send) -> None:
         """`POST /admin/functions/{name}`: the host's admin API runs a non-HTTP function now. Azure
         asks for the master key; here only a caller on this machine may."""
         name = scope["path"][len(_ADMIN_FUNCTIONS):].strip("/")
-        client = (scope.get("client") or ("",))[0]
-        if scope["method"] != "POST" or client not in ("127.0.0.1", "::1", "localhost"):
+        if scope["method"] != "POST" or not _from_loopback(scope):
             response = Response(status_code=401)
         elif self.timers is not None and await self.timers.run_now(name):
             response = Response(status_code=202)
@@ -145,17 +228,35 @@ class FunctionsAsgiApp:
             response = Response(status_code=404)
         await response(scope, receive, send)
 
+    async def _start(self) -> None:
+        await self.worker.start()
+        self.routes = RouteMatcher(route_table(self.worker.functions, route_prefix(self.worker.app_directory)))
+        # The host's forwarder: a pooled client that passes bodies through as they are (no
+        # decompression), never follows redirects, and waits as long as a stream lasts.
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False), skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        for hook in self._on_startup:
+            try:
+                outcome = hook(self.worker.functions)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception:
+                logger.exception("startup hook failed")
+        if self.timers is not None:
+            self.timers.start()
+
     async def _lifespan(self, receive, send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                for hook in self._on_startup:
-                    try:
-                        hook()
-                    except Exception:
-                        logger.exception("startup hook failed")
-                if self.timers is not None:
-                    self.timers.start()
+                try:
+                    await self._start()
+                except Exception as exc:
+                    logger.exception("the worker did not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.timers is not None:
@@ -165,5 +266,28 @@ class FunctionsAsgiApp:
                         await hook()
                     except Exception:
                         logger.exception("shutdown hook failed")
+                if self._session is not None:
+                    await self._session.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _from_loopback(scope) -> bool:
+    return (scope.get("client") or ("",))[0] in ("127.0.0.1", "::1", "localhost")
+
+
+def _has_body(scope) -> bool:
+    return any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+
+
+async def _request_body(receive):
+    """The request body as it arrives, passed on chunk by chunk."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return

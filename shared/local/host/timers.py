@@ -1,8 +1,10 @@
 """Timer-triggered functions, run by the local host as the Functions host runs them.
 
-Each function registered with `@app.timer_trigger` is read off the FunctionApp (its NCRONTAB
-schedule: six fields, seconds first, in UTC) and called at every time the schedule names, with a
-TimerRequest; one run at a time per function (the host's singleton lock does that in Azure).
+Each function with a `timerTrigger` binding in the worker's function metadata (its NCRONTAB
+schedule: six fields, seconds first, in UTC) is invoked through the worker at every time the
+schedule names, with the timer's binding data as the host sends it (JSON: `Schedule`,
+`ScheduleStatus`, `IsPastDue`); one run at a time per function (the host's singleton lock does
+that in Azure).
 `run_now` is what the host's admin API does for `POST /admin/functions/{name}` (Azure: with the
 master key; locally: from loopback only), so that tests and operators need not wait. With
 several local workers each runs the timers; what they run must be safe to run twice (the
@@ -14,11 +16,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-from azure.functions.timer import TimerRequest
-
-from .functions_host import registered_functions
+from .language_worker import FunctionEntry
 
 logger = logging.getLogger("sekisho.localhost.timers")
 
@@ -72,19 +72,22 @@ class TimerFunction:
     argument: str
     schedule: list[frozenset[int]]
     run_on_startup: bool
-    handler: Callable[..., Any]
+    entry: FunctionEntry
+    last: datetime | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class LocalTimers:
-    def __init__(self, app) -> None:
+    """`invoke(entry, inputs)`: how a function is run (the worker's `invoke`)."""
+
+    def __init__(self, entries: list[FunctionEntry], invoke: Callable[..., Awaitable[Any]]) -> None:
         self.functions: dict[str, TimerFunction] = {}
-        for function in registered_functions(app):
-            trigger = function.get_trigger()
-            if getattr(trigger, "type", None) == "timerTrigger":
-                name = function.get_function_name()
-                self.functions[name] = TimerFunction(name, trigger.name, parse_schedule(trigger.schedule),
-                                                     bool(getattr(trigger, "run_on_startup", False)), function.get_user_function())
+        self._invoke = invoke
+        for entry in entries:
+            trigger = entry.trigger
+            if trigger.get("type") == "timerTrigger":
+                self.functions[entry.name] = TimerFunction(entry.name, trigger["name"], parse_schedule(trigger["schedule"]),
+                                                           bool(trigger.get("runOnStartup", False)), entry)
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -116,9 +119,15 @@ class LocalTimers:
 
     async def _run(self, timer: TimerFunction, past_due: bool) -> None:
         async with timer.lock:
+            now = datetime.now(timezone.utc)
+            binding = {
+                "Schedule": {"AdjustForDST": True},
+                "ScheduleStatus": {"Last": (timer.last or now).isoformat(), "Next": next_time(timer.schedule, now).isoformat(),
+                                   "LastUpdated": now.isoformat()},
+                "IsPastDue": past_due,
+            }
+            timer.last = now
             try:
-                outcome = timer.handler(**{timer.argument: TimerRequest(past_due=past_due)})
-                if asyncio.iscoroutine(outcome):
-                    await outcome
+                await self._invoke(timer.entry, {timer.argument: binding})
             except Exception:
                 logger.exception("timer function %s failed", timer.name)
