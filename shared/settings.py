@@ -64,6 +64,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "`Authorization=AAD;ClientId=<identity client id>` when the Application Insights component has local auth off."),
     Setting("AzureWebJobsStorage", "", "Functions host storage as a connection string (local: UseDevelopmentStorage=true for Azurite). Async jobs are queued on its `sekisho-jobs` queue."),
     Setting("AzureWebJobsStorage__accountName", "", "Functions host storage account for identity-based access (Azure; no keys). Async jobs are queued on its `sekisho-jobs` queue."),
+    Setting("SEKISHO_LOCAL_QUEUE_URL", "", "Local host only (it sets this itself): where async jobs' start messages are put instead of a Storage queue."),
     Setting("AzureWebJobsStorage__clientId", "", "Client id of the user-assigned identity used for the host storage (identity-based access)."),
 )
 
@@ -119,6 +120,7 @@ class Settings:
     webjobs_storage_account: str = ""
     webjobs_storage_client_id: str = ""
     public_base_url: str = ""
+    local_queue_url: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -211,6 +213,7 @@ class Settings:
             appinsights_authentication_string=get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
             webjobs_storage_account=get("AzureWebJobsStorage__accountName"),
             webjobs_storage_client_id=get("AzureWebJobsStorage__clientId"),
+            local_queue_url=get("SEKISHO_LOCAL_QUEUE_URL"),
             public_base_url=_public_base_url(get("SEKISHO_PUBLIC_BASE_URL"), get("WEBSITE_HOSTNAME")),
             raw=dict(env),
         )

@@ -117,18 +117,24 @@ async def test_repeated_failures_from_one_client_are_refused_but_valid_keys_stil
     key, _ = await _key(gateway, admin_token, app_id)
     url = gateway.url + "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    statuses = []
+    statuses, times = [], []
     async with aiohttp.ClientSession() as session:
         for number in range(25):
             async with session.post(url, json=body, headers={"api-key": f"sekisho-gk-{number:012x}-" + "B" * 43}) as response:
                 statuses.append(response.status)
+                times.append(time.monotonic())
                 if response.status == 429:
                     assert int(response.headers["Retry-After"]) >= 1
         await asyncio.sleep(1.1)  # a refused client gets one store lookup a second
         async with session.post(url, json=body, headers={"api-key": key}) as response:
             assert response.status == 200  # the app's own key is not locked out
     first_refusal = statuses.index(429)  # earlier tests on this gateway may have failed keys from this client too
-    assert 0 < first_refusal <= 20 and set(statuses[:first_refusal]) == {401} and set(statuses[first_refusal:]) == {429}
+    assert 0 < first_refusal <= 20 and set(statuses[:first_refusal]) == {401}
+    # Once refused, the client gets one store lookup a second, no more: any later 401 comes at
+    # least a second after the refusal or the lookup before it.
+    looked_up = [times[first_refusal]] + [t for t, s in zip(times[first_refusal:], statuses[first_refusal:]) if s == 401]
+    assert set(statuses[first_refusal:]) <= {401, 429}
+    assert all(later - earlier >= 0.9 for earlier, later in zip(looked_up, looked_up[1:])), statuses
 
 
 def _host(env: dict, data_dir, log_path) -> tuple[subprocess.Popen, str]:

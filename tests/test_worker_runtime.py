@@ -44,7 +44,7 @@ async def item(req: Request) -> JSONResponse:
     body = await req.body()
     return JSONResponse({"item": req.path_params["item_id"], "invocation": req.headers.get("x-ms-invocation-id"),
                          "host": req.headers.get("host"), "q": req.query_params.get("q"), "body": len(body),
-                         "url": str(req.url)}, headers={"x-answer": "1"})
+                         "url": str(req.url), "pid": os.getpid()}, headers={"x-answer": "1"})
 
 
 @app.route(route="stream", methods=["GET"])
@@ -93,7 +93,7 @@ def _start_tiny_host(app_dir: Path, corrected: bool):
 def tiny_host(tmp_path_factory):
     process, url, out = _start_tiny_host(tmp_path_factory.mktemp("tiny-app"), corrected=True)
     try:
-        yield url, out
+        yield url, out, process.pid
     finally:
         stop(process)
 
@@ -108,7 +108,7 @@ def uncorrected_host(tmp_path_factory):
 
 
 async def test_a_call_reaches_the_function_through_the_runtimes_web_server(tiny_host):
-    url, _ = tiny_host
+    url, _, host_pid = tiny_host
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/api/items/42?q=x", data=b"z" * 1_000_000, headers={"Host": "client.example"}) as answer:
             assert answer.status == 200 and answer.headers["x-answer"] == "1"
@@ -125,10 +125,12 @@ async def test_a_call_reaches_the_function_through_the_runtimes_web_server(tiny_
     # the app builds from its request URL would be wrong in Azure too (hence SEKISHO_PUBLIC_BASE_URL).
     assert seen["host"].startswith("127.0.0.1:") and "client.example" not in seen["url"]
     assert seen["invocation"] != chunked_seen["invocation"]
+    # The app runs in a worker process of its own, as in Azure, never in the host's.
+    assert seen["pid"] == chunked_seen["pid"] != host_pid
 
 
 async def test_routes_come_from_the_metadata_with_host_jsons_prefix(tiny_host):
-    url, _ = tiny_host
+    url = tiny_host[0]
     async with aiohttp.ClientSession() as session:
         for path, status in (("/items/1", 404), ("/api/items/1", 200), ("/api/items", 404), ("/api/stream", 200)):
             async with session.get(url + path) as answer:
@@ -138,7 +140,7 @@ async def test_routes_come_from_the_metadata_with_host_jsons_prefix(tiny_host):
 
 
 async def test_a_stream_arrives_as_the_function_yields_it(tiny_host):
-    url, _ = tiny_host
+    url = tiny_host[0]
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
         async with session.get(f"{url}/api/stream") as answer:
@@ -151,7 +153,7 @@ async def test_a_stream_arrives_as_the_function_yields_it(tiny_host):
 
 
 async def test_a_function_that_raises_answers_500(tiny_host):
-    url, _ = tiny_host
+    url = tiny_host[0]
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/api/broken") as answer:
             assert answer.status == 500
@@ -160,7 +162,7 @@ async def test_a_function_that_raises_answers_500(tiny_host):
 
 
 async def test_a_timer_function_is_invoked_with_the_hosts_binding_data(tiny_host):
-    url, out = tiny_host
+    url, out = tiny_host[0], tiny_host[1]
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/admin/functions/nightly") as answer:
             assert answer.status == 202
@@ -187,7 +189,7 @@ def test_the_messages_carry_what_the_runtime_reads():
 
 
 async def test_the_durable_api_is_the_hosts_and_only_from_this_machine(tiny_host):
-    url, _ = tiny_host
+    url = tiny_host[0]
     # The tiny app has no orchestrations: the extension's API is not there.
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/runtime/webhooks/durabletask/instances/x") as answer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from ..issuer import LocalIssuer
 from .durable_runtime import LocalDurableRuntime
 from .functions_host import FunctionsAsgiApp
 from .issuer_routes import IssuerRoutes
-from .language_worker import LanguageWorker
+from .language_worker import LanguageWorker, _die_with_parent
 from .timers import LocalTimers
 
 DEMO_DEPLOYMENTS = ("gpt-4o-mini", "text-embedding-3-small", "whisper", "gpt-4o-transcribe", "tts", "dall-e-3", "gpt-image-1")
@@ -47,17 +46,6 @@ def _wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing is listening on {host}:{port} after {timeout:.0f}s")
 
 
-def _die_with_parent() -> None:
-    """In the child, before it runs: the kernel sends it SIGTERM when this process ends, however it
-    ends (uvicorn re-raises SIGTERM after its graceful shutdown, so atexit hooks never run then)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: atexit below still covers a normal exit
-        pass
-
-
 def start_simulator(port: int, latency_ms: float, chunk_interval_ms: float) -> tuple[subprocess.Popen, str, str]:
     api_key = secrets.token_urlsafe(24)
     command = [
@@ -72,13 +60,6 @@ def start_simulator(port: int, latency_ms: float, chunk_interval_ms: float) -> t
     return process, f"http://127.0.0.1:{port}", api_key
 
 
-def load_function_app(app_dir: str | Path = PROJECT_ROOT):
-    """Import the app's `function_app` module, as the worker does (the app's folder first on the path)."""
-    if str(app_dir) not in sys.path:
-        sys.path.insert(0, str(app_dir))
-    return importlib.import_module("function_app")
-
-
 _ISSUER_DIR_ENV = "SEKISHO_LOCAL_ISSUER_DIR"  # set by main() for worker processes
 _DATA_DIR_ENV = "SEKISHO_LOCAL_DATA_DIR"
 _HOST_URL_ENV = "SEKISHO_LOCAL_HOST_URL"
@@ -87,23 +68,20 @@ _APP_DIR_ENV = "SEKISHO_LOCAL_APP_DIR"
 
 def build_asgi_app(app_dir: str | Path = PROJECT_ROOT, data_dir: str | Path | None = None,
                    host_url: str = "http://127.0.0.1:7071") -> FunctionsAsgiApp:
-    """The local host for the Functions app in `app_dir`: imported, indexed and invoked by the
-    Python worker runtime, started when the server starts (in its event loop, as Azure's worker
-    runs it)."""
-    module = load_function_app(app_dir)
+    """The local host for the Functions app in `app_dir`. The app itself runs in a worker
+    process of its own, started when the server starts: imported, indexed and invoked by the
+    Python worker runtime there, as in Azure; this process plays the Functions host."""
     worker = LanguageWorker(app_dir)
-    on_shutdown = [module.gateway.aclose] if hasattr(module, "gateway") else []
-    local = FunctionsAsgiApp(worker, on_shutdown=on_shutdown)
+    local = FunctionsAsgiApp(worker)
 
     def started(functions) -> None:
         local.timers = LocalTimers(functions, worker.invoke)
-        if hasattr(module, "gateway"):
-            # Async jobs: the local host plays the queue and the Durable extension, keeping each
-            # orchestration's history in the data folder so a restart resumes it.
+        if any(f.trigger.get("type") == "orchestrationTrigger" for f in functions):
+            # The Durable extension: orchestrations run here, each history kept in the data
+            # folder so that a restart resumes it.
             runtime = LocalDurableRuntime(functions, worker.invoke, host_url, Path(data_dir) / "durable" if data_dir else None)
-            module.gateway.job_launcher = runtime
             local.durable = runtime
-            on_shutdown.insert(0, runtime.close)
+            local.on_shutdown(runtime.close)
             _resume_once(runtime, data_dir)
 
     local.on_startup(started)
@@ -225,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[_HOST_URL_ENV] = f"http://127.0.0.1:{args.port}"
     os.environ[_APP_DIR_ENV] = str(Path(args.app_dir).resolve())
     os.environ.setdefault("SEKISHO_PUBLIC_BASE_URL", f"http://127.0.0.1:{args.port}")  # Azure: https://<WEBSITE_HOSTNAME>
+    # The app's job launcher puts its messages on the local host's queue (Azure: Storage queues).
+    os.environ["SEKISHO_LOCAL_QUEUE_URL"] = f"http://127.0.0.1:{args.port}/admin/queues"
     os.environ.setdefault("SEKISHO_SQLITE_PATH", str(data_dir / "sekisho.db"))
     os.environ.setdefault("SEKISHO_LOG_SPOOL_DIR", str(data_dir / "log-spool"))
     upstream = os.environ.get("AZURE_OPENAI_ENDPOINT", "")

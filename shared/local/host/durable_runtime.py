@@ -6,9 +6,10 @@ durable timers between attempts. Locally the same functions run, found in the wo
 metadata by their bindings and invoked through the worker, with the binding data the host and
 the Durable extension send:
 
-- the starter gets the queue message (body and metadata) and the durable client binding's JSON,
-  from which the SDK's client calls the extension's HTTP API (`/runtime/webhooks/durabletask/`,
-  served by this module on the local host's port) to start the instance and read its status;
+- the starter, triggered by the local host's queue (functions_host.py), gets the durable client
+  binding's JSON (`client_binding`), from which the SDK's client calls the extension's HTTP API
+  (`/runtime/webhooks/durabletask/`, answered by `handle_api` on the local host's port) to start
+  the instance and read its status;
 - the orchestrator gets, in each episode, the instance's whole history in the extension's JSON
   shape (OrchestratorStarted, ExecutionStarted, TaskScheduled, TaskCompleted or TaskFailed,
   TimerCreated, TimerFired, OrchestratorCompleted; events of earlier episodes marked played); the
@@ -34,7 +35,6 @@ from urllib.parse import quote, unquote
 from dateutil.parser import isoparse
 from starlette.responses import JSONResponse, Response
 
-from ...jobs.orchestration import START_QUEUE, start_message
 from .language_worker import FunctionEntry, untyped
 from .worker_protocol import protos
 
@@ -144,38 +144,23 @@ class LocalDurableRuntime:
         self._invoke = invoke  # the worker's: (entry, inputs, trigger_metadata) -> InvocationResponse
         self._history_dir = Path(history_dir) if history_dir else None
         self.resume_lock: Any = None  # with several local workers: the lock that makes this one the resumer
-        self._starter: FunctionEntry | None = None
         self._orchestrators: dict[str, FunctionEntry] = {}
         self._activities: dict[str, FunctionEntry] = {}
         for entry in entries:
             trigger = entry.trigger
             kind = trigger.get("type")
-            if kind == "queueTrigger" and trigger.get("queueName") == START_QUEUE:
-                self._starter = entry
-            elif kind == "orchestrationTrigger":
+            if kind == "orchestrationTrigger":
                 self._orchestrators[entry.name] = entry
             elif kind == "activityTrigger":
                 self._activities[entry.name] = entry
-        if self._starter is None:
-            raise RuntimeError(f"no function is triggered by the {START_QUEUE} queue")
         # What the extension gives a durable client binding: where its HTTP API is.
-        self._client_binding = json.dumps({
+        self.client_binding = json.dumps({
             "taskHubName": "SekishoLocal", "creationUrls": {}, "managementUrls": {},
             "rpcBaseUrl": f"{host_url.rstrip('/')}{DURABLE_API}", "baseUrl": f"{host_url.rstrip('/')}{DURABLE_API}",
             "requiredQueryStringParameters": "", "httpBaseUrl": "",
         })
         self.instances: dict[str, InstanceStatus] = {}
         self._tasks: set[asyncio.Task] = set()
-
-    # JobLauncher ---------------------------------------------------------------------------------
-    async def launch(self, job: dict[str, Any]) -> None:
-        """Deliver the job's start message to the queue-triggered starter."""
-        now = datetime.now(timezone.utc).isoformat()
-        trigger = self._starter.trigger
-        client = self._starter.binding("durableClient")
-        await self._invoke(self._starter, {trigger["name"]: json.dumps(start_message(job)), client["name"]: self._client_binding},
-                           {"Id": job["id"], "DequeueCount": 1, "InsertionTime": now, "ExpirationTime": now,
-                            "NextVisibleTime": now, "PopReceipt": ""})
 
     async def close(self) -> None:
         for task in list(self._tasks):

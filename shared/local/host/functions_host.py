@@ -13,12 +13,14 @@ request's path, query, headers and body, and, as the host's forwarder does, not 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
 import sys
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -34,6 +36,7 @@ from .language_worker import INVOCATION_ID_HEADER, FunctionEntry, LanguageWorker
 
 logger = logging.getLogger("sekisho.localhost")
 _ADMIN_FUNCTIONS = "/admin/functions/"  # the Functions host's own API (no function may use an admin route)
+LOCAL_QUEUES = "/admin/queues/"  # the local host's stand-in for Storage queues: POST {queue}/messages
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"proxy-connection", b"host"})
 _NOT_PASSED_BACK = _HOP_BY_HOP | {b"date", b"server"}  # the host's own server sets these
@@ -130,14 +133,15 @@ class FunctionsAsgiApp:
     """The local host's HTTP front: starts the worker when the server starts, then routes each
     request to the first registered function whose route and method match."""
 
-    def __init__(self, worker: LanguageWorker, on_shutdown: list[Callable[[], Awaitable[None]]] | None = None) -> None:
+    def __init__(self, worker: LanguageWorker) -> None:
         self.worker = worker
         self.routes = RouteMatcher([])
         self._on_startup: list[Callable[[list[FunctionEntry]], Awaitable[None] | None]] = []
-        self._on_shutdown = on_shutdown if on_shutdown is not None else []
+        self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self.timers = None  # timers.LocalTimers, set by a startup hook: the app's timer-triggered functions
         self.durable = None  # durable_runtime.LocalDurableRuntime, set by a startup hook: the extension's HTTP API
         self._session: aiohttp.ClientSession | None = None
+        self._deliveries: set[asyncio.Task] = set()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -148,6 +152,9 @@ class FunctionsAsgiApp:
         if scope["path"].startswith(_ADMIN_FUNCTIONS):
             await self._admin_run(scope, receive, send)
             return
+        if scope["path"].startswith(LOCAL_QUEUES):
+            await self._queue_put(scope, receive, send)
+            return
         if scope["path"].startswith(DURABLE_API):
             await self._durable_api(scope, receive, send)
             return
@@ -157,6 +164,10 @@ class FunctionsAsgiApp:
             await Response(body, status_code=404, media_type="application/json")(scope, receive, send)
             return
         await self._invoke_http(function, params, scope, receive, send)
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await `hook()` when the server stops, before the worker process is stopped."""
+        self._on_shutdown.append(hook)
 
     def on_startup(self, hook: Callable[[list[FunctionEntry]], Awaitable[None] | None]) -> None:
         """Run `hook(functions)` once the worker has started and sent its functions' metadata."""
@@ -206,6 +217,45 @@ class FunctionsAsgiApp:
             except Exception as exc:  # the worker's server already answered the client (a 500 if the function raised)
                 logger.warning("invocation %s of %s: %s", invocation_id, function.name, exc)
 
+    async def _queue_put(self, scope, receive, send) -> None:
+        """A message put on a queue (as the app's job launcher does locally): delivered to the
+        function its queue triggers, as the queue trigger delivers it — the body decoded from
+        base64 (the trigger's default messageEncoding), with the message's metadata, and the
+        data of the function's other input bindings the host provides (a durable client's).
+        The put is answered at once; delivery follows, as from a real queue."""
+        parts = scope["path"][len(LOCAL_QUEUES):].strip("/").split("/")
+        if scope["method"] != "POST" or not _from_loopback(scope) or len(parts) != 2 or parts[1] != "messages":
+            await Response(status_code=401 if not _from_loopback(scope) else 404)(scope, receive, send)
+            return
+        queue = parts[0]
+        target = next((f for f in self.worker.functions if f.trigger.get("type") == "queueTrigger" and f.trigger.get("queueName") == queue), None)
+        body = b"".join([chunk async for chunk in _request_body(receive)])
+        try:
+            text = base64.b64decode(body, validate=True).decode("utf-8")
+        except ValueError:
+            await Response(status_code=400)(scope, receive, send)
+            return
+        if target is None:
+            await Response(status_code=404)(scope, receive, send)
+            return
+        inputs: dict[str, object] = {target.trigger["name"]: text}
+        for binding in target.bindings:
+            if binding.get("type") == "durableClient" and self.durable is not None:
+                inputs[binding["name"]] = self.durable.client_binding
+        now = datetime.now(timezone.utc).isoformat()
+        metadata = {"Id": str(uuid.uuid4()), "DequeueCount": 1, "InsertionTime": now, "ExpirationTime": now,
+                    "NextVisibleTime": now, "PopReceipt": ""}
+        task = asyncio.get_running_loop().create_task(self._deliver(target, inputs, metadata))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+        await Response(status_code=201)(scope, receive, send)
+
+    async def _deliver(self, target: FunctionEntry, inputs: dict, metadata: dict) -> None:
+        try:
+            await self.worker.invoke(target, inputs, metadata)
+        except Exception:
+            logger.exception("queue message for %s failed", target.name)
+
     async def _durable_api(self, scope, receive, send) -> None:
         """The Durable extension's HTTP API on the host's port (Azure asks for the system key; here
         only a caller on this machine may)."""
@@ -232,10 +282,13 @@ class FunctionsAsgiApp:
         await self.worker.start()
         self.routes = RouteMatcher(route_table(self.worker.functions, route_prefix(self.worker.app_directory)))
         # The host's forwarder: a pooled client that passes bodies through as they are (no
-        # decompression), never follows redirects, and waits as long as a stream lasts.
+        # decompression), never follows redirects, and waits as long as a stream lasts. Idle
+        # connections are dropped after 2 s, before the worker's uvicorn drops them (5 s): a
+        # request sent on a connection the server is closing would fail with nothing to retry.
         self._session = aiohttp.ClientSession(
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            connector=aiohttp.TCPConnector(limit=0, force_close=False), skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
         for hook in self._on_startup:
             try:
@@ -266,6 +319,8 @@ class FunctionsAsgiApp:
                         await hook()
                     except Exception:
                         logger.exception("shutdown hook failed")
+                await asyncio.gather(*self._deliveries, return_exceptions=True)
+                await self.worker.stop()
                 if self._session is not None:
                     await self._session.close()
                 await send({"type": "lifespan.shutdown.complete"})

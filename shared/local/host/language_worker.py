@@ -1,4 +1,4 @@
-"""The Python language worker as the Functions host sees it, run in this process.
+"""The Python language worker as the Functions host sees it: a process of its own.
 
 What the host does, in order: `WorkerInitRequest` (the runtime indexes `function_app.py` through
 its loader and, the app using HTTP streaming, starts its own web server and answers with its
@@ -9,8 +9,8 @@ invocation id: the invocation message, carrying the route parameters, and the HT
 itself, forwarded to the runtime's web server with the id in `x-ms-invocation-id`; the runtime
 pairs them, runs the function, and its web server streams the response back.
 
-The runtime keeps the worker's state in its module (one worker per process, as in Azure), so
-there is one `LanguageWorker` per local host process.
+The worker is a separate process (`worker_process.py`), as in Azure: the app is imported and
+runs there, and the messages go to it serialized over a loopback channel (`worker_protocol.py`).
 """
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .worker_protocol import WorkerRequest, protos
+from .worker_protocol import frame, protos, read_message
 
 logger = logging.getLogger("sekisho.localhost")
 
+_PROJECT_ROOT = Path(__file__).resolve().parents[3]  # where `shared` is importable from
 INVOCATION_ID_HEADER = "x-ms-invocation-id"
 HOST_VERSION = "4.1040.0"  # the Functions host generation that runs Python 3.13 with the runtime library
 
@@ -61,6 +65,16 @@ def entries_of(app) -> list[FunctionEntry]:
             for f in registered_functions(app)]
 
 
+def _die_with_parent() -> None:
+    """In the worker process, before it runs: the kernel ends it when the host process ends."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _check(response, what: str) -> None:
     if response.result.status != protos.StatusResult.Success:
         raise WorkerError(f"{what} failed: {response.result.exception.message}\n{response.result.exception.stack_trace}")
@@ -85,35 +99,100 @@ def untyped(data) -> Any:
 
 
 class LanguageWorker:
+    """The host's side of one worker process: starts it, drives its start-up, then sends it one
+    InvocationRequest per call and matches each answer to its request."""
+
     def __init__(self, app_directory: str | os.PathLike, host: str = "127.0.0.1") -> None:
         self.app_directory = str(app_directory)
         self.host = host
         self.http_uri: str | None = None
         self.functions: list[FunctionEntry] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[str, asyncio.Future] = {}
+        self._reading: asyncio.Task | None = None
+        self._stopping = False
 
-    async def start(self) -> None:
-        # Imported here: the runtime module holds the worker's state, made once per process.
-        from azure_functions_runtime import handle_event
+    async def start(self, timeout: float = 60.0) -> None:
+        connected: asyncio.Future = asyncio.get_running_loop().create_future()
 
-        self._runtime = handle_event
-        init = await handle_event.worker_init_request(self._message(worker_init_request=protos.WorkerInitRequest(
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not connected.done():
+                connected.set_result((reader, writer))
+            else:
+                writer.close()  # one worker per channel
+
+        server = await asyncio.start_server(on_connect, self.host, 0)
+        port = server.sockets[0].getsockname()[1]
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shared.local.host.worker_process", "--host", self.host, "--port", str(port),
+            "--app-dir", self.app_directory, cwd=_PROJECT_ROOT, preexec_fn=_die_with_parent,
+        )
+        try:
+            reader, self._writer = await asyncio.wait_for(asyncio.shield(connected), timeout)
+        except TimeoutError:
+            raise WorkerError(f"the worker process did not connect within {timeout:.0f} s") from None
+        finally:
+            server.close()
+        self._reading = asyncio.get_running_loop().create_task(self._read(reader), name="worker-channel")
+        init = await self._request("worker_init_response", worker_init_request=protos.WorkerInitRequest(
             host_version=HOST_VERSION, function_app_directory=self.app_directory, worker_directory=self.app_directory,
-        )))
+        ))
         _check(init, "WorkerInitRequest")
         self.http_uri = init.capabilities.get("HttpUri")
-        metadata = await handle_event.functions_metadata_request(self._message(
-            functions_metadata_request=protos.FunctionsMetadataRequest(function_app_directory=self.app_directory)))
+        metadata = await self._request("function_metadata_response", functions_metadata_request=protos.FunctionsMetadataRequest(
+            function_app_directory=self.app_directory))
         _check(metadata, "FunctionsMetadataRequest")
         functions = []
         for entry in metadata.function_metadata_results:
-            loaded = await handle_event.function_load_request(self._message(function_load_request=protos.FunctionLoadRequest(
-                function_id=entry.function_id, metadata=entry)))
+            loaded = await self._request("function_load_response", function_load_request=protos.FunctionLoadRequest(
+                function_id=entry.function_id, metadata=entry))
             _check(loaded, f"FunctionLoadRequest for {entry.name}")
             functions.append(FunctionEntry(entry.name, entry.function_id, tuple(json.loads(b) for b in entry.raw_bindings)))
         self.functions = functions
         if self.http_uri:
             await self._until_serving()
-        logger.info("worker runtime indexed %d functions; HTTP streaming at %s", len(functions), self.http_uri)
+        logger.info("worker process %d indexed %d functions; HTTP streaming at %s", self.process.pid, len(functions), self.http_uri)
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """End the worker process: SIGTERM (it finishes its requests and closes the app), then kill."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self._stopping = True
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while (message := await read_message(reader)) is not None:
+            waiting = self._pending.pop(message.request_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
+        failure = WorkerError("the worker process ended")
+        for waiting in self._pending.values():
+            if not waiting.done():
+                waiting.set_exception(failure)
+        self._pending.clear()
+        if not self._stopping:
+            logger.error("the worker process ended; the local host cannot serve its functions until it is restarted")
+
+    async def _request(self, answer_field: str, request_id: str | None = None, **content):
+        """Send one message and wait for the worker's answer to it."""
+        if self._writer is None or self._reading is None or self._reading.done():
+            raise WorkerError("the worker process is not running")
+        request_id = request_id or str(uuid.uuid4())
+        waiting = self._pending[request_id] = asyncio.get_running_loop().create_future()
+        self._writer.write(frame(protos.StreamingMessage(request_id=request_id, **content)))
+        try:
+            answer = await waiting
+        finally:
+            self._pending.pop(request_id, None)
+        return getattr(answer, answer_field)
 
     async def _until_serving(self, timeout: float = 15.0) -> None:
         """The runtime starts its web server as a task; requests are forwarded once it listens."""
@@ -123,18 +202,11 @@ class LanguageWorker:
             try:
                 _, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
                 writer.close()
-                break
+                return
             except OSError:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise WorkerError(f"the worker's HTTP server at {self.http_uri} did not start")
+                    raise WorkerError(f"the worker's HTTP server at {self.http_uri} did not start") from None
                 await asyncio.sleep(0.02)
-        # The runtime's uvicorn logs each request at INFO, as the worker's own log in Azure; the
-        # local host's console keeps to warnings.
-        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-
-    def _message(self, **content) -> WorkerRequest:
-        return WorkerRequest(protos.StreamingMessage(request_id=str(uuid.uuid4()), **content), self.host)
 
     async def invoke(self, function: FunctionEntry, inputs: dict[str, Any], trigger_metadata: dict[str, Any] | None = None,
                      invocation_id: str | None = None):
@@ -146,7 +218,7 @@ class LanguageWorker:
                         for name, value in inputs.items()],
             trigger_metadata={k: v if isinstance(v, protos.TypedData) else typed(v) for k, v in (trigger_metadata or {}).items()},
         )
-        response = await self._runtime.invocation_request(self._message(invocation_request=request))
+        response = await self._request("invocation_response", request_id=request.invocation_id, invocation_request=request)
         _check(response, f"invocation of {function.name}")
         return response
 

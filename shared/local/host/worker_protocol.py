@@ -1,18 +1,21 @@
 """The messages the Functions host and the Python language worker exchange, as protobuf classes.
 
-In Azure, the host (a .NET process) talks gRPC to the Python worker; on Python 3.13+ the worker
-is a thin process that hands each message, as a protobuf object, to the worker runtime library
-(`azure_functions_runtime`) together with the module of message classes, and the runtime builds
-its answers from that module. The local host plays the host and that thin process: it builds
-these messages and calls the runtime's handlers in this process.
+In Azure, the host (a .NET process) talks gRPC to the Python worker process; on Python 3.13+ the
+worker is a thin process that hands each message, as a protobuf object, to the worker runtime
+library (`azure_functions_runtime`) together with the module of message classes, and the runtime
+builds its answers from that module. The local host plays the host, and `worker_process.py`
+plays that thin process; between them go these messages, serialized, one `StreamingMessage`
+per frame (a 4-byte length, then the message) over a loopback socket instead of gRPC.
 
 Only the messages and fields of the host's protocol that the runtime reads or writes are here.
-Their names are the protocol's (the runtime reads them by name); the messages never leave this
-process, so field numbers are merely unique, not the wire's. `tests/test_worker_runtime.py`
+Their names are the protocol's (the runtime reads them by name); only the two local processes
+exchange them, so field numbers are merely unique, not the wire's. `tests/test_worker_runtime.py`
 drives the runtime with them, so a runtime release that reads a field missing here fails there.
 """
 from __future__ import annotations
 
+import asyncio
+import struct
 from types import SimpleNamespace
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -75,8 +78,11 @@ _MESSAGES = {
                          "trigger_metadata:{TypedData} trace_context:RpcTraceContext retry_context:RetryContext",
     "InvocationResponse": "invocation_id:string output_data:[ParameterBinding] return_value:TypedData result:StatusResult",
     "StreamingMessage": "request_id:string worker_init_request:WorkerInitRequest|content "
+                        "worker_init_response:WorkerInitResponse|content "
                         "functions_metadata_request:FunctionsMetadataRequest|content "
-                        "function_load_request:FunctionLoadRequest|content invocation_request:InvocationRequest|content",
+                        "function_metadata_response:FunctionMetadataResponse|content "
+                        "function_load_request:FunctionLoadRequest|content function_load_response:FunctionLoadResponse|content "
+                        "invocation_request:InvocationRequest|content invocation_response:InvocationResponse|content",
 }
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -159,3 +165,21 @@ class WorkerRequest:
     def __init__(self, message, host: str) -> None:
         self.request = message
         self.properties = {"host": host, "protos": protos}
+
+
+_LENGTH = struct.Struct(">I")
+
+
+def frame(message) -> bytes:
+    """A StreamingMessage as sent over the channel: its length, then its bytes."""
+    data = message.SerializeToString()
+    return _LENGTH.pack(len(data)) + data
+
+
+async def read_message(reader: asyncio.StreamReader):
+    """The next StreamingMessage from the channel; None when the other side has closed it."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+        return protos.StreamingMessage.FromString(await reader.readexactly(_LENGTH.unpack(head)[0]))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None

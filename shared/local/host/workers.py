@@ -9,7 +9,8 @@ import uvicorn
 def serve_worker(options: dict) -> None:
     """Serve on a listening socket of this worker's own, bound to the shared port with
     SO_REUSEPORT: the kernel spreads new connections over the workers."""
-    from .__main__ import _die_with_parent, worker_app
+    from .__main__ import worker_app
+    from .language_worker import _die_with_parent
 
     _die_with_parent()
     sock = socket.socket(socket.AF_INET6 if ":" in options["host"] else socket.AF_INET, socket.SOCK_STREAM)
