@@ -13,6 +13,9 @@ OpenAI simulator answering with zero added latency, so every added millisecond i
 - sekisho-min: the same host for an app with no quota, guards or cache (token, policy, log only);
 - sekisho-quota, -cache, -guards (--breakdown): the minimal app plus one feature each;
 - sekisho-500 (--with-500-rules): an app with 500 forbidden words, a system prompt and leak protection;
+- sekisho-cs (--with-content-safety): the minimal app with Azure AI Content Safety on, the simulated
+             service answering in --content-safety-ms (default 50 ms): what the checks and the
+             stream windows cost in time to the first content token;
 - litellm:   LiteLLM's proxy (version LITELLM_VERSION, installed into bench/.litellm-venv on first
              use) with the simulator as an azure deployment; optional (--no-litellm), and left out
              with a printed reason if it cannot be installed or started.
@@ -103,6 +106,7 @@ LABELS = {
     "sekisho-cache": "Sekisho (min + cache)",
     "sekisho-guards": "Sekisho (min + guards)",
     "sekisho-500": "Sekisho (500 words, system prompt)",
+    "sekisho-cs": "Sekisho (min + Content Safety)",
     "litellm": f"LiteLLM {LITELLM_VERSION}",
 }
 
@@ -157,6 +161,9 @@ SEKISHO_APPS = {
     "sekisho-quota": ("b0b0b0b0-0000-4000-8000-000000000004", {**MINIMAL, **QUOTA}),
     "sekisho-cache": ("b0b0b0b0-0000-4000-8000-000000000005", {**MINIMAL, **CACHE}),
     "sekisho-guards": ("b0b0b0b0-0000-4000-8000-000000000006", {**MINIMAL, "guards": guard_settings()}),
+    # Content Safety with its defaults: Prompt Shields and the four categories on input, the
+    # categories on output, streams in windows (the first of 60 characters, then 300).
+    "sekisho-cs": ("b0b0b0b0-0000-4000-8000-000000000007", {**MINIMAL, "content_safety": {"enabled": True}}),
     "sekisho-500": ("b0b0b0b0-0000-4000-8000-000000000002", {
         **MINIMAL, "system_prompt": {"text": SYSTEM_PROMPT},
         "guards": {"rules": [{"id": f"w{i}", "pattern": f"forbidden term {i}"} for i in range(500)], "output_action": "redact"}}),
@@ -310,11 +317,11 @@ class Measurement:
 
 
 # Servers -----------------------------------------------------------------------------------------
-def start_simulator(work: Path) -> tuple[subprocess.Popen, str]:
+def start_simulator(work: Path, content_safety_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = work / "simulator.log"
     process = spawn([sys.executable, "-m", "shared.local.simulator", "--port", str(port), "--api-key", SIMULATOR_KEY,
-                     "--latency-ms", "0", "--chunk-interval-ms", "0"], log)
+                     "--latency-ms", "0", "--chunk-interval-ms", "0", "--content-safety-latency-ms", str(content_safety_ms)], log)
     wait_for_port(port, process, 30, log)
     return process, f"http://127.0.0.1:{port}"
 
@@ -333,7 +340,8 @@ def start_sekisho(work: Path, upstream: str, db: Path, name: str = "sekisho") ->
     port = free_port()
     log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
-    env.update({"AZURE_OPENAI_ENDPOINT": upstream, "AZURE_OPENAI_API_KEY": SIMULATOR_KEY, "SEKISHO_SQLITE_PATH": str(db)})
+    env.update({"AZURE_OPENAI_ENDPOINT": upstream, "AZURE_OPENAI_API_KEY": SIMULATOR_KEY, "SEKISHO_SQLITE_PATH": str(db),
+                "SEKISHO_CONTENT_SAFETY_ENDPOINT": upstream, "SEKISHO_CONTENT_SAFETY_API_KEY": SIMULATOR_KEY})
     process = spawn([sys.executable, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed",
                      "--data-dir", str(work)], log, env=env)
     wait_for_port(port, process, 60, log)
@@ -719,6 +727,10 @@ async def main() -> None:
                         help="add the app with 500 forbidden words, a system prompt and leak protection (no quota, no cache)")
     parser.add_argument("--breakdown", action="store_true",
                         help="add one Sekisho app per feature (token+policy+log plus quota, or cache, or guards) to see what each costs")
+    parser.add_argument("--with-content-safety", action="store_true",
+                        help="add the minimal app with Content Safety on (shields, categories both ways, stream windows)")
+    parser.add_argument("--content-safety-ms", type=float, default=50.0,
+                        help="the simulated Content Safety service's time per call (default 50 ms)")
     parser.add_argument("--wait-quiet", type=int, default=60, metavar="SECONDS",
                         help="first wait (up to SECONDS, default 60; 0: do not) until other processes use under 0.1 core")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, SQLite database)")
@@ -745,7 +757,7 @@ async def main() -> None:
     cold: list[dict] = []
     try:
         issuer = LocalIssuer(work)
-        simulator, sim_url = start_simulator(work)
+        simulator, sim_url = start_simulator(work, args.content_safety_ms)
         processes.append(simulator)
         targets["direct"] = Target("direct", sim_url + AZURE_CHAT_PATH, {"api-key": SIMULATOR_KEY}, simulator)
         bare, bare_url = start_bare_proxy(work, sim_url)
@@ -754,6 +766,7 @@ async def main() -> None:
         chosen = ["sekisho"] + ([] if args.no_minimal else ["sekisho-min"])
         chosen += ["sekisho-quota", "sekisho-cache", "sekisho-guards"] if args.breakdown else []
         chosen += ["sekisho-500"] if args.with_500_rules else []
+        chosen += ["sekisho-cs"] if args.with_content_safety else []
         for key in chosen:
             # One server and one database per app: its own CPU, memory and log backlog.
             db = work / f"{key}.db"

@@ -189,6 +189,18 @@ param existingOpenAiEndpoint string = ''
 @description('deployOpenAi false: deployment names that endpoint serves (SEKISHO_DEPLOYMENTS).')
 param existingOpenAiDeployments array = []
 
+// ---------------------------------------------------------------------------------------------
+// Azure AI Content Safety (for apps whose policy turns content_safety on)
+
+@description('Create an Azure AI Content Safety account (local auth off; the identity gets Cognitive Services User); false: use existingContentSafetyEndpoint, or none.')
+param deployContentSafety bool = true
+
+@description('Region of the Content Safety account (Prompt Shields is not offered in every region).')
+param contentSafetyLocation string = location
+
+@description('deployContentSafety false: endpoint of an existing Content Safety resource (grant the identity "Cognitive Services User" on it); empty: none, and apps that turn content_safety on follow their on_failure.')
+param existingContentSafetyEndpoint string = ''
+
 type modelDeployment = {
   name: string
   model: string
@@ -207,6 +219,7 @@ var names = {
   logAnalytics: 'log-${namePrefix}-${resourceToken}'
   appInsights: 'appi-${namePrefix}-${resourceToken}'
   openAi: 'oai-${namePrefix}-${resourceToken}'
+  contentSafety: 'cs-${namePrefix}-${resourceToken}'
   plan: 'plan-${namePrefix}-${resourceToken}'
   functionApp: 'func-${namePrefix}-${resourceToken}'
   vnet: 'vnet-${namePrefix}-${resourceToken}'
@@ -295,6 +308,17 @@ module openAi 'modules/openai.bicep' = if (deployOpenAi) {
   }
 }
 
+module contentSafety 'modules/content-safety.bicep' = if (deployContentSafety) {
+  name: 'content-safety'
+  params: {
+    name: names.contentSafety
+    location: contentSafetyLocation
+    tags: tags
+    appPrincipalId: identity.outputs.principalId
+    publicNetworkAccess: dataPublicNetworkAccess
+  }
+}
+
 module network 'modules/network.bicep' = if (enablePrivateNetworking) {
   name: 'network'
   params: {
@@ -305,6 +329,7 @@ module network 'modules/network.bicep' = if (enablePrivateNetworking) {
     cosmosAccountId: cosmos.outputs.id
     keyVaultId: keyVault.outputs.id
     openAiAccountId: deployOpenAi ? openAi.outputs.id : ''
+    contentSafetyAccountId: deployContentSafety ? contentSafety.outputs.id : ''
   }
 }
 
@@ -325,6 +350,7 @@ module functionApp 'modules/function-app.bicep' = {
     appInsightsConnectionString: monitoring.outputs.connectionString
     appInsightsEntraAuth: appInsightsDisableLocalAuth
     openAiEndpoint: deployOpenAi ? openAi.outputs.endpoint : existingOpenAiEndpoint
+    contentSafetyEndpoint: deployContentSafety ? contentSafety.outputs.endpoint : existingContentSafetyEndpoint
     upstreamDeployments: deployOpenAi ? map(openAiDeployments, model => model.name) : existingOpenAiDeployments
     cosmosEndpoint: cosmos.outputs.endpoint
     cosmosDatabaseName: cosmos.outputs.databaseName

@@ -5,7 +5,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
 
@@ -47,6 +47,9 @@ class UpstreamResult:
     json: Any = None  # parsed body of a whole JSON response
     events: AsyncIterator[Any] | None = None  # sse.Event items, each one complete SSE event
     upstream_sent_nothing: bool = False  # an error status with no body at all (what a server says of a path it lacks)
+    # Awaited looks at a whole answer, in order, once every stage's `after` has run: a stage
+    # whose check must call out (Content Safety) adds one in `after`.
+    reviews: list[Callable[[Any, "UpstreamResult"], Awaitable["UpstreamResult"]]] = field(default_factory=list)
 
     @property
     def is_stream(self) -> bool:
@@ -121,6 +124,11 @@ class RequestContext:
     # The stages' own parts.
     system_prompt: Any = None  # policy.system_prompt.AppliedPrompt, when the app's prompt went in
     guard_decisions: list[dict[str, Any]] = field(default_factory=list)  # input and output guards
+    safety: Any = None  # guards.content_safety.SafetyCheck, when the app's policy turns Content Safety on
+    # guards.personal_data: the request's Placeholders (mask_upstream, when it held any), or the
+    # PersonalDataPolicy (mask_in_log: the log record is masked when it is built).
+    personal_data: Any = None
+    keep_out_of_cache: bool = False  # the request holds personal data the cache must not keep
     cache: Any = None  # cache.responses.CacheState, when the cache is in play
     quota: Any = None  # quota.enforce.Reservation, while limits are reserved and not yet settled
     accounting: Any = None  # quota.enforce.Accounting: estimate, refusal, cost

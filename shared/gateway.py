@@ -23,7 +23,9 @@ from .admin.api import AdminApi, PolicyService
 from .cache.responses import CacheResponses
 from .context import RequestContext, UpstreamResult, new_request_id
 from .errors import GatewayError
+from .guards.content_safety import CheckContentSafety, ContentSafetyClient, checks_passed
 from .guards.input_guard import GuardInput
+from .guards.personal_data import MaskPersonalData
 from .guards.output_guard import GuardOutput
 from .identity.authenticate import Authenticate, Authenticator
 from .identity.gateway_keys import KeyService, KeyVerifier
@@ -136,6 +138,7 @@ class Gateway:
             self.admin.usage.on_reset = self.quota.leases.forget_subject
             log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
             batch_input = CheckBatchInput()
+            self.content_safety = CheckContentSafety(ContentSafetyClient(settings.content_safety_endpoint, settings.content_safety_api_key))
             self.ownership = RecordOwnership(store)
             self.deferred = SettleDeferredWork(store, self.upstream, self.quota, log_request, resolver, self._builtin_policy)
             self.stages = [
@@ -148,6 +151,11 @@ class Gateway:
                 self.ownership,
                 batch_input,
                 GuardInput(),
+                # Before Content Safety: with mask_upstream, only placeholders leave the gateway.
+                MaskPersonalData(),
+                # Its input checks run on while the stages after it work; the gateway waits for
+                # them (checks_passed) before any answer leaves or the upstream is called.
+                self.content_safety,
                 ApplySystemPrompt(),
                 RequestStreamUsage(settings.azure_openai_api_version),
                 self.cache,
@@ -176,6 +184,7 @@ class Gateway:
         await self.cache.drain()
         await self.log_writer.close()
         await self.upstream.close()
+        await self.content_safety.client.close()
         if self.jwks is not None:
             await self.jwks.close()
         await self.store.close()
@@ -199,6 +208,7 @@ class Gateway:
                 # and decide for themselves (the quota counts a hit as a request).
                 entered.append(stage)
                 await stage.before(ctx)
+            await checks_passed(ctx)
             if route.operation.answered_by_gateway == "models":
                 ctx.result = list_models(ctx, self.settings.deployments)
             elif route.operation.answered_by_gateway == "owned_list":
@@ -218,6 +228,8 @@ class Gateway:
                     raise
             for stage in reversed(entered):
                 ctx.result = stage.after(ctx, ctx.result)
+            for review in ctx.result.reviews:
+                ctx.result = await review(ctx, ctx.result)
         except GatewayError as exc:
             ctx.error, ctx.status = exc, exc.status
             ctx.finished_at = time.perf_counter()
@@ -305,10 +317,12 @@ class Gateway:
         await self.start()
         return await self.deferred.reconcile()
 
-    def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
+    async def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
         """The pipeline's way out (reverse order) for an answer the upstream gave a job."""
         for stage in reversed(self._pipelines[ctx.route.operation]):
             result = stage.after(ctx, result)
+        for review in result.reviews:
+            result = await review(ctx, result)
         return result
 
     async def _finish(self, ctx: RequestContext, done: tuple[Stage, ...] = ()) -> None:

@@ -39,7 +39,9 @@ AUTHENTICATE, VALIDATE, ACCESS = "authenticate", "validate", "access"
 INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE = "input_guard", "system_prompt", "stream_usage"
 CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG = "cache", "quota", "output_guard", "request_log"
 OWNERSHIP, BATCH_INPUT, DEFERRED = "ownership", "batch_input", "deferred"
-MODEL_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, INPUT_GUARD, SYSTEM_PROMPT, STREAM_USAGE, CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG})
+CONTENT_SAFETY, PERSONAL_DATA = "content_safety", "personal_data"
+MODEL_STAGES = frozenset({AUTHENTICATE, VALIDATE, ACCESS, INPUT_GUARD, PERSONAL_DATA, CONTENT_SAFETY, SYSTEM_PROMPT, STREAM_USAGE,
+                          CACHE, QUOTA, OUTPUT_GUARD, REQUEST_LOG})
 
 # Fields that count something the quota estimate multiplies: whole numbers in Azure's ranges.
 _MAX_INT32 = 2**31 - 1
@@ -125,6 +127,9 @@ class Operation:
     # the work ends (noticed when the app polls, and by the reconciling timer).
     pending_statuses: frozenset[str] = frozenset()
     batch_lines: bool = False  # a batch is many requests: each line's operation, by the line's `url`
+    # Where the user's own words and the tool results are, for Prompt Shields: "messages" (by
+    # role), "responses_input" (user items and function call outputs) or "prompt" (all user's).
+    shielded: str | None = None
 
     @property
     def streams(self) -> bool:
@@ -183,6 +188,7 @@ CHAT = Operation(
     prompt_estimate=_prompt_estimate_messages,
     message_framing=True,
     system_prompt="messages",
+    shielded="messages",
     credential_roots=DATA_SOURCE_ROOTS,
     refers_to=((FieldSet("messages[].content[].file.file_id"), "file"),),
 )
@@ -203,6 +209,7 @@ COMPLETIONS = Operation(
     choices=("n", "best_of"),
     prompt_estimate=_prompt_estimate_text,
     system_prompt="prompt",
+    shielded="prompt",
 )
 
 EMBEDDINGS = Operation(
@@ -244,6 +251,7 @@ RESPONSES = Operation(
     stages=(MODEL_STAGES - {STREAM_USAGE}) | {OWNERSHIP},
     creates="response",
     refers_to=((FieldSet("previous_response_id"), "response"), (FieldSet("input[].content[].file_id", "input[].file_id"), "file")),
+    shielded="responses_input",
     required=(("input", (str, list)),),
     check_body=_check_instructions,
     content_fields=("input", "instructions", "prompt"),

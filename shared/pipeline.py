@@ -3,11 +3,12 @@
 Each stage owns one concept and lives in its own module; which stages an operation runs is the
 operations table's choice (operations.py), in the order the gateway lists them (gateway.py):
 authenticate → validate → access → deferred → ownership → batch_input → input_guard →
-system_prompt → stream_usage → cache → quota → output_guard → request_log.
+content_safety → system_prompt → stream_usage → cache → quota → output_guard → request_log.
 
 `before` runs in order on the way in and may refuse the request (raise GatewayError) or answer it
 itself (set `ctx.result`, as a cache hit does); `after` runs in reverse order on the way out and
-may wrap the result (the output guard wraps streams); `finish` runs once the exchange is over,
+may wrap the result (the output guard wraps streams) or add an awaited review of a whole answer
+(`UpstreamResult.reviews`: Content Safety); `finish` runs once the exchange is over,
 streams included, whether it succeeded or not, in pipeline order so that the request log (last)
 sees what the others settled (quota and cost, then the log). `record` is the stage's own part of
 the log record, read from its own part of the context; the fields it may use are declared in

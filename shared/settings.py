@@ -34,6 +34,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WEBSITE_HOSTNAME", "", "Set by Azure: the function app's default host name (used when SEKISHO_PUBLIC_BASE_URL is empty)."),
     Setting("SEKISHO_MAX_BODY_BYTES", "8388608", "Largest request body accepted (413 above)."),
     Setting("SEKISHO_MAX_UPLOAD_BYTES", "26214400", "Largest multipart body (audio and image uploads) accepted, in bytes; larger ones get 413."),
+    Setting("SEKISHO_CONTENT_SAFETY_ENDPOINT", "", "Azure AI Content Safety endpoint, e.g. https://<name>.cognitiveservices.azure.com, for apps whose policy turns content_safety on. Empty = unavailable (such apps then follow their on_failure). The local host sets its simulator's."),
+    Setting("SEKISHO_CONTENT_SAFETY_API_KEY", "", "Content Safety key. Empty = Entra ID (managed identity, Cognitive Services User), the production choice; the resource has local auth off."),
     Setting("SEKISHO_STORE", "sqlite", "Store adapter: sqlite or cosmos."),
     Setting("SEKISHO_SQLITE_PATH", ".data/sekisho.db", "SQLite database file (sqlite store)."),
     Setting("SEKISHO_COSMOS_ENDPOINT", "", "Cosmos DB account endpoint (cosmos store)."),
@@ -120,6 +122,8 @@ class Settings:
     webjobs_storage_account: str = ""
     webjobs_storage_client_id: str = ""
     public_base_url: str = ""
+    content_safety_endpoint: str = ""
+    content_safety_api_key: str = ""
     local_queue_url: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -214,6 +218,8 @@ class Settings:
             webjobs_storage_account=get("AzureWebJobsStorage__accountName"),
             webjobs_storage_client_id=get("AzureWebJobsStorage__clientId"),
             local_queue_url=get("SEKISHO_LOCAL_QUEUE_URL"),
+            content_safety_endpoint=get("SEKISHO_CONTENT_SAFETY_ENDPOINT").rstrip("/"),
+            content_safety_api_key=get("SEKISHO_CONTENT_SAFETY_API_KEY"),
             public_base_url=_public_base_url(get("SEKISHO_PUBLIC_BASE_URL"), get("WEBSITE_HOSTNAME")),
             raw=dict(env),
         )

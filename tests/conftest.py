@@ -65,6 +65,8 @@ def _gateway_env(simulator, **extra) -> dict[str, str]:
     return {
         "AZURE_OPENAI_ENDPOINT": simulator.url,
         "AZURE_OPENAI_API_KEY": simulator.api_key,
+        "SEKISHO_CONTENT_SAFETY_ENDPOINT": simulator.url,  # the simulator serves Content Safety too
+        "SEKISHO_CONTENT_SAFETY_API_KEY": simulator.api_key,
         "SEKISHO_UPSTREAM_READ_TIMEOUT_SECONDS": UPSTREAM_READ_TIMEOUT,
         "SEKISHO_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         "SEKISHO_LOG_FLUSH_INTERVAL_MS": "20",

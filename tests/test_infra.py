@@ -48,6 +48,7 @@ ROLES = {
     "4633458b-17de-408a-b874-0445c86b69e6": ("Key Vault Secrets User", "arm"),
     "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": ("Key Vault Secrets Officer", "arm"),
     "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": ("Cognitive Services OpenAI User", "arm"),
+    "a97b65f3-24c7-4388-baec-2e87135dc908": ("Cognitive Services User", "arm"),
     "3913510d-42f4-4e42-8a64-420c390055eb": ("Monitoring Metrics Publisher", "arm"),
     "00000000-0000-0000-0000-000000000002": ("Cosmos DB Built-in Data Contributor", "cosmos"),
 }
@@ -576,8 +577,11 @@ def test_no_keys_are_read_or_enabled():
     assert cosmos["disableLocalAuth"] is True and cosmos["minimalTlsVersion"] == "Tls12"
     vault = literal(prop(body(the_resource("Microsoft.KeyVault/vaults")[1]).obj, "properties"))
     assert vault["enableRbacAuthorization"] is True
-    openai = literal(prop(body(the_resource("Microsoft.CognitiveServices/accounts")[1]).obj, "properties"))
-    assert openai["disableLocalAuth"] is True
+    accounts = resources_of("Microsoft.CognitiveServices/accounts")  # Azure OpenAI and Content Safety
+    kinds = {string_literal(prop(body(decl).obj, "kind")) for _, decl in accounts}
+    assert kinds == {"OpenAI", "ContentSafety"}
+    for _, decl in accounts:
+        assert literal(prop(body(decl).obj, "properties"))["disableLocalAuth"] is True
 
 
 def test_function_app_is_flex_consumption_python_with_the_identity():

@@ -52,6 +52,9 @@ param appInsightsEntraAuth bool = true
 @description('Upstream Azure OpenAI endpoint (AZURE_OPENAI_ENDPOINT).')
 param openAiEndpoint string
 
+@description('Azure AI Content Safety endpoint (SEKISHO_CONTENT_SAFETY_ENDPOINT); empty: none.')
+param contentSafetyEndpoint string = ''
+
 @description('Deployments the upstream serves, listed by GET /openai/v1/models (SEKISHO_DEPLOYMENTS).')
 param upstreamDeployments array = []
 
@@ -183,6 +186,7 @@ var appSettings = {
   AZURE_CLIENT_ID: identityClientId
   AZURE_OPENAI_ENDPOINT: openAiEndpoint
   SEKISHO_DEPLOYMENTS: join(upstreamDeployments, ',')
+  SEKISHO_CONTENT_SAFETY_ENDPOINT: contentSafetyEndpoint
   SEKISHO_STORE: 'cosmos'
   SEKISHO_COSMOS_ENDPOINT: cosmosEndpoint
   SEKISHO_COSMOS_DATABASE: cosmosDatabaseName

@@ -34,6 +34,9 @@ param keyVaultId string
 @description('Azure OpenAI account id; empty when the upstream is not deployed here.')
 param openAiAccountId string = ''
 
+@description('Azure AI Content Safety account id (main.bicep deployContentSafety), or empty.')
+param contentSafetyAccountId string = ''
+
 var storageSuffix = environment().suffixes.storage
 var dataLinks = [
   {
@@ -68,7 +71,8 @@ var dataLinks = [
   }
 ]
 var openAiLinks = empty(openAiAccountId) ? [] : [{ name: 'openai', resourceId: openAiAccountId, groupId: 'account', zone: 'privatelink.openai.azure.com' }]
-var privateLinks = concat(dataLinks, openAiLinks)
+var contentSafetyLinks = empty(contentSafetyAccountId) ? [] : [{ name: 'contentsafety', resourceId: contentSafetyAccountId, groupId: 'account', zone: 'privatelink.cognitiveservices.azure.com' }]
+var privateLinks = concat(dataLinks, openAiLinks, contentSafetyLinks)
 
 resource vnet 'Microsoft.Network/virtualNetworks@2024-01-01' = {
   name: name

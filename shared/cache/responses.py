@@ -101,6 +101,9 @@ class CacheResponses(Stage):
         if ctx.result is not None:
             return
         settings = ctx.policy.cache
+        if ctx.keep_out_of_cache:  # personal data the app keeps out of storage (mask_in_log)
+            self._bypass(ctx)
+            return
         header = (ctx.http.headers.get(CACHE_HEADER) or "").strip().lower()
         if header not in ("", "no-store", "refresh", "replay-only"):
             raise GatewayError(400, "invalid_request", f"{CACHE_HEADER} must be no-store, refresh or replay-only.", param=CACHE_HEADER)
@@ -194,6 +197,8 @@ class CacheResponses(Stage):
         entry, stored = None, False
         try:
             entry = entry_from(ctx)
+            if entry is not None and _holds_personal_data(ctx, entry):
+                entry = None  # an answer with personal data the app keeps out of storage (mask_in_log)
             blob = orjson.dumps(entry) if entry else b""
             size = len(blob)
             stored = entry is not None and size <= self._max_bytes
@@ -259,6 +264,15 @@ class CacheResponses(Stage):
 def _entry_usage(entry: dict[str, Any]) -> Usage:
     raw = entry["response"].get("usage")
     return parse_usage(raw) if isinstance(raw, dict) else Usage(reported=True)
+
+
+def _holds_personal_data(ctx: RequestContext, entry: dict[str, Any]) -> bool:
+    kept_private = ctx.personal_data
+    if getattr(kept_private, "mode", None) != "mask_in_log" or not isinstance(entry.get("response"), dict):
+        return False
+    from ..guards.personal_data import find
+
+    return any(find(text, kept_private.kinds) for text in ctx.route.operation.writes.texts(entry["response"]))
 
 
 def entry_from(ctx: RequestContext) -> dict[str, Any] | None:

@@ -267,7 +267,7 @@ class GuardOutput(Stage):
                     if choice.get("finish_reason") and index not in blocked:
                         for (path, indexes), channel in channels.items():
                             if indexes[0] == index and (rest := channel.flush()):
-                                _append(choice, path, indexes[1:], rest)
+                                append_text(choice, path, indexes[1:], rest)
                                 changed = True
                             if indexes[0] == index and channel.blocked and index not in blocked:
                                 blocked[index] = channel.blocked  # found only once the text was whole
@@ -402,7 +402,7 @@ def _position(items: list, identity: int) -> int:
     return identity
 
 
-def _append(choice: dict, path: str, indexes: tuple, text: str) -> None:
+def append_text(choice: dict, path: str, indexes: tuple, text: str) -> None:
     """Add `text` at `path` (a stream-write path) inside `choice`, creating what is missing: the
     held-back rest of a channel goes out in the choice's finishing chunk."""
     segments = path.split(EACH, 1)[1].lstrip(".") if path.startswith("choices" + EACH) else path

@@ -34,7 +34,7 @@ _RETRIED_CODES = ("upstream_rate_limited", "upstream_error", "upstream_timeout")
 class JobRunner:
     def __init__(self, store: Store, upstream, authenticator, resolver, builtin_policy, launcher: JobLauncher | None, *,
                  finish: Callable[[RequestContext], Awaitable[None]],
-                 after: Callable[[RequestContext, UpstreamResult], UpstreamResult], public_base_url: str = "") -> None:
+                 after: Callable[[RequestContext, UpstreamResult], Awaitable[UpstreamResult]], public_base_url: str = "") -> None:
         self._store = store
         self.public_base_url = public_base_url  # Settings.public_base_url: status URLs are built from it
         self._upstream = upstream
@@ -136,7 +136,7 @@ class JobRunner:
                     return {"state": "superseded"}
                 return {"state": "retry", "retry_after_seconds": wait, "error": {"status": exc.status, "code": exc.code}}
             return await self._end(job, ctx, error=exc)
-        return await self._end(job, ctx, result=self._after(ctx, result))
+        return await self._end(job, ctx, result=await self._after(ctx, result))
 
     async def give_up(self, task: dict) -> dict:
         """The give-up activity: attempts or waiting time used up."""

@@ -16,7 +16,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from ..guards.content_safety import ContentSafetySettings, SafetyPolicy
 from ..guards.normalize import Folding
+from ..guards.personal_data import PersonalDataPolicy, PersonalDataSettings
 from ..guards.rules import GuardRule, GuardSettings, LeakProtection, RuleSet
 
 DEFAULTS_PARTITION = "_defaults"
@@ -118,6 +120,8 @@ class PolicySettings(BaseModel):
     retry: RetrySettings | None = None
     async_jobs: AsyncJobSettings | None = None
     gateway_keys: GatewayKeySettings | None = None
+    content_safety: ContentSafetySettings | None = None
+    personal_data: PersonalDataSettings | None = None
 
     @field_validator("allowed_deployments")
     @classmethod
@@ -158,6 +162,8 @@ class EffectivePolicy(BaseModel):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     async_jobs: AsyncJobSettings = Field(default_factory=AsyncJobSettings)
     gateway_keys_enabled: bool = False
+    content_safety: SafetyPolicy = SafetyPolicy()
+    personal_data: PersonalDataPolicy = PersonalDataPolicy()
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
 
     def rule_set(self, direction: str) -> RuleSet:
@@ -326,4 +332,6 @@ def effective_policy(
         retry=RetrySettings.model_validate(merged.get("retry") or {}),
         async_jobs=AsyncJobSettings.model_validate(merged.get("async_jobs") or {}),
         gateway_keys_enabled=bool((merged.get("gateway_keys") or {}).get("enabled")),
+        content_safety=SafetyPolicy.of(merged.get("content_safety")),
+        personal_data=PersonalDataPolicy.of(merged.get("personal_data")),
     )

@@ -29,6 +29,7 @@ from ..pipeline import Stage
 from ..store import EncodedLog, Store, StoreUnavailable
 from ..usage import usage_of
 from . import telemetry
+from ..guards.personal_data import mask_values
 from .credentials import without_credentials
 from .rollups import Contribution, contribution, sum_contributions
 from .telemetry import is_final
@@ -124,6 +125,8 @@ RECORD_FIELDS: dict[str, str] = {
     "quota_refused": "quota: the limit that refused the request",
     "cost": "quota: amount, currency and price used",
     "owned_object": "ownership: the stored object the request was about (kind, id)",
+    "personal_data": "personal_data: the app's mode and what was found in the request, by kind (never the values)",
+    "safety": "content_safety: each check (harm or shield, input or output) with its severities or attack verdicts, latency, a failure and what it led to, blocks with their categories (never the text)",
 }
 
 
@@ -187,6 +190,10 @@ def build_record(ctx: RequestContext, content_level: str, retention_days: int, c
         record["job"] = ctx.job
     if ctx.settles is not None:
         record["settles"] = ctx.settles
+    kept_private = ctx.personal_data
+    if getattr(kept_private, "mode", None) == "mask_in_log":  # the model got the values; the log never does
+        for name in ("prompt", "parameters", "response"):
+            record[name] = mask_values(record[name], kept_private.kinds)
     for part in contributions:
         for name, value in part.items():
             if name in RECORD_FIELDS:

@@ -26,6 +26,7 @@ USAGE_EVENT_FIELDS: tuple[str, ...] = (
     "status", "error_code", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost",
     "currency", "latency_ms", "upstream_latency_ms", "time_to_first_byte_ms", "cache_status", "saved_cost",
     "retries", "backend", "guard_action", "guard_rules", "job_status", "settles_kind", "settles_id",
+    "safety_action", "safety_categories", "safety_latency_ms",
 )
 
 logger = logging.getLogger(USAGE_LOGGER)
@@ -80,9 +81,24 @@ def usage_event(record: dict[str, Any]) -> dict[str, Any]:
         "job_status": (record.get("job") or {}).get("status"),
         "settles_kind": (record.get("settles") or {}).get("kind"),  # a batch line or a background response
         "settles_id": (record.get("settles") or {}).get("id"),  # the batch or response id
+        **_safety(record.get("safety")),
     }
     # OpenTelemetry attributes cannot be None; absent is clearer than "None" in KQL.
     return {k: v for k, v in event.items() if v is not None}
+
+
+def _safety(decisions: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Content Safety in one line: blocked, failed (and what that led to), or passed; the
+    categories that blocked; the slowest check. Never the analysed text (the record has none)."""
+    if not decisions:
+        return {}
+    actions = {d.get("action") for d in decisions}
+    action = "block" if "block" in actions else "unavailable_refused" if "refuse" in actions else \
+        "unavailable_continued" if "continue" in actions else "pass"
+    categories = sorted({c for d in decisions for c in d.get("categories") or ()})
+    latencies = [d["latency_ms"] for d in decisions if isinstance(d.get("latency_ms"), (int, float))]
+    return {"safety_action": action, "safety_categories": ",".join(categories),
+            "safety_latency_ms": max(latencies) if latencies else None}
 
 
 def emit(record: dict[str, Any]) -> None:

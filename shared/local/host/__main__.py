@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         _, endpoint, key = start_simulator(args.simulator_port, args.simulator_latency_ms, args.simulator_chunk_interval_ms)
         os.environ["AZURE_OPENAI_ENDPOINT"] = endpoint
         os.environ["AZURE_OPENAI_API_KEY"] = key
+        if not os.environ.get("SEKISHO_CONTENT_SAFETY_ENDPOINT"):  # the simulator serves Content Safety too
+            os.environ["SEKISHO_CONTENT_SAFETY_ENDPOINT"], os.environ["SEKISHO_CONTENT_SAFETY_API_KEY"] = endpoint, key
         os.environ.setdefault("SEKISHO_DEPLOYMENTS", ",".join(DEMO_DEPLOYMENTS))
         upstream = f"built-in simulator at {endpoint}"
 

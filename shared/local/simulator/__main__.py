@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-interval-ms", type=float, default=0.0, help="pause between stream chunks")
     parser.add_argument("--api-key", default=None,
                         help="demand this api-key (Bearer tokens are also accepted); default: SEKISHO_SIMULATOR_API_KEY, which keeps it out of the process list")
+    parser.add_argument("--content-safety-latency-ms", type=float, default=0.0, help="added before every Content Safety answer")
     parser.add_argument("--batch-seconds", type=float, default=2.0, help="how long a batch runs before it completes")
     parser.add_argument("--quirks", default="", help="comma-separated, to behave like Azure-compatible servers that are not Azure: " + ", ".join(f"{k} ({v})" for k, v in QUIRKS.items()))
     args = parser.parse_args(argv)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     api_key = args.api_key or os.environ.get("SEKISHO_SIMULATOR_API_KEY") or None
     config = SimulatorConfig(latency_ms=args.latency_ms, chunk_interval_ms=args.chunk_interval_ms, api_key=api_key, quirks=quirks,
-                             batch_seconds=args.batch_seconds)
+                             batch_seconds=args.batch_seconds, content_safety_latency_ms=args.content_safety_latency_ms)
     web.run_app(build_app(config), host=args.host, port=args.port, access_log=None, print=None)
 
 

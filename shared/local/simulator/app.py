@@ -9,7 +9,8 @@ Controls, all optional:
   `break_after_chunks` (drop the connection mid-stream), `annotations` (Azure's delta-less
   content-filter chunks), `set_cookie` (a Set-Cookie header on the answer, as an affinity cookie),
   `tool_calls` (a list of `{"name", "arguments"}`: the model calls these tools instead of
-  answering; Responses: function_call output items), `refusal` (the model refuses with this text).
+  answering; Responses: function_call output items), `refusal` (the model refuses with this text),
+  `echo` (the reply is the last user message's text, as the model received it).
 - Control routes: `POST /_sim/faults` `{"status": 429, "count": 2, "retry_after_ms": 1000,
   "deployment": "…"}` makes the next matching requests fail; `POST /_sim/reset`; `GET /_sim/stats`
   lists the requests received (time, path, deployment, status) for tests that measure retries.
@@ -28,6 +29,7 @@ from aiohttp import web
 from . import generator as gen
 from . import media
 from .batches import SimulatedBatches
+from .content_safety import SimulatedContentSafety
 from ...upstream import api_versions
 
 CHAT_MODELS = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-11-20", "gpt-4.1": "gpt-4.1-2025-04-14"}
@@ -67,6 +69,7 @@ class SimulatorConfig:
     api_key: str | None = None
     quirks: frozenset[str] = frozenset()  # QUIRKS: behave like Azure-compatible servers that are not Azure
     batch_seconds: float = 2.0  # how long a batch runs (its metadata's x_sim_seconds wins)
+    content_safety_latency_ms: float = 0.0  # added before every Content Safety answer
     background_ms: float = 500.0  # how long a background response runs (x_sim.background_ms wins)
 
 
@@ -277,6 +280,8 @@ class Simulator:
     def _reply(self, body: dict[str, Any], controls: dict[str, Any], prompt: Any, limit: int | None, index: int = 0) -> list[str]:
         if isinstance(controls.get("reply"), str):
             return gen.split_reply(controls["reply"], controls.get("chunks"))
+        if controls.get("echo"):
+            return gen.split_reply(_last_user_text(prompt) or "(nothing to echo)", controls.get("chunks"))
         structured = _structured_reply(body, gen.seed_of(prompt, index))
         if structured is not None:
             return gen.split_reply(structured, controls.get("chunks") or max(1, len(structured) // 12))
@@ -606,6 +611,24 @@ async def _form(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]
     return fields, uploads
 
 
+def _last_user_text(prompt: Any) -> str:
+    """What `x_sim.echo` answers: the last user message's text (chat), or the prompt or input as sent."""
+    if isinstance(prompt, str):
+        return prompt
+    for item in reversed(prompt if isinstance(prompt, list) else []):
+        if isinstance(item, str):
+            return item
+        if isinstance(item, list) and (found := _last_user_text(item)):
+            return found
+        if isinstance(item, dict) and item.get("role") in ("user", None):
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
 def _function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The function tools a request offers, as {name, parameters} (chat nests them in `function`)."""
     found = []
@@ -702,6 +725,7 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     app.router.add_post("/openai/responses", serve("responses"))
     app.router.add_post("/openai/v1/responses", serve("responses"))
     app.router.add_get("/openai/v1/models", simulator.models)
+    SimulatedContentSafety(simulator.config.api_key, simulator.config.content_safety_latency_ms).add_routes(app)  # Azure AI Content Safety, on the same port
     app.router.add_post("/_sim/faults", simulator.set_faults)
     app.router.add_post("/_sim/reset", simulator.reset)
     app.router.add_get("/_sim/stats", simulator.stats)
