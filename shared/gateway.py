@@ -134,6 +134,7 @@ class Gateway:
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
                 resolver=resolver, pricing=self.pricing, windows=windows, currency=settings.currency, cache=self.cache,
                 backends=self.backends, keys=KeyService(store, pepper, key_verifier) if pepper else None,
+                billing_account=billing_account_id(settings),
             )
             self.admin.usage.on_reset = self.quota.leases.forget_subject
             log_request = LogRequest(self.log_writer, settings.log_content, settings.log_retention_days)
@@ -396,6 +397,11 @@ class Gateway:
                "spooled": writer.spooled, "replayed_from_spool": writer.replayed, "spilled_to_fallback": writer.spilled,
                "rollup_failures": writer.rollup_failures}
         return Response(content=orjson.dumps({"status": "ok", "instance": INSTANCE, "request_log": log}), media_type="application/json")
+
+
+def billing_account_id(settings: Settings) -> str:
+    """The FOCUS export's BillingAccountId: this gateway, named by the tenant it serves."""
+    return f"sekisho:{settings.auth_tenant_ids[0]}" if settings.auth_tenant_ids else "sekisho"
 
 
 def _custom_properties(request: Request) -> dict[str, str]:

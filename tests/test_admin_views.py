@@ -150,6 +150,31 @@ async def test_telemetry_event_holds_usage_and_no_content(gateway, admin_token, 
     assert attributes["total_tokens"] == record["usage"]["total_tokens"] > 0 and attributes["cost"] == record["cost"]["amount"] > 0
     assert attributes["deployment"] == "gpt-4o-mini" and attributes["cache_status"] == "BYPASS" and attributes["guard_action"] == "none"
     assert "confidential" not in json.dumps(attributes)
+    # The same request in OpenTelemetry's GenAI semantic conventions.
+    assert attributes["gen_ai.operation.name"] == "chat" and attributes["gen_ai.provider.name"] == "azure.ai.openai"
+    assert attributes["gen_ai.request.model"] == "gpt-4o-mini" and attributes["gen_ai.response.model"] == record["model"]
+    assert attributes["gen_ai.usage.input_tokens"] == record["usage"]["prompt_tokens"] > 0
+    assert attributes["gen_ai.usage.output_tokens"] == record["usage"]["completion_tokens"] > 0
+    assert "error.type" not in attributes
+
+
+def test_gen_ai_metrics_histograms():
+    """gen_ai.client.token.usage (by gen_ai.token.type) and gen_ai.client.operation.duration, read
+    with an in-memory metric reader."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    base = {"operation": "chat.completions", "deployment": "gpt-4o-mini", "model": "gpt-4o-mini-2024-07-18", "latency_ms": 250.0}
+    telemetry.record_metrics({**base, "status": 200, "usage": {"prompt_tokens": 12, "completion_tokens": 30}}, meter)
+    telemetry.record_metrics({**base, "status": 429, "error": {"code": "rate_limited"}, "usage": {}}, meter)
+    metrics = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    tokens = {dict(p.attributes)["gen_ai.token.type"]: p for p in metrics["gen_ai.client.token.usage"].data.data_points}
+    assert metrics["gen_ai.client.token.usage"].unit == "{token}" and tokens["input"].sum == 12 and tokens["output"].sum == 30
+    assert dict(tokens["input"].attributes)["gen_ai.request.model"] == "gpt-4o-mini"
+    durations = {dict(p.attributes).get("error.type"): p for p in metrics["gen_ai.client.operation.duration"].data.data_points}
+    assert metrics["gen_ai.client.operation.duration"].unit == "s" and durations[None].sum == 0.25 and durations["rate_limited"].count == 1
 
 
 def test_workbook_queries_name_only_emitted_fields():
@@ -163,7 +188,7 @@ def test_workbook_queries_name_only_emitted_fields():
     for query in queries:
         assert 'message == "sekisho.request"' in query and "traces" in query
         used |= set(re.findall(r"customDimensions\.(\w+)", query))
-        used |= set(re.findall(r'customDimensions\["(\w+)"\]', query))
+        used |= set(re.findall(r'customDimensions\["([\w.]+)"\]', query))
         for parameter in re.findall(r"\{(\w+)(?::\w+)?\}", query):
             assert parameter in parameters, parameter
     assert used <= set(telemetry.USAGE_EVENT_FIELDS), used - set(telemetry.USAGE_EVENT_FIELDS)
@@ -171,6 +196,8 @@ def test_workbook_queries_name_only_emitted_fields():
     assert {"app_id", "user_id", "deployment", "cost", "total_tokens", "status", "error_code", "cache_status", "saved_cost",
             "latency_ms", "request_id", "retries", "operation", "settles_kind", "settles_id"} <= used
     assert any(query.rstrip().endswith("by operation\n| order by cost desc") for query in queries)  # usage and cost per operation
+    assert {"gen_ai.operation.name", "gen_ai.request.model", "gen_ai.response.model", "gen_ai.usage.input_tokens",
+            "gen_ai.usage.output_tokens", "error.type"} <= used  # the GenAI conventions' names, as the event carries them
 
 
 async def test_admin_page_sign_in_by_one_time_link(gateway, sqlite_path, token, data_dir):

@@ -22,7 +22,7 @@ from ..policy.access import PolicyCache, forbidden, require_admin
 from ..policy.policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
 )
-from ..records import rollups
+from ..records import focus, rollups
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
 from . import sessions as admin_sessions
 from .charts import bar_chart
@@ -275,7 +275,8 @@ def _answers_with_errors(handler):
 
 class AdminApi:
     def __init__(self, authenticator: Authenticator, admin_role: str, policies: PolicyService, store: Store,
-                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None, keys=None) -> None:
+                 *, resolver=None, pricing=None, windows=None, currency: str = "USD", cache=None, backends=None, keys=None,
+                 billing_account: str = "sekisho") -> None:
         self.keys = keys  # identity.gateway_keys.KeyService, when a pepper is configured
         self._authenticator = authenticator
         self._role = admin_role
@@ -283,6 +284,9 @@ class AdminApi:
         self._store = store
         self._currency = currency
         self.usage = UsageService(store, resolver, windows, currency)
+        self._resolver = resolver
+        self._zone = windows.zone.key if windows is not None else "UTC"
+        self._billing_account = billing_account
         self.prices = PricingService(store, pricing)
         self.cache = CacheService(store, resolver, cache)
         self.catalogue = DeploymentService(store, backends)
@@ -450,11 +454,16 @@ class AdminApi:
             if value is not None and not _is_day(value):
                 raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
         rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        if by in rollups.CHARGEBACK_GROUPS:
+            rows = focus.with_chargeback(rows, await focus.chargeback_of(self._resolver, (r.get("app_id") for r in rows)))
         return rollups.group(rows, by), by
 
     @_answers_with_errors
     async def reports(self, request: Request, report: str) -> Response:
         await self._admin(request)
+        if report == "focus":
+            return Response(await self._focus(request), media_type="text/csv; charset=utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="sekisho-focus-1.2.csv"', "Cache-Control": "no-store"})
         rows, by = await self._report_rows(request)
         if report == "usage":
             if request.query_params.get("format") == "csv":
@@ -469,7 +478,18 @@ class AdminApi:
             points = [(str(row[label]), float(row[metric])) for row in rows[:60]]
             title = f"{metric.replace('_', ' ')} by {by}" + (f" ({self._currency})" if metric == "cost" else "")
             return Response(bar_chart(points, title), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
-        raise errors.not_found(f"No report {report!r}: usage or chart.")
+        raise errors.not_found(f"No report {report!r}: usage, chart or focus.")
+
+    async def _focus(self, request: Request) -> str:
+        """The FOCUS 1.2 cost export (records/focus.py) of the days asked for."""
+        params = request.query_params
+        since, until = params.get("since") or None, params.get("until") or None
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not _is_day(value):
+                raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
+        rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        apps = await focus.chargeback_of(self._resolver, (r.get("app_id") for r in rows))
+        return focus.to_csv(focus.focus_rows(rows, apps, zone=self._zone, currency=self._currency, billing_account_id=self._billing_account))
 
     # The admin page ---------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:

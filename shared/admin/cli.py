@@ -12,7 +12,8 @@
     python -m shared.admin.cli cache purge <app-id>
     python -m shared.admin.cli pricing list
     python -m shared.admin.cli pricing set <model> --input 0.15 --output 0.60 [--cached-input 0.075]
-    python -m shared.admin.cli report --by app|user|deployment|model|operation|day [--app-id X] [--since D] [--until D] [--csv FILE|-]
+    python -m shared.admin.cli report --by app|user|deployment|model|operation|day|cost_centre|owner [--app-id X] [--since D] [--until D] [--csv FILE|-]
+    python -m shared.admin.cli report --focus FILE|- [--app-id X] [--since D] [--until D]    (FinOps FOCUS 1.2 cost export)
     python -m shared.admin.cli admin-login [--url http://127.0.0.1:7071]
     python -m shared.admin.cli keys create|list|revoke|rotate <app-id> [<key-id>] [--name …]
     python -m shared.admin.cli token mint --app-id <app-id> [--user <oid>] [--role Sekisho.Admin] [--v1]
@@ -45,7 +46,7 @@ def _print(value: Any) -> None:
 
 
 def _print_table(rows: list[dict[str, Any]], by: str, currency: str) -> None:
-    keys = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",), "operation": ("operation",), "day": ("day",)}[by]
+    keys = {"app": ("app_id",), "user": ("app_id", "user_id")}.get(by, (by,))
     header = (*keys, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", f"cost ({currency})")
     lines = [header] + [(*(str(r[k]) for k in keys), str(r["requests"]), str(r["errors"]), str(r["prompt_tokens"]),
                          str(r["completion_tokens"]), str(r["total_tokens"]), f"{r['cost']:.6f}") for r in rows]
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", help="first day, YYYY-MM-DD (quota time zone)")
     report.add_argument("--until", help="last day, YYYY-MM-DD, inclusive")
     report.add_argument("--csv", metavar="FILE", help="write CSV to FILE (- for standard output) instead of a table")
+    report.add_argument("--focus", metavar="FILE", help="write the FOCUS 1.2 cost export to FILE (- for standard output) instead")
 
     login = groups.add_parser("admin-login", help="a one-time link that signs a browser in to the admin page (local mode)")
     login.add_argument("--url", default="http://127.0.0.1:7071", help="the gateway's base URL (the local host's, by default)")
@@ -161,6 +163,14 @@ async def _with_service(args, action):
         return await action(PolicyService(store), store, settings)
     finally:
         await store.close()
+
+
+def _write(target: str, text: str) -> None:
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        with open(target, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
 
 
 def _usage_service(store, settings):
@@ -243,16 +253,22 @@ async def run(args) -> int:
             if not await _pricing_service(store, settings).delete(args.model):
                 raise LookupError("no stored price for that model")
         elif args.group == "report":
-            from ..records.rollups import group, to_csv
+            from ..gateway import billing_account_id
+            from ..records import focus
+            from ..records.rollups import CHARGEBACK_GROUPS, group, to_csv
 
-            rows = group(await store.query_rollups(args.app_id, args.since, args.until), args.by)
+            raw = await store.query_rollups(args.app_id, args.since, args.until)
+            resolver = _usage_service(store, settings)._resolver
+            if args.focus:
+                apps = await focus.chargeback_of(resolver, (r.get("app_id") for r in raw))
+                _write(args.focus, focus.to_csv(focus.focus_rows(raw, apps, zone=settings.quota_timezone, currency=settings.currency,
+                                                                 billing_account_id=billing_account_id(settings))))
+                return
+            if args.by in CHARGEBACK_GROUPS:
+                raw = focus.with_chargeback(raw, await focus.chargeback_of(resolver, (r.get("app_id") for r in raw)))
+            rows = group(raw, args.by)
             if args.csv:
-                text = to_csv(rows, args.by)
-                if args.csv == "-":
-                    sys.stdout.write(text)
-                else:
-                    with open(args.csv, "w", encoding="utf-8", newline="") as out:
-                        out.write(text)
+                _write(args.csv, to_csv(rows, args.by))
             else:
                 _print_table(rows, args.by, settings.currency)
         elif args.group == "admin-login":

@@ -106,6 +106,10 @@ class PolicySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = None
+    owner: str | None = Field(default=None, max_length=128, description="Who answers for the app's use and cost (chargeback).")
+    contact: str | None = Field(default=None, max_length=256, description="How to reach the owner (an address, a team channel).")
+    cost_centre: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/\-]{0,63}$",
+                                    description="The cost centre the app's usage is charged to (reports, FOCUS exports).")
     allowed_deployments: list[str] | None = Field(default=None, description='Deployment names, or ["*"] for any.')
     trust_user_header: bool | None = Field(default=None, description="Take the end user from x-sekisho-user / body `user` (app-only tokens).")
     content_logging: Literal["full", "redacted", "metadata"] | None = None
@@ -142,6 +146,9 @@ class EffectivePolicy(BaseModel):
     app_id: str
     app_name: str | None
     registered: bool
+    owner: str | None = None
+    contact: str | None = None
+    cost_centre: str | None = None
     enabled: bool
     allowed_deployments: tuple[str, ...]
     trust_user_header: bool
@@ -312,6 +319,9 @@ def effective_policy(
         app_id=app_id,
         app_name=app.name if app else None,
         registered=app is not None,
+        owner=merged.get("owner"),
+        contact=merged.get("contact"),
+        cost_centre=merged.get("cost_centre"),
         enabled=merged["enabled"],
         allowed_deployments=tuple(merged["allowed_deployments"]),
         trust_user_header=merged["trust_user_header"],

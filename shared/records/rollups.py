@@ -22,9 +22,11 @@ ROLLUP_COUNTERS: tuple[str, ...] = (
     "requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
     "cached_tokens", "total_tokens", "cost_nanos", "saved_cost_nanos", "latency_ms_sum",
 )
-GROUPS = ("app", "user", "deployment", "model", "operation", "day")
+GROUPS = ("app", "user", "deployment", "model", "operation", "day", "cost_centre", "owner")
+# Groups by a field of the app's policy: the rows get it first (records/focus.with_chargeback).
+CHARGEBACK_GROUPS = ("cost_centre", "owner")
 _GROUP_FIELDS = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",),
-                 "operation": ("operation",), "day": ("day",)}
+                 "operation": ("operation",), "day": ("day",), "cost_centre": ("cost_centre",), "owner": ("owner",)}
 REPORT_COLUMNS = ("requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
                   "cached_tokens", "total_tokens", "cost", "saved_cost", "avg_latency_ms")
 

@@ -27,7 +27,20 @@ USAGE_EVENT_FIELDS: tuple[str, ...] = (
     "currency", "latency_ms", "upstream_latency_ms", "time_to_first_byte_ms", "cache_status", "saved_cost",
     "retries", "backend", "guard_action", "guard_rules", "job_status", "settles_kind", "settles_id",
     "safety_action", "safety_categories", "safety_latency_ms",
+    # OpenTelemetry's GenAI semantic conventions, beside the gateway's own names, so that tools
+    # that know them (Application Insights' and others' GenAI views) read the events as they are.
+    "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "gen_ai.request.model", "gen_ai.response.model",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "error.type",
 )
+# The GenAI conventions' metrics: histograms of tokens (by gen_ai.token.type) and of durations.
+TOKEN_USAGE_METRIC, DURATION_METRIC = "gen_ai.client.token.usage", "gen_ai.client.operation.duration"
+PROVIDER = "azure.ai.openai"  # gen_ai.provider.name; the older gen_ai.system spelt it az.ai.openai
+# The conventions' operation names, for the gateway's operations that have one.
+GEN_AI_OPERATIONS = {
+    "chat.completions": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat",
+    "audio.transcriptions": "generate_content", "audio.translations": "generate_content", "audio.speech": "generate_content",
+    "images.generations": "generate_content", "images.edits": "generate_content",
+}
 
 logger = logging.getLogger(USAGE_LOGGER)
 logger.setLevel(logging.INFO)
@@ -82,9 +95,63 @@ def usage_event(record: dict[str, Any]) -> dict[str, Any]:
         "settles_kind": (record.get("settles") or {}).get("kind"),  # a batch line or a background response
         "settles_id": (record.get("settles") or {}).get("id"),  # the batch or response id
         **_safety(record.get("safety")),
+        **gen_ai_attributes(record),
     }
     # OpenTelemetry attributes cannot be None; absent is clearer than "None" in KQL.
     return {k: v for k, v in event.items() if v is not None}
+
+
+def gen_ai_attributes(record: dict[str, Any]) -> dict[str, Any]:
+    """The request in the GenAI semantic conventions' attributes (metadata only, never content)."""
+    usage = record.get("usage") or {}
+    attributes = {
+        "gen_ai.operation.name": GEN_AI_OPERATIONS.get(record.get("operation") or "", record.get("operation")),
+        "gen_ai.provider.name": PROVIDER,
+        "gen_ai.system": "az.ai.openai",
+        "gen_ai.request.model": record.get("deployment"),
+        "gen_ai.response.model": record.get("model"),
+        "gen_ai.usage.input_tokens": int(usage.get("prompt_tokens") or 0),
+        "gen_ai.usage.output_tokens": int(usage.get("completion_tokens") or 0),
+    }
+    if (record.get("status") or 0) >= 400:
+        attributes["error.type"] = (record.get("error") or {}).get("code") or str(record.get("status"))
+    return attributes
+
+
+_instruments: tuple[Any, Any] | None = None
+
+
+def _make_histograms(meter) -> tuple[Any, Any]:
+    return (
+        meter.create_histogram(TOKEN_USAGE_METRIC, unit="{token}", description="Tokens used per request, by gen_ai.token.type"),
+        meter.create_histogram(DURATION_METRIC, unit="s", description="Time a request took, end to end through the gateway"),
+    )
+
+
+def _histograms(meter=None) -> tuple[Any, Any]:
+    """The two histograms: on `meter` (a test's), or on the global meter provider's (Azure
+    Monitor's once `configure` has run), made once."""
+    global _instruments
+    if meter is not None:
+        return _make_histograms(meter)
+    if _instruments is None:
+        from opentelemetry import metrics
+
+        _instruments = _make_histograms(metrics.get_meter("sekisho"))
+    return _instruments
+
+
+def record_metrics(record: dict[str, Any], meter=None) -> None:
+    """A final record into the GenAI conventions' histograms."""
+    tokens, duration = _histograms(meter)
+    attributes = {k: v for k, v in gen_ai_attributes(record).items()
+                  if k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model", "error.type") and v is not None}
+    usage = record.get("usage") or {}
+    for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+        if usage.get(name):
+            tokens.record(int(usage[name]), {**attributes, "gen_ai.token.type": kind})
+    if record.get("latency_ms") is not None:
+        duration.record(float(record["latency_ms"]) / 1000, attributes)
 
 
 def _safety(decisions: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -104,6 +171,8 @@ def _safety(decisions: list[dict[str, Any]] | None) -> dict[str, Any]:
 def emit(record: dict[str, Any]) -> None:
     if logger.handlers and is_final(record):  # handlers: the exporter (configure) or a test's
         logger.info(EVENT_NAME, extra=usage_event(record))
+        if _configured:
+            record_metrics(record)
 
 
 def configure(settings: Settings) -> bool:
@@ -123,7 +192,7 @@ def configure(settings: Settings) -> bool:
         credential = ManagedIdentityCredential(client_id=parts.get("ClientId") or None)
     configure_azure_monitor(
         connection_string=settings.appinsights_connection_string, credential=credential, logger_name=USAGE_LOGGER,
-        disable_tracing=True, disable_metrics=True,
+        disable_tracing=True, disable_metrics=False,  # the GenAI histograms (record_metrics)
         instrumentation_options={name: {"enabled": False} for name in
                                  ("azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3")},
     )
