@@ -1,12 +1,13 @@
 """A bare pass-through proxy on aiohttp: the floor for a gateway written in Python (bench only).
 
-    python bench/bare_proxy.py --port 8090 --upstream http://127.0.0.1:7072 --api-key KEY
+    SEKISHO_SIMULATOR_API_KEY=KEY python bench/bare_proxy.py --port 8090 --upstream http://127.0.0.1:7072
 
 Forwards each request (method, path, query, body) to the upstream with the upstream's api-key
 and answers with the upstream's status, headers and body; an event stream is relayed chunk by
 chunk. No auth, policy, quota, guard, cache or log: only what any Python proxy pays.
 """
 import argparse
+import os
 
 import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -48,7 +49,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="bare aiohttp pass-through proxy")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
-    parser.add_argument("--api-key", required=True)
+    parser.add_argument("--api-key", default=None, help="the upstream's key; default: SEKISHO_SIMULATOR_API_KEY (kept out of the process list)")
     args = parser.parse_args()
+    key = args.api_key or os.environ.get("SEKISHO_SIMULATOR_API_KEY")
+    if not key:
+        parser.error("give the upstream's key: SEKISHO_SIMULATOR_API_KEY or --api-key")
     uvloop.install()
-    web.run_app(make_app(args.upstream, args.api_key), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(make_app(args.upstream, key), host="127.0.0.1", port=args.port, access_log=None, print=None)

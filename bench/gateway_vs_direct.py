@@ -320,8 +320,10 @@ class Measurement:
 def start_simulator(work: Path, content_safety_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = work / "simulator.log"
-    process = spawn([sys.executable, "-m", "shared.local.simulator", "--port", str(port), "--api-key", SIMULATOR_KEY,
-                     "--latency-ms", "0", "--chunk-interval-ms", "0", "--content-safety-latency-ms", str(content_safety_ms)], log)
+    # The key by environment: a command line is visible to every process on the machine.
+    process = spawn([sys.executable, "-m", "shared.local.simulator", "--port", str(port),
+                     "--latency-ms", "0", "--chunk-interval-ms", "0", "--content-safety-latency-ms", str(content_safety_ms)], log,
+                    env={**os.environ, "SEKISHO_SIMULATOR_API_KEY": SIMULATOR_KEY})
     wait_for_port(port, process, 30, log)
     return process, f"http://127.0.0.1:{port}"
 
@@ -329,8 +331,8 @@ def start_simulator(work: Path, content_safety_ms: float = 0.0) -> tuple[subproc
 def start_bare_proxy(work: Path, upstream: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = work / "bare.log"
-    process = spawn([sys.executable, str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream", upstream,
-                     "--api-key", SIMULATOR_KEY], log)
+    process = spawn([sys.executable, str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream", upstream], log,
+                    env={**os.environ, "SEKISHO_SIMULATOR_API_KEY": SIMULATOR_KEY})
     wait_for_port(port, process, 30, log)
     return process, f"http://127.0.0.1:{port}"
 

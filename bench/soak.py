@@ -89,8 +89,9 @@ async def one_request(session: aiohttp.ClientSession, base: str, token: str, num
 async def run(args) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="sekisho-soak-"))
     sim_port, port = free_port(), free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "shared.local.simulator", "--port", str(sim_port), "--api-key", "soak-key",
-                            "--latency-ms", "30", "--chunk-interval-ms", "10"], cwd=ROOT)
+    sim = subprocess.Popen([sys.executable, "-m", "shared.local.simulator", "--port", str(sim_port),
+                            "--latency-ms", "30", "--chunk-interval-ms", "10"], cwd=ROOT,
+                           env={**os.environ, "SEKISHO_SIMULATOR_API_KEY": "soak-key"})  # never on a command line
     wait_for_port(sim_port, sim)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     env.update({"AZURE_OPENAI_ENDPOINT": f"http://127.0.0.1:{sim_port}", "AZURE_OPENAI_API_KEY": "soak-key",

@@ -106,7 +106,7 @@ class Gateway:
             self.backends = BackendPool(
                 store, settings.azure_openai_endpoint, settings.azure_openai_api_key,
                 Circuit(settings.circuit_failures, settings.circuit_open_seconds), settings.policy_cache_seconds,
-                env=settings.raw, default_v1_routes=settings.azure_openai_v1_routes,
+                env=settings.raw, default_v1_routes=settings.azure_openai_v1_routes, known_deployments=settings.deployments,
             )
             self.upstream = UpstreamClient(settings, self.backends)
             store_key = f"{settings.store}:{settings.sqlite_path if settings.store == 'sqlite' else settings.cosmos_endpoint + '/' + settings.cosmos_database}"

@@ -1,6 +1,7 @@
 """Validation stage: size, JSON, required fields, and which deployment the request is for."""
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 from urllib.parse import parse_qsl
@@ -141,6 +142,8 @@ class ValidateRequest(Stage):
             # The host matched the route and decoded the segments once (Functions host and local host).
             params = dict(ctx.http.path_params) or match_template(route.template, ctx.http.url.path) or {}
             ctx.path_params = {name: value for name, value in params.items() if isinstance(value, str)}
+            for name, value in ctx.path_params.items():
+                refuse_control_characters(value, name)
             ctx.deployment = ctx.path_params.get("deployment") or None
         if operation.body == "none":
             return  # a GET, DELETE or bodiless POST
@@ -214,6 +217,16 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def refuse_control_characters(name: str, param: str) -> None:
+    """A name (deployment, object id) with control characters: no deployment or object has one,
+    and they would reach logs, headers and upstream URLs."""
+    if _CONTROL.search(name):
+        raise errors.invalid_request(f"'{param}' contains control characters.", param)
+
+
 def _read_deployment(ctx: RequestContext, body: dict[str, Any]) -> None:
     """The deployment: the body's `model` on routes without one in the path."""
     route = ctx.route
@@ -221,6 +234,7 @@ def _read_deployment(ctx: RequestContext, body: dict[str, Any]) -> None:
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise errors.invalid_request("Missing required parameter: 'model' (the deployment name).", "model")
+        refuse_control_characters(model, "model")
         ctx.deployment = model
     elif route.style is Style.AZURE and not ctx.deployment:
         raise errors.invalid_request("The deployment name in the path is empty.", "deployment")

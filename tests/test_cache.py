@@ -178,6 +178,17 @@ async def test_apps_do_not_share_entries_unless_scoped_together(cached_app):
     assert (await _chat(d, messages))[0] == "HIT"
 
 
+async def test_a_shared_scope_named_like_an_app_cannot_read_that_apps_entries(cached_app):
+    """Shared scopes have a namespace of their own: naming one after an app id (an admin's
+    mistake, or a guess) reads nothing of that app's."""
+    victim_id, victim = await cached_app()
+    messages = _messages()
+    assert (await _chat(victim, messages))[0] == "MISS"
+    assert (await _chat(victim, messages))[0] == "HIT"
+    _, intruder = await cached_app(shared_scope=victim_id)
+    assert (await _chat(intruder, messages))[0] == "MISS"
+
+
 async def test_embeddings_and_responses_are_cached(cached_app):
     _, client = await cached_app()
     text = uuid.uuid4().hex

@@ -22,6 +22,7 @@ from ..policy.access import PolicyCache, forbidden, require_admin
 from ..policy.policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
 )
+from ..cache.responses import cache_scope
 from ..records import focus, rollups
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
 from . import sessions as admin_sessions
@@ -187,7 +188,7 @@ class CacheService:
     async def purge(self, app_id: str) -> dict[str, Any]:
         check_id(app_id, "app id")
         policy = await self._resolver.resolve(app_id, None)
-        scope = policy.cache.shared_scope or app_id
+        scope = cache_scope(policy.cache.shared_scope, app_id)
         if self._cache is not None:
             await self._cache.flush_writes()  # entries of this instance still on their way go too
         purged = await self._store.cache_purge(scope)

@@ -114,7 +114,7 @@ class CacheResponses(Stage):
             self._bypass(ctx)
             return
         ttl = self._ttl(ctx, settings.ttl_seconds)
-        state = ctx.cache = CacheState(settings.shared_scope or ctx.app_id, cache_key(ctx, bool(settings.per_user)), ttl)
+        state = ctx.cache = CacheState(cache_scope(settings.shared_scope, ctx.app_id), cache_key(ctx, bool(settings.per_user)), ttl)
         if header != "refresh":
             entry = await self._lookup(state)
             if entry is None and not replay_only:
@@ -273,6 +273,13 @@ def _holds_personal_data(ctx: RequestContext, entry: dict[str, Any]) -> bool:
     from ..guards.personal_data import find
 
     return any(find(text, kept_private.kinds) for text in ctx.route.operation.writes.texts(entry["response"]))
+
+
+def cache_scope(shared_scope: str | None, app_id: str) -> str:
+    """Whose entries a request reads and writes: the app's own, or a shared scope's. Shared scopes
+    live in a namespace of their own ("~" is in no app id), so a scope named like an app can
+    never read that app's entries."""
+    return f"shared~{shared_scope}" if shared_scope else app_id
 
 
 def entry_from(ctx: RequestContext) -> dict[str, Any] | None:

@@ -259,12 +259,14 @@ class MaskPersonalData(Stage):
         if policy.mode == "off" or ctx.body is None:
             return
         operation = ctx.route.operation
-        if policy.mode == "mask_in_log":
-            ctx.personal_data = policy
+        # An upload (audio, images) goes upstream as sent, never re-encoded: its text fields
+        # cannot be masked there, so they are kept out of the log and the cache instead.
+        if policy.mode == "mask_in_log" or operation.body != "json":
+            ctx.personal_data = PersonalDataPolicy("mask_in_log", policy.kinds)
             found = [f for text in operation.reads.texts(ctx.body) for f in find(text, policy.kinds)]
             if found:
                 ctx.keep_out_of_cache = True
-                ctx.personal_data = InLog(policy.mode, policy.kinds, _counts(f.kind for f in found))
+                ctx.personal_data = InLog("mask_in_log", policy.kinds, _counts(f.kind for f in found))
             return
         placeholders = Placeholders()
         for location in operation.reads.locations(ctx.body):

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from .. import errors
 from ..context import RequestContext, UpstreamResult
+from ..validation import refuse_control_characters
 from ..errors import GatewayError
 from ..policy.access import forbidden
 from ..policy.policies import effective_policy
@@ -83,6 +84,7 @@ class JobRunner:
         """GET on a job's status URL, by the app (and, for delegated tokens, the user) that owns it."""
         try:
             identity = await self._authenticator.authenticate(request)
+            refuse_control_characters(job_id, "job_id")
             try:
                 job = await self._store.get_job(identity.app_id, job_id)
             except StoreError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
@@ -186,12 +187,28 @@ class Circuit:
         return "closed"
 
 
+# Per-deployment state is kept for at most this many names (least recently used go first):
+# deployment names come from requests, and a client must not grow the gateway's memory.
+MAX_DEPLOYMENTS_KEPT = 512
+
+
+def _bound(kept: OrderedDict) -> None:
+    while len(kept) > MAX_DEPLOYMENTS_KEPT:
+        kept.popitem(last=False)
+
+
 class BackendPool:
-    """Backends per deployment, built from the catalogue and cached; health survives reloads."""
+    """Backends per deployment, built from the catalogue and cached; health survives reloads.
+
+    State (the cached backend list, the default backend's health) is kept only for deployments
+    the gateway knows: in the catalogue, or in SEKISHO_DEPLOYMENTS. A name a request invents
+    (an app allowed "*" may name anything) gets a default backend of its own for that call only.
+    When no deployment list is configured every name is kept, up to MAX_DEPLOYMENTS_KEPT."""
 
     def __init__(self, store, default_endpoint: str, default_api_key: str, circuit: Circuit, ttl_seconds: float,
-                 key_vault_factory=None, env=None, default_v1_routes: bool = True) -> None:
+                 key_vault_factory=None, env=None, default_v1_routes: bool = True, known_deployments: tuple[str, ...] = ()) -> None:
         self._default_v1_routes = default_v1_routes
+        self._known = frozenset(known_deployments)
         self._store = store
         self._env = env if env is not None else {}
         self.circuit = self._circuit = circuit
@@ -202,27 +219,32 @@ class BackendPool:
         self._managed_identity = self._default_auth if not default_api_key else EntraTokenAuth()
         # The default backend, one per deployment: health is judged per backend and deployment,
         # so failures on one deployment (or on a path one deployment lacks) never pause another.
-        self._default: dict[str, Backend] = {}
-        self._cache: dict[str, tuple[float, list[Backend]]] = {}
+        self._default: OrderedDict[str, Backend] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, list[Backend]]] = OrderedDict()
         self._by_key: dict[tuple, Backend] = {}
 
     async def backends(self, deployment: str) -> list[Backend]:
         cached = self._cache.get(deployment)
         if cached is not None and cached[0] > time.monotonic():
+            self._cache.move_to_end(deployment)
             return cached[1]
         doc = await self._store.get_deployment(deployment) if deployment else None  # "": calls about no deployment (files)
         if doc is None:
+            if self._known and deployment and deployment not in self._known:
+                # A name nothing knows (the upstream will say 404): no state is kept for it.
+                return [Backend("default", self._default_endpoint, None, 1, 1, self._default_auth, self._default_v1_routes)]
             default = self._default.get(deployment)
             if default is None:
-                if len(self._default) >= 10_000:
-                    self._default.clear()  # names clients invent must not grow this without bound
                 default = self._default[deployment] = Backend("default", self._default_endpoint, None, 1, 1, self._default_auth,
                                                               self._default_v1_routes)
+                _bound(self._default)
             backends = [default]
         else:
             spec = DeploymentSpec.model_validate(doc)
             backends = [self._backend(deployment, b) for b in spec.backends]
         self._cache[deployment] = (time.monotonic() + self._ttl, backends)
+        self._cache.move_to_end(deployment)
+        _bound(self._cache)
         return backends
 
     def _backend(self, deployment: str, spec: BackendSpec) -> Backend:
