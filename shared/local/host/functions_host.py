@@ -7,8 +7,9 @@ literal segments beat parameters, and catch-all (`{*x}`) routes come last. A mat
 is invoked the way the host invokes a worker that streams HTTP: an `InvocationRequest` with the
 route parameters, and the request itself forwarded to the runtime's web server with the
 invocation id; the response streams back from there. Forwarding gives the worker's server the
-request's path, query, headers and body, and, as the host's forwarder does, not the client's
-`Host`: what the app sees as its own address is the worker's loopback one.
+request's path, query, headers and body, and not the client's `Host` (the host's forwarder,
+YARP's default transform, sends the destination's host as far as its source shows): what the app
+sees as its own address is the worker's loopback one.
 """
 from __future__ import annotations
 
