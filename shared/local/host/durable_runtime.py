@@ -175,8 +175,10 @@ class LocalDurableRuntime:
             name, instance_id = parts[1], parts[2]
             if name not in self._orchestrators:
                 return JSONResponse({"ExceptionMessage": f"The function '{name}' doesn't exist."}, status_code=400)
-            # The SDK's client posts its serialized input as a JSON string: that text is the input.
-            self.start(name, instance_id, json.loads(body) if body else "null")
+            # The SDK's client posts its serialized input as a JSON string: that text is the input
+            # (another client's JSON value is the input itself).
+            posted = json.loads(body) if body else None
+            self.start(name, instance_id, posted if isinstance(posted, str) else json.dumps(posted))
             return JSONResponse({"id": instance_id}, status_code=202)
         if method == "GET" and len(parts) == 2 and parts[0] == "instances":
             status = self.instances.get(parts[1])
