@@ -450,11 +450,7 @@ class AdminApi:
         by = params.get("by", "app")
         if by not in rollups.GROUPS:
             raise errors.invalid_request(f"by must be one of {', '.join(rollups.GROUPS)}.", "by")
-        since, until = params.get("since") or None, params.get("until") or None
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and not _is_day(value):
-                raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
-        rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        rows = await self._rollups(params)
         if by in rollups.CHARGEBACK_GROUPS:
             rows = focus.with_chargeback(rows, await focus.chargeback_of(self._resolver, (r.get("app_id") for r in rows)))
         return rollups.group(rows, by), by
@@ -481,14 +477,17 @@ class AdminApi:
             return Response(bar_chart(points, title), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
         raise errors.not_found(f"No report {report!r}: usage, chart or focus.")
 
-    async def _focus(self, request: Request) -> str:
-        """The FOCUS 1.2 cost export (records/focus.py) of the days asked for."""
-        params = request.query_params
+    async def _rollups(self, params) -> list[dict[str, Any]]:
+        """The roll-up documents of the app and days asked for (since/until: YYYY-MM-DD)."""
         since, until = params.get("since") or None, params.get("until") or None
         for name, value in (("since", since), ("until", until)):
             if value is not None and not _is_day(value):
                 raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
-        rows = await self._store.query_rollups(params.get("app_id") or None, since, until)
+        return await self._store.query_rollups(params.get("app_id") or None, since, until)
+
+    async def _focus(self, request: Request) -> str:
+        """The FOCUS 1.2 cost export (records/focus.py) of the days asked for."""
+        rows = await self._rollups(request.query_params)
         apps = await focus.chargeback_of(self._resolver, (r.get("app_id") for r in rows))
         return focus.to_csv(focus.focus_rows(rows, apps, zone=self._zone, currency=self._currency, billing_account_id=self._billing_account))
 

@@ -138,9 +138,8 @@ class ContentSafetyUnavailable(Exception):
 class ContentSafetyClient:
     def __init__(self, endpoint: str, api_key: str = "", credential=None) -> None:
         self.endpoint = endpoint.rstrip("/")
-        self._auth = ApiKeyAuth(api_key) if api_key else EntraTokenAuth(credential)
-        if api_key:  # the service's own header name for a key
-            self._auth._headers = {"Ocp-Apim-Subscription-Key": api_key}
+        # A key goes in the service's own header; without one, an Entra ID token of the identity.
+        self._auth = ApiKeyAuth(api_key, "Ocp-Apim-Subscription-Key") if api_key else EntraTokenAuth(credential)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:

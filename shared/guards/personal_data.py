@@ -29,10 +29,12 @@ detection), not patterns.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from stdnum import luhn
 from stdnum.jp import cn as corporate_number
@@ -297,25 +299,16 @@ class MaskPersonalData(Stage):
         return result
 
     async def _restore_whole(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
-        placeholders, operation = ctx.personal_data, ctx.route.operation
+        placeholders, writes = ctx.personal_data, ctx.route.operation.writes
         body = result.json
-        restored = None
-        for location in operation.writes.locations(body):
-            text = placeholders.restore(location.text)
-            if text != location.text:
-                if restored is None:
-                    import copy
-
-                    restored = copy.deepcopy(body)
-                    if ctx.model_response is None:
-                        ctx.model_response = body  # the log and the cache keep the placeholders
-                for again in operation.writes.locations(restored):
-                    if again.path == location.path and again.indexes == location.indexes:
-                        replace(again, text)
-        if restored is not None:
-            import orjson
-
-            result.json, result.body = restored, orjson.dumps(restored)
+        if not any(placeholders.restore(text) != text for text in writes.texts(body)):
+            return result
+        restored = copy.deepcopy(body)
+        for location in writes.locations(restored):
+            replace(location, placeholders.restore(location.text))
+        if ctx.model_response is None:
+            ctx.model_response = body  # the log and the cache keep the placeholders
+        result.json, result.body = restored, orjson.dumps(restored)
         return result
 
     async def _restore_stream(self, ctx: RequestContext, placeholders: Placeholders,

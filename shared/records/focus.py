@@ -25,6 +25,8 @@ from decimal import Decimal
 from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
+from .rollups import csv_cell
+
 FOCUS_VERSION = "1.2"
 # The columns FOCUS 1.2 makes mandatory (Feature level: Mandatory), in the specification's order.
 MANDATORY = (
@@ -133,12 +135,5 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return out.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    """Names and ids come from admins and callers: one that starts like a formula stays text."""
-    if isinstance(value, str) and len(value) > 1 and value[:1] in ("=", "+", "-", "@", "\t", "\r") and not value[1:2].isdigit():
-        return "'" + value
-    return value

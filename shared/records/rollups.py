@@ -153,12 +153,13 @@ def to_csv(rows: list[dict[str, Any]], by: str) -> str:
     columns = (*_GROUP_FIELDS[by], *REPORT_COLUMNS)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([f"{row[c]:.9f}".rstrip("0").rstrip(".") if c in ("cost", "saved_cost") else _cell(row[c]) for c in columns])
+        writer.writerow([f"{row[c]:.9f}".rstrip("0").rstrip(".") if c in ("cost", "saved_cost") else csv_cell(row[c]) for c in columns])
     return out.getvalue()
 
 
-def _cell(value: Any) -> Any:
-    """Ids come from callers (x-sekisho-user): one that starts like a formula stays text in Excel."""
+def csv_cell(value: Any) -> Any:
+    """Ids and names come from callers and admins (x-sekisho-user, policies): one that starts like
+    a formula stays text in Excel. Exported figures are never negative, so no number is touched."""
     if value is None:
         return ""
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):

@@ -14,8 +14,8 @@ _REFRESH_MARGIN_SECONDS = 300
 
 
 class ApiKeyAuth:
-    def __init__(self, key: str) -> None:
-        self._headers = {"api-key": key}
+    def __init__(self, key: str, header: str = "api-key") -> None:
+        self._headers = {header: key}
 
     async def headers(self) -> dict[str, str]:
         return self._headers

@@ -24,9 +24,8 @@ import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-from .worker_protocol import frame, protos, read_message
+from .worker_protocol import frame, protos, read_message, until_listening
 
 logger = logging.getLogger("sekisho.localhost")
 
@@ -150,8 +149,8 @@ class LanguageWorker:
             _check(loaded, f"FunctionLoadRequest for {entry.name}")
             functions.append(FunctionEntry(entry.name, entry.function_id, tuple(json.loads(b) for b in entry.raw_bindings)))
         self.functions = functions
-        if self.http_uri:
-            await self._until_serving()
+        if self.http_uri and not await until_listening(self.http_uri):
+            raise WorkerError(f"the worker's HTTP server at {self.http_uri} did not start")
         logger.info("worker process %d indexed %d functions; HTTP streaming at %s", self.process.pid, len(functions), self.http_uri)
 
     async def stop(self, timeout: float = 15.0) -> None:
@@ -193,20 +192,6 @@ class LanguageWorker:
         finally:
             self._pending.pop(request_id, None)
         return getattr(answer, answer_field)
-
-    async def _until_serving(self, timeout: float = 15.0) -> None:
-        """The runtime starts its web server as a task; requests are forwarded once it listens."""
-        parsed = urlsplit(self.http_uri)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
-                writer.close()
-                return
-            except OSError:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise WorkerError(f"the worker's HTTP server at {self.http_uri} did not start") from None
-                await asyncio.sleep(0.02)
 
     async def invoke(self, function: FunctionEntry, inputs: dict[str, Any], trigger_metadata: dict[str, Any] | None = None,
                      invocation_id: str | None = None):

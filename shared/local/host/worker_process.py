@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from .worker_protocol import WorkerRequest, frame, protos, read_message
+from .worker_protocol import WorkerRequest, frame, protos, read_message, until_listening
 
 logger = logging.getLogger("sekisho.localhost.worker")
 
@@ -64,20 +64,10 @@ async def serve(host: str, port: int) -> None:
         writer.close()
 
 
-async def _quiet_web_server(uri: str, timeout: float = 15.0) -> None:
+async def _quiet_web_server(uri: str) -> None:
     """Once the runtime's web server listens (its uvicorn has set up its loggers by then), keep
     its per-request log lines at warning level, as the local host's console does."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            _, probe = await asyncio.open_connection(parts.hostname, parts.port)
-            probe.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.02)
+    await until_listening(uri)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 

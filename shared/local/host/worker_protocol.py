@@ -176,6 +176,24 @@ def frame(message) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
+async def until_listening(uri: str, timeout: float = 15.0) -> bool:
+    """Wait until something accepts connections at `uri` (the runtime starts its web server as
+    a task); False if nothing does within `timeout`."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            writer.close()
+            return True
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+
+
 async def read_message(reader: asyncio.StreamReader):
     """The next StreamingMessage from the channel; None when the other side has closed it."""
     try:
