@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--process", choices=("worker", "host"), default="worker",
+                        help="sample the Python worker process (the app, the runtime, its web server; default) "
+                             "or the local host's process (routing and forwarding, as the Functions host does)")
     parser.add_argument("--all-threads", action="store_true",
                         help="sample every non-idle thread (default: only the thread holding the GIL, i.e. Python CPU time)")
     args = parser.parse_args()
@@ -132,11 +135,14 @@ def main() -> None:
         thread = threading.Thread(target=lambda: load.update(bench.wrk(target, args.concurrency, args.seconds + 2, f"{run_id}-load")))
         thread.start()
         time.sleep(1)
-        before = thread_cpu(gateway.pid)
-        subprocess.run([py_spy, "record", "--pid", str(gateway.pid), "--duration", str(args.seconds), "--rate", str(args.rate),
+        sampled = gateway.pid
+        if args.process == "worker":
+            sampled = next(pid for pid in bench.process_tree(gateway.pid) if bench._is_functions_worker(pid))
+        before = thread_cpu(sampled)
+        subprocess.run([py_spy, "record", "--pid", str(sampled), "--duration", str(args.seconds), "--rate", str(args.rate),
                         "--threads", "--format", "raw", "--output", str(collapsed)] + ([] if args.all_threads else ["--gil"]),
                        check=True, capture_output=True)
-        after = thread_cpu(gateway.pid)
+        after = thread_cpu(sampled)
         thread.join()
     finally:
         for process in reversed(processes):
@@ -148,7 +154,7 @@ def main() -> None:
           f"(py-spy adds overhead); {total:,} samples at {args.rate}/s over {args.seconds} s")
     cpu = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
     busy = sum(cpu.values())
-    print(f"\nCPU of the gateway process while sampled: {busy:.1f} s in {args.seconds} s "
+    print(f"\nCPU of the {args.process} process while sampled: {busy:.1f} s in {args.seconds} s "
           f"({1000 * busy / max(1, load.get('rps', 1) * args.seconds):.2f} ms per request); per thread:")
     for name, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
         if seconds > 0:
