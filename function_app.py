@@ -160,6 +160,12 @@ async def admin_key_rotate(req: Request) -> Response:
     return await gateway.admin_keys(req, req.path_params["app_id"], req.path_params["key_id"], rotate=True)
 
 
+@app.function_name("admin_alerts")
+@app.route(route=f"{ADMIN_PREFIX}/alerts", methods=["GET"])
+async def admin_alerts(req: Request) -> Response:
+    return await gateway.admin_alerts(req)
+
+
 @app.function_name("admin_logs")
 @app.route(route=f"{ADMIN_PREFIX}/logs", methods=["GET"])
 async def admin_logs(req: Request) -> Response:

@@ -42,6 +42,7 @@ from .policy.model_list import list_models
 from .policy.ownership import RecordOwnership, list_owned_answer
 from .policy.policies import builtin_defaults
 from .policy.system_prompt import ApplySystemPrompt
+from .quota.alerts import AlertWebhook, BudgetAlerts
 from .quota.enforce import EnforceQuota, Windows
 from .quota.pricing import PricingTable
 from .records import telemetry
@@ -129,6 +130,8 @@ class Gateway:
             self.pricing = PricingTable(store, settings.policy_cache_seconds)
             windows = Windows(settings.quota_timezone)
             self.quota = EnforceQuota(store, self.pricing, windows, settings.currency, settings.quota_lease_share)
+            webhook = AlertWebhook(settings.alert_webhook_url, settings.alert_webhook_secret) if settings.alert_webhook_url else None
+            self.quota.alerts = BudgetAlerts(store, settings.currency, webhook, emit=telemetry.emit_alert)
             self.cache = CacheResponses(store, self.pricing, windows, settings.cache_max_entry_bytes, settings.currency)
             self.admin = AdminApi(
                 authenticator, settings.admin_role, PolicyService(store, self.policy_cache), store,
@@ -182,6 +185,7 @@ class Gateway:
         while self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.quota.drain()
+        await self.quota.alerts.close()
         await self.cache.drain()
         await self.log_writer.close()
         await self.upstream.close()
@@ -374,6 +378,10 @@ class Gateway:
     async def admin_keys(self, request: Request, app_id: str, key_id: str | None = None, rotate: bool = False) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.gateway_keys(request, app_id, key_id, rotate)
+
+    async def admin_alerts(self, request: Request) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.alerts(request)
 
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()

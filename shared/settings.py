@@ -56,6 +56,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SEKISHO_QUOTA_TIMEZONE", "UTC", "Time zone whose calendar aligns quota windows (minute, day, month), e.g. Asia/Tokyo."),
     Setting("SEKISHO_QUOTA_LEASE_SHARE", "0.02", "Share of a quota limit an instance reserves at once and spends in memory while the counter is below half its limit (saves a store call per request; unspent units go back after 1 s idle). 0 = every request reserves in the store."),
     Setting("SEKISHO_CURRENCY", "USD", "Currency of prices and spend limits."),
+    Setting("SEKISHO_ALERT_WEBHOOK_URL", "", "Where the gateway POSTs budget alerts (JSON, signed; retried with back-off). Empty = alerts go to Application Insights (and the Bicep's action group) only."),
+    Setting("SEKISHO_ALERT_WEBHOOK_SECRET", "", "HMAC-SHA256 key that signs budget alert webhooks (x-sekisho-signature); a Key Vault reference in Azure. Required with SEKISHO_ALERT_WEBHOOK_URL."),
     Setting("SEKISHO_CACHE_MAX_ENTRY_BYTES", "1048576", "Largest answer the response cache keeps (bigger ones are not cached)."),
     Setting("SEKISHO_LOG_CONTENT", "full", "Content kept in request logs: full, redacted or metadata."),
     Setting("SEKISHO_LOG_RETENTION_DAYS", "30", "Request log retention (TTL) in days."),
@@ -125,6 +127,8 @@ class Settings:
     content_safety_endpoint: str = ""
     content_safety_api_key: str = ""
     local_queue_url: str = ""
+    alert_webhook_url: str = ""
+    alert_webhook_secret: str = ""
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -220,6 +224,8 @@ class Settings:
             local_queue_url=get("SEKISHO_LOCAL_QUEUE_URL"),
             content_safety_endpoint=get("SEKISHO_CONTENT_SAFETY_ENDPOINT").rstrip("/"),
             content_safety_api_key=get("SEKISHO_CONTENT_SAFETY_API_KEY"),
+            alert_webhook_url=get("SEKISHO_ALERT_WEBHOOK_URL"),
+            alert_webhook_secret=get("SEKISHO_ALERT_WEBHOOK_SECRET"),
             public_base_url=_public_base_url(get("SEKISHO_PUBLIC_BASE_URL"), get("WEBSITE_HOSTNAME")),
             raw=dict(env),
         )
@@ -227,6 +233,10 @@ class Settings:
             raise SettingsError("SEKISHO_QUOTA_LEASE_SHARE must be between 0 and 0.1 (a share of each limit per instance)")
         if store == "cosmos" and not settings.cosmos_endpoint:
             raise SettingsError("SEKISHO_STORE=cosmos needs SEKISHO_COSMOS_ENDPOINT")
+        if settings.alert_webhook_url and not settings.alert_webhook_url.startswith(("https://", "http://")):
+            raise SettingsError("SEKISHO_ALERT_WEBHOOK_URL must be an http(s) URL")
+        if settings.alert_webhook_url and len(settings.alert_webhook_secret) < 16:
+            raise SettingsError("SEKISHO_ALERT_WEBHOOK_URL needs SEKISHO_ALERT_WEBHOOK_SECRET (16 characters or more) to sign alerts")
         if not serving:
             return settings
         if not settings.auth_tenant_ids and not settings.easy_auth_enabled:

@@ -100,6 +100,11 @@ var containers = [
     partitionKey: '/id'
     defaultTtl: false
   }
+  {
+    name: 'budget_alerts'
+    partitionKey: '/app_id'
+    defaultTtl: true
+  }
 ]
 
 // Cosmos DB data-plane built-in role (not an Azure RBAC role): Cosmos DB Built-in Data Contributor.

@@ -23,6 +23,7 @@ from ..policy.policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
 )
 from ..cache.responses import cache_scope
+from ..quota.alerts import ALERT_DELIVERY_STATES, ALERTED_METRICS
 from ..records import focus, rollups
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
 from . import sessions as admin_sessions
@@ -102,13 +103,19 @@ class UsageService:
         return f"app:{app_id}" if user_id is None else f"user:{app_id}:{check_id(user_id, 'user id')}"
 
     async def show(self, app_id: str, user_id: str | None = None) -> dict[str, Any]:
-        from ..quota.enforce import METRICS
+        from ..quota.enforce import METRICS, METRICS_BY_NAME
 
         policy = await self._resolver.resolve(app_id, user_id)
         limits = policy.app_limits if user_id is None else policy.user_limits
         at = self._windows.now()
         names = {m.name: f"{m.key}:{self._windows.key(m.window, at)}" for m in METRICS}
-        used = await self._store.read_counters(self._subject(app_id, user_id), list(names.values()))
+        subject = self._subject(app_id, user_id)
+        used = await self._store.read_counters(subject, list(names.values()))
+        # The alerts this window's budgets have raised (one per threshold crossed).
+        raised: dict[str, list[int]] = {}
+        for alert in await self._store.list_alerts(app_id, 1000):
+            if alert.get("subject") == subject and alert.get("window") == self._windows.key(METRICS_BY_NAME[alert["metric"]].window, at):
+                raised.setdefault(alert["metric"], []).append(alert["threshold_percent"])
         metrics = {}
         for metric in METRICS:
             value = used[names[metric.name]]
@@ -122,6 +129,12 @@ class UsageService:
                 "window": self._windows.key(metric.window, at),
                 "resets_in_seconds": self._windows.seconds_left(metric.window, at),
             }
+            if metric.name in ALERTED_METRICS and limit is not None:
+                metrics[metric.name]["alerts"] = {
+                    "thresholds_percent": list(policy.alert_thresholds),
+                    "position_percent": round(100 * value / limit, 2) if limit else 100.0,
+                    "raised_percent": sorted(raised.get(metric.name, [])),
+                }
         return {"app_id": app_id, "user_id": user_id, "currency": self._currency, "timezone": str(self._windows.zone), "metrics": metrics}
 
     async def reset(self, app_id: str, user_id: str | None, metric_names: list[str] | None) -> list[str]:
@@ -443,6 +456,26 @@ class AdminApi:
             cache=cache, guard=None if guard is None else guard == "true", limit=min(int(limit), 1000),
         )
         return _json({"object": "list", "data": await self._store.query_logs(query)})
+
+    @_answers_with_errors
+    async def alerts(self, request: Request) -> Response:
+        """Budget alerts, newest first: of one app (`app_id`), of one delivery state (`status`:
+        pending, delivered, dead_letter, off)."""
+        await self._admin(request)
+        params = request.query_params
+        limit = params.get("limit", "100")
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
+            raise errors.invalid_request("limit must be a whole number from 1 to 1000.", "limit")
+        status = params.get("status") or None
+        if status is not None and status not in ALERT_DELIVERY_STATES:
+            raise errors.invalid_request(f"status must be one of {', '.join(ALERT_DELIVERY_STATES)}.", "status")
+        app_id = params.get("app_id") or None
+        if app_id is not None:
+            check_id(app_id, "app id")
+        alerts = await self._store.list_alerts(app_id, 1000 if status else int(limit))
+        if status is not None:
+            alerts = [a for a in alerts if (a.get("delivery") or {}).get("status") == status][:int(limit)]
+        return _json({"object": "list", "data": [{k: v for k, v in a.items() if k not in ("sort_key", "ttl")} for a in alerts]})
 
     # Reports from the usage roll-ups ------------------------------------------------------------
     async def _report_rows(self, request: Request) -> tuple[list[dict[str, Any]], str]:

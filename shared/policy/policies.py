@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ..guards.content_safety import ContentSafetySettings, SafetyPolicy
 from ..guards.normalize import Folding
 from ..guards.personal_data import PersonalDataPolicy, PersonalDataSettings
+from ..quota.alerts import DEFAULT_THRESHOLDS, BudgetAlertSettings, thresholds_of
 from ..guards.rules import GuardRule, GuardSettings, LeakProtection, RuleSet
 
 DEFAULTS_PARTITION = "_defaults"
@@ -116,6 +117,7 @@ class PolicySettings(BaseModel):
     retention_days: int | None = Field(default=None, ge=1, le=3650)
     app_limits: Limits | None = Field(default=None, description="Limits on the app as a whole (all its users together).")
     user_limits: Limits | None = Field(default=None, description="Limits on each end user of the app; a user layer overrides them for one user.")
+    budget_alerts: BudgetAlertSettings | None = Field(default=None, description="Alerts when tokens_per_day or spend_per_month reach a share of their limit.")
     default_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000, description="Reserved for the answer when the request sets no max_tokens.")
     quota_on_store_failure: Literal["closed", "open"] | None = Field(default=None, description="closed: refuse with 503; open: count in memory until the store is back.")
     system_prompt: SystemPrompt | None = None
@@ -156,6 +158,7 @@ class EffectivePolicy(BaseModel):
     retention_days: int
     app_limits: Limits = Field(default_factory=Limits)
     user_limits: Limits = Field(default_factory=Limits)
+    alert_thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS  # per cent; () when budget alerts are off
     default_completion_tokens: int = 1024
     quota_on_store_failure: Literal["closed", "open"] = "closed"
     system_prompt: SystemPrompt | None = None
@@ -329,6 +332,7 @@ def effective_policy(
         retention_days=merged["retention_days"],
         app_limits=Limits.model_validate(merged.get("app_limits") or {}),
         user_limits=Limits.model_validate(merged.get("user_limits") or {}),
+        alert_thresholds=thresholds_of(merged.get("budget_alerts")),
         default_completion_tokens=merged["default_completion_tokens"],
         quota_on_store_failure=merged["quota_on_store_failure"],
         system_prompt=SystemPrompt.model_validate(merged["system_prompt"]) if merged.get("system_prompt") else None,

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -32,6 +32,7 @@ from ..store.counter_batch import CounterBatcher
 from ..token_estimate import count_tokens
 from ..usage import Usage, usage_of
 from . import tokenizer
+from .alerts import ALERTED_METRICS, BudgetAlerts, Position
 from .leases import LeaseBook
 from .pricing import PricingTable, batch_cost, cost_nanos, nanos_to_amount, units_cost, usage_cost
 
@@ -126,14 +127,22 @@ class Reservation:
     charges: list[CounterCharge]
     metrics: list[Metric]
     degraded: bool
+    # For budget alerts: each counter's value after the reservation, whose app and user, and the
+    # policy's thresholds (settlement tells where the budgets stand).
+    used: list[int] = field(default_factory=list)
+    app_id: str | None = None
+    user_id: str | None = None
+    alert_thresholds: tuple[int, ...] = ()
 
     def to_document(self) -> dict:
         """For an async job document: the job settles the reservation when it ends."""
-        return {"charges": [asdict(c) for c in self.charges], "metrics": [m.name for m in self.metrics], "degraded": self.degraded}
+        return {"charges": [asdict(c) for c in self.charges], "metrics": [m.name for m in self.metrics], "degraded": self.degraded,
+                "used": self.used, "app_id": self.app_id, "user_id": self.user_id, "alert_thresholds": list(self.alert_thresholds)}
 
     @classmethod
     def from_document(cls, doc: dict) -> "Reservation":
-        return cls([CounterCharge(**c) for c in doc["charges"]], [METRICS_BY_NAME[name] for name in doc["metrics"]], doc["degraded"])
+        return cls([CounterCharge(**c) for c in doc["charges"]], [METRICS_BY_NAME[name] for name in doc["metrics"]], doc["degraded"],
+                   list(doc.get("used") or []), doc.get("app_id"), doc.get("user_id"), tuple(doc.get("alert_thresholds") or ()))
 
 
 @dataclass
@@ -199,6 +208,7 @@ class EnforceQuota(Stage):
         self._settlements = CounterBatcher(store, what="quota settlement")
         self.leases = LeaseBook(lease_share)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.alerts: BudgetAlerts | None = None  # set by the gateway
 
     async def before(self, ctx: RequestContext) -> None:
         policy = ctx.policy
@@ -255,8 +265,11 @@ class EnforceQuota(Stage):
             outcome = self._memory.reserve(charges)
         accounting.degraded = degraded
         if not outcome.admitted:
-            self._refuse(ctx, charges[outcome.failed], metrics[outcome.failed], outcome.used[outcome.failed], at)
-        ctx.quota = Reservation(charges, metrics, degraded)
+            failed = outcome.failed
+            if not degraded and metrics[failed].name in ALERTED_METRICS:  # the budget bites: its 100 % alert
+                self._observe(ctx.app_id, ctx.user_id, charges[failed], metrics[failed], outcome.used[failed], policy.alert_thresholds, refused=True)
+            self._refuse(ctx, charges[failed], metrics[failed], outcome.used[failed], at)
+        ctx.quota = Reservation(charges, metrics, degraded, list(outcome.used), ctx.app_id, ctx.user_id, policy.alert_thresholds)
         self._remaining_headers(ctx, charges, metrics, outcome.used)
 
     async def _batch_estimate(self, summary: dict | None) -> tuple[int, int, int]:
@@ -400,13 +413,16 @@ class EnforceQuota(Stage):
     def settle(self, reservation: Reservation, tokens: int, cost: int) -> None:
         """Bring a reservation's token and spend charges to what was used (the request charge stays)."""
         deltas = []
-        for charge, metric in zip(reservation.charges, reservation.metrics):
+        watch = self.alerts is not None and reservation.alert_thresholds and not reservation.degraded and reservation.app_id is not None
+        for index, (charge, metric) in enumerate(zip(reservation.charges, reservation.metrics)):
             if metric.kind == "tokens":
                 delta = tokens - charge.amount
             elif metric.kind == "spend":
                 delta = cost - charge.amount
             else:
                 continue
+            if watch and metric.name in ALERTED_METRICS and index < len(reservation.used):
+                self._observe(reservation.app_id, reservation.user_id, charge, metric, reservation.used[index] + delta, reservation.alert_thresholds)
             if delta:
                 deltas.append(CounterCharge(charge.subject, charge.counter, delta, None, charge.ttl))
         if deltas:
@@ -414,6 +430,14 @@ class EnforceQuota(Stage):
                 self._memory.adjust(deltas)
             else:
                 self._settlements.add(deltas)  # written with others within 50 ms
+
+    def _observe(self, app_id: str, user_id: str | None, charge: CounterCharge, metric: Metric, used: int,
+                 thresholds: tuple[int, ...], refused: bool = False) -> None:
+        if self.alerts is None or not thresholds or not charge.limit and not refused:
+            return
+        app_scope = charge.subject.startswith("app:")
+        self.alerts.observe(Position(app_id, None if app_scope else (user_id or app_id), charge.subject, metric.name, charge.counter,
+                                     used, charge.limit, charge.ttl, refused), thresholds)
 
     async def drain(self) -> None:
         """Hand every lease back and write pending settlements (shutdown, tests)."""

@@ -32,6 +32,12 @@ USAGE_EVENT_FIELDS: tuple[str, ...] = (
     "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "error.type",
 )
+# Budget alerts (quota/alerts.py): one event per threshold crossed, for the Bicep's alert rule.
+ALERT_EVENT_NAME = "sekisho.budget_alert"
+ALERT_EVENT_FIELDS: tuple[str, ...] = (
+    "alert_id", "app_id", "user_id", "scope", "metric", "window", "threshold_percent", "used", "limit", "unit",
+    "position_percent", "reason", "crossed_at",
+)
 # The GenAI conventions' metrics: histograms of tokens (by gen_ai.token.type) and of durations.
 TOKEN_USAGE_METRIC, DURATION_METRIC = "gen_ai.client.token.usage", "gen_ai.client.operation.duration"
 PROVIDER = "azure.ai.openai"  # gen_ai.provider.name; the older gen_ai.system spelt it az.ai.openai
@@ -173,6 +179,17 @@ def emit(record: dict[str, Any]) -> None:
         logger.info(EVENT_NAME, extra=usage_event(record))
         if _configured:
             record_metrics(record)
+
+
+def alert_event(doc: dict[str, Any]) -> dict[str, Any]:
+    event = {name: doc.get(name) for name in ALERT_EVENT_FIELDS if name != "alert_id"}
+    event["alert_id"] = doc.get("id")
+    return {k: v for k, v in event.items() if v is not None}
+
+
+def emit_alert(doc: dict[str, Any]) -> None:
+    if logger.handlers:
+        logger.warning(ALERT_EVENT_NAME, extra=alert_event(doc))
 
 
 def configure(settings: Settings) -> bool:

@@ -33,9 +33,10 @@ USAGE_ROLLUPS = Container("usage_rollups", "/app_id", default_ttl=False)
 ADMIN_SESSIONS = Container("admin_sessions", "/id", default_ttl=True)
 OWNED_OBJECTS = Container("owned_objects", "/app_id", default_ttl=True)  # what an app created upstream (stored responses)
 GATEWAY_KEYS = Container("gateway_keys", "/id", default_ttl=False)  # api-keys for tools that cannot send a token (their hashes)
+BUDGET_ALERTS = Container("budget_alerts", "/app_id", default_ttl=True)  # one per threshold crossed per window (quota/alerts.py)
 CONTAINERS: tuple[Container, ...] = (
     REQUEST_LOGS, POLICIES, QUOTA_COUNTERS, PRICES, RESPONSE_CACHE, DEPLOYMENTS, JOBS, USAGE_ROLLUPS, ADMIN_SESSIONS, OWNED_OBJECTS,
-    GATEWAY_KEYS,
+    GATEWAY_KEYS, BUDGET_ALERTS,
 )
 
 
@@ -283,6 +284,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def query_rollups(self, app_id: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         """Roll-up documents of one app (or all), for days from `since` to `until` inclusive."""
+
+    # Budget alerts: one document per threshold crossed per window, in its app's partition -------
+    @abc.abstractmethod
+    async def claim_alert(self, doc: dict[str, Any]) -> bool:
+        """Create the alert document (`id`, `app_id`, `sort_key`, `ttl`, …) unless one with its id
+        exists: True for the one caller, across every instance, that created it."""
+
+    @abc.abstractmethod
+    async def update_alert(self, doc: dict[str, Any]) -> None:
+        """Replace a claimed alert's document (its delivery state)."""
+
+    @abc.abstractmethod
+    async def list_alerts(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts of one app (or every app), newest first (by `sort_key`), at most `limit`."""
 
     # Gateway keys: one document per key, by its id (the key's public part); never the key ------
     async def get_gateway_key(self, key_id: str) -> dict[str, Any] | None:

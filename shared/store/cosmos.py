@@ -21,7 +21,7 @@ from azure.cosmos.aio import CosmosClient
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    CONTAINERS, JOBS, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
+    BUDGET_ALERTS, CONTAINERS, JOBS, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
     PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable, owned_sort_key,
 )
 
@@ -390,6 +390,24 @@ class CosmosStore(Store):
         except exceptions.CosmosResourceNotFoundError:
             return False
         return True
+
+    # Budget alerts: one item per threshold crossed per window, in the app's partition ------------
+    async def claim_alert(self, doc: dict[str, Any]) -> bool:
+        try:
+            await self._container(BUDGET_ALERTS.name).create_item(doc)  # create-only: one caller wins, in every instance
+        except exceptions.CosmosResourceExistsError:
+            return False
+        return True
+
+    async def update_alert(self, doc: dict[str, Any]) -> None:
+        await self._container(BUDGET_ALERTS.name).upsert_item(doc)
+
+    async def list_alerts(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        query = f"SELECT TOP {int(limit)} * FROM c" + (" WHERE c.app_id = @app" if app_id is not None else "") + " ORDER BY c.sort_key DESC"
+        params = [{"name": "@app", "value": app_id}] if app_id is not None else []
+        items = self._container(BUDGET_ALERTS.name).query_items(query, parameters=params, partition_key=app_id) if app_id is not None \
+            else self._container(BUDGET_ALERTS.name).query_items(query, parameters=params)
+        return [{k: v for k, v in item.items() if not k.startswith("_")} async for item in items]
 
     # Async jobs: one item per job in its app's partition, expiring through its `ttl` -----------
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import orjson
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    ADMIN_SESSIONS, DEPLOYMENTS, GATEWAY_KEYS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
+    ADMIN_SESSIONS, BUDGET_ALERTS, DEPLOYMENTS, GATEWAY_KEYS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
     EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable, owned_sort_key,
 )
 
@@ -104,6 +104,15 @@ CREATE TABLE IF NOT EXISTS {OWNED_OBJECTS.name} (
 );
 CREATE INDEX IF NOT EXISTS ix_owned_listing ON {OWNED_OBJECTS.name}(app_id, kind, sort_key);
 CREATE INDEX IF NOT EXISTS ix_owned_open ON {OWNED_OBJECTS.name}(sort_key) WHERE json_extract(doc, '$.open') = 1;
+CREATE TABLE IF NOT EXISTS {BUDGET_ALERTS.name} (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    sort_key TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (app_id, id)
+);
+CREATE INDEX IF NOT EXISTS ix_budget_alerts_sort ON {BUDGET_ALERTS.name}(sort_key);
 CREATE TABLE IF NOT EXISTS {JOBS.name} (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -624,6 +633,34 @@ class SqliteStore(Store):
                 return conn.execute(f"DELETE FROM {OWNED_OBJECTS.name} WHERE app_id = ? AND id = ?", (app_id, f"{kind}:{object_id}")).rowcount > 0
 
         return await self._run(delete)
+
+    # Budget alerts -----------------------------------------------------------------------------
+    async def claim_alert(self, doc: dict[str, Any]) -> bool:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> bool:
+            with conn:
+                conn.execute(f"DELETE FROM {BUDGET_ALERTS.name} WHERE app_id = ? AND id = ? AND expires_at <= ?", (doc["app_id"], doc["id"], now))
+                return conn.execute(
+                    f"INSERT OR IGNORE INTO {BUDGET_ALERTS.name} (app_id, id, sort_key, expires_at, doc) VALUES (?, ?, ?, ?, ?)",
+                    (doc["app_id"], doc["id"], doc["sort_key"], now + doc["ttl"], orjson.dumps(doc))).rowcount == 1
+
+        return await self._run(write)
+
+    async def update_alert(self, doc: dict[str, Any]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(f"UPDATE {BUDGET_ALERTS.name} SET doc = ? WHERE app_id = ? AND id = ?", (orjson.dumps(doc), doc["app_id"], doc["id"]))
+
+        await self._run(write, urgent=False)
+
+    async def list_alerts(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        now = time.time()
+        where, params = ("app_id = ? AND ", [app_id]) if app_id is not None else ("", [])
+        rows = await self._read(lambda conn: conn.execute(
+            f"SELECT doc FROM {BUDGET_ALERTS.name} WHERE {where}expires_at > ? ORDER BY sort_key DESC LIMIT ?", (*params, now, int(limit))
+        ).fetchall())
+        return [orjson.loads(row[0]) for row in rows]
 
     # Async jobs --------------------------------------------------------------------------------
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:

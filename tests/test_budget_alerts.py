@@ -1,0 +1,257 @@
+"""Budget alerts (shared/quota/alerts.py): one alert per threshold crossed per window, however many
+requests and instances see the crossing; a signed webhook retried until accepted, a dead letter
+when it never is; the alert event for Azure Monitor; the position against the thresholds."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shared.policy.policies import PolicyError, build_document, effective_policy, builtin_defaults
+from shared.quota import alerts
+from shared.quota.alerts import AlertWebhook, BudgetAlerts, Position
+from shared.records import telemetry
+from shared.store.cosmos import CosmosStore
+from shared.store.sqlite import SqliteStore
+
+from .servers import COSMOS_KEY
+
+SECRET = "whsec-test-0123456789abcdef"
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+ADMIN = "/sekisho/admin"
+
+
+@pytest.fixture(params=["sqlite", "cosmos"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        opened = SqliteStore(str(tmp_path / "alerts.db"))
+    else:
+        server = request.getfixturevalue("cosmos_server")
+        opened = CosmosStore(server.endpoint, COSMOS_KEY, f"alerts-{uuid.uuid4().hex[:8]}", verify_tls=False)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def _position(app_id: str, used: int, limit: int = 1000, user_id: str | None = None, refused: bool = False, metric: str = "tokens_per_day") -> Position:
+    subject = f"app:{app_id}" if user_id is None else f"user:{app_id}:{user_id}"
+    counter = "tpd:2026-11-30" if metric == "tokens_per_day" else "spend:2026-11"
+    return Position(app_id, user_id, subject, metric, counter, used, limit, 3600, refused)
+
+
+class Receiver:
+    """A webhook receiver on loopback: answers `failures` times with 503, then 200; keeps what came."""
+
+    def __init__(self, failures: int = 0, always: int | None = None) -> None:
+        self.failures, self.always = failures, always
+        self.received: list[tuple[dict, bytes]] = []
+        self.attempts = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        body = await request.read()
+        if self.always is not None:
+            return web.Response(status=self.always)
+        if self.attempts <= self.failures:
+            return web.Response(status=503)
+        self.received.append((dict(request.headers), body))
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+
+# --- policy ------------------------------------------------------------------------------------
+def test_thresholds_default_to_50_80_100_and_are_checked():
+    builtin = builtin_defaults("full", 30)
+    assert effective_policy("a", builtin, None, None, None).alert_thresholds == (50, 80, 100)
+    app = build_document("app", "a", None, {"settings": {"budget_alerts": {"thresholds_percent": [90, 25, 90]}}}, "t")
+    assert effective_policy("a", builtin, None, app, None).alert_thresholds == (25, 90)
+    off = build_document("app", "a", None, {"settings": {"budget_alerts": {"enabled": False}}}, "t")
+    assert effective_policy("a", builtin, None, off, None).alert_thresholds == ()
+    for bad in ([0], [101], [], [50.5], list(range(1, 12))):
+        with pytest.raises(PolicyError):
+            build_document("app", "a", None, {"settings": {"budget_alerts": {"thresholds_percent": bad}}}, "t")
+
+
+def test_crossing_counts_from_the_limit_and_a_refusal_is_100():
+    assert alerts.crossed(499, 1000, (50, 80, 100), False) == []
+    assert alerts.crossed(500, 1000, (50, 80, 100), False) == [50]
+    assert alerts.crossed(950, 1000, (50, 80, 100), False) == [50, 80]
+    assert alerts.crossed(300, 1000, (50, 80, 100), True) == [100]  # refused: the budget bit, wherever it stood
+
+
+# --- exactly once --------------------------------------------------------------------------------
+async def test_one_alert_per_threshold_under_a_200_way_race_across_instances(store):
+    """Eight instances (each its own memory) share one store; 200 requests see the same crossing."""
+    app_id = f"race-{uuid.uuid4().hex[:8]}"
+    sent: list[str] = []
+    instances = [BudgetAlerts(store, "USD") for _ in range(8)]
+    for instance in instances:
+        instance.on_claimed = lambda doc: sent.append(doc["id"])
+
+    async def one(i: int) -> None:
+        instances[i % 8].observe(_position(app_id, 850 + i % 7), (50, 80, 100))
+        await asyncio.sleep(0)
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    for instance in instances:
+        await instance.drain()
+    assert sorted(sent) == sorted([alerts.alert_id(_position(app_id, 0), t) for t in (50, 80)])
+    stored = await store.list_alerts(app_id)
+    assert sorted(a["threshold_percent"] for a in stored) == [50, 80]
+    # Seen once, remembered: the same crossing later costs no store call.
+    calls = []
+    original = store.claim_alert
+    store.claim_alert = lambda doc: calls.append(doc) or original(doc)
+    instances[0].observe(_position(app_id, 900), (50, 80, 100))
+    await instances[0].drain()
+    assert calls == []
+    # The next threshold is a new alert; so is the same threshold for a user, or in another window.
+    instances[1].observe(_position(app_id, 1000), (50, 80, 100))
+    instances[2].observe(_position(app_id, 600, user_id="u1"), (50, 80, 100))
+    instances[3].observe(_position(app_id, 600, metric="spend_per_month"), (50, 80, 100))
+    for instance in instances:
+        await instance.drain()
+    assert len(sent) == 5
+    listed = await store.list_alerts(app_id)
+    assert [a["sort_key"] for a in listed] == sorted((a["sort_key"] for a in listed), reverse=True)
+    assert {a["scope"] for a in listed} == {"app", "user"}
+
+
+async def test_a_failed_claim_is_tried_again_on_the_next_sighting(tmp_path):
+    store = SqliteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        instance = BudgetAlerts(store, "USD")
+        original = store.claim_alert
+
+        async def down(doc):
+            from shared.store import StoreUnavailable
+            raise StoreUnavailable("down")
+
+        store.claim_alert = down
+        instance.observe(_position("app", 600), (50,))
+        await instance.drain()
+        assert await store.list_alerts("app") == []
+        store.claim_alert = original
+        instance.observe(_position("app", 610), (50,))
+        await instance.drain()
+        assert len(await store.list_alerts("app")) == 1
+    finally:
+        await store.close()
+
+
+# --- the webhook -----------------------------------------------------------------------------------
+async def test_the_webhook_is_signed_and_retried_until_accepted(store):
+    async with Receiver(failures=2) as url:
+        webhook = AlertWebhook(url, SECRET, attempts=5, first_delay=0.01, max_delay=0.05)
+        instance = BudgetAlerts(store, "USD", webhook)
+        app_id = f"hook-{uuid.uuid4().hex[:8]}"
+        instance.observe(_position(app_id, 8 * 10**9, metric="spend_per_month", limit=10 * 10**9), (80,))
+        await instance.drain()
+        await instance.close()
+    [doc] = await store.list_alerts(app_id)
+    assert doc["delivery"]["status"] == "delivered" and doc["delivery"]["attempts"] == 3
+    assert doc["unit"] == "USD" and doc["limit"] == 10.0 and doc["used"] == 8.0 and doc["position_percent"] == 80.0
+
+
+class _MemoryAlerts:
+    """Just enough of a store for a BudgetAlerts in a unit test."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict] = {}
+
+    async def claim_alert(self, doc):
+        if doc["id"] in self.docs:
+            return False
+        self.docs[doc["id"]] = dict(doc)
+        return True
+
+    async def update_alert(self, doc):
+        self.docs[doc["id"]] = dict(doc)
+
+
+async def test_webhook_headers_body_and_signature():
+    receiver = Receiver()
+    async with receiver as url:
+        store = _MemoryAlerts()
+        instance = BudgetAlerts(store, "USD", AlertWebhook(url, SECRET, attempts=1))
+        instance.observe(_position("sig", 1000, user_id="alice@contoso.com"), (100,))
+        await instance.drain()
+        await instance.close()
+    [(headers, body)] = receiver.received
+    payload = json.loads(body)
+    assert payload["type"] == "sekisho.budget_alert"
+    assert payload["alert"]["app_id"] == "sig" and payload["alert"]["user_id"] == "alice@contoso.com"
+    assert payload["alert"]["threshold_percent"] == 100 and payload["alert"]["reason"] == "reached"
+    assert headers[alerts.ALERT_ID_HEADER] == payload["alert"]["id"]
+    signed = headers[alerts.SIGNATURE_HEADER]
+    assert alerts.verify(SECRET.encode(), signed, body)
+    assert not alerts.verify(b"another-secret-0123456789", signed, body)
+    assert not alerts.verify(SECRET.encode(), signed, body.replace(b"sig", b"gis"))
+    assert not alerts.verify(SECRET.encode(), signed, body, now=time.time() + 3600)  # an old message replayed
+    assert not alerts.verify(SECRET.encode(), "garbage", body)
+
+
+async def test_an_alert_never_accepted_becomes_a_dead_letter(store):
+    receiver = Receiver(always=500)
+    async with receiver as url:
+        instance = BudgetAlerts(store, "USD", AlertWebhook(url, SECRET, attempts=4, first_delay=0.01, max_delay=0.02))
+        app_id = f"dead-{uuid.uuid4().hex[:8]}"
+        instance.observe(_position(app_id, 500), (50,))
+        await instance.drain()
+        await instance.close()
+    assert receiver.attempts == 4
+    [doc] = await store.list_alerts(app_id)
+    assert doc["delivery"] == {"status": "dead_letter", "attempts": 4, "last_error": "the receiver answered 500"}
+
+
+async def test_an_unreachable_receiver_and_a_shutdown_mid_back_off_leave_dead_letters(tmp_path):
+    store = _MemoryAlerts()
+    instance = BudgetAlerts(store, "USD", AlertWebhook("http://127.0.0.1:9/hook", SECRET, attempts=50, first_delay=5, max_delay=5))
+    instance.observe(_position("gone", 500), (50,))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await instance.close(grace_seconds=0.2)
+    assert time.monotonic() - started < 3
+    [doc] = store.docs.values()
+    assert doc["delivery"]["status"] == "dead_letter" and "stopped" in doc["delivery"]["last_error"]
+
+
+# --- telemetry ---------------------------------------------------------------------------------------
+def test_the_alert_event_carries_the_declared_fields_and_no_more():
+    captured: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            captured.append(record)
+
+    handler = Capture()
+    telemetry.logger.addHandler(handler)
+    try:
+        doc = alerts.alert_document(_position("tele", 800, user_id="u"), 80, "USD", webhook=False)
+        telemetry.emit_alert(doc)
+    finally:
+        telemetry.logger.removeHandler(handler)
+    [record] = captured
+    assert record.getMessage() == telemetry.ALERT_EVENT_NAME
+    standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}  # set by formatters
+    attributes = {k for k in vars(record) if k not in standard and not k.startswith("_")}
+    assert attributes <= set(telemetry.ALERT_EVENT_FIELDS)
+    assert {"alert_id", "app_id", "user_id", "metric", "threshold_percent", "position_percent", "window"} <= attributes
