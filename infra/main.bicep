@@ -150,6 +150,12 @@ param keyVaultPurgeProtection bool = true
 @maxValue(730)
 param logAnalyticsRetentionDays int = 30
 
+@description('Email addresses that receive budget alerts (an action group, and alert rules over the usage telemetry).')
+param alertEmails array = []
+
+@description('A webhook (e.g. a Teams workflow) that receives budget alerts in the common alert schema.')
+param alertWebhookUri string = ''
+
 @description('Application Insights accepts telemetry only with Entra ID.')
 param appInsightsDisableLocalAuth bool = true
 
@@ -293,6 +299,8 @@ module monitoring 'modules/monitoring.bicep' = {
     retentionInDays: logAnalyticsRetentionDays
     disableLocalAuth: appInsightsDisableLocalAuth
     appPrincipalId: identity.outputs.principalId
+    alertEmails: alertEmails
+    alertWebhookUri: alertWebhookUri
   }
 }
 

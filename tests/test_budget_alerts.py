@@ -255,3 +255,149 @@ def test_the_alert_event_carries_the_declared_fields_and_no_more():
     attributes = {k for k in vars(record) if k not in standard and not k.startswith("_")}
     assert attributes <= set(telemetry.ALERT_EVENT_FIELDS)
     assert {"alert_id", "app_id", "user_id", "metric", "threshold_percent", "position_percent", "window"} <= attributes
+
+
+# --- through the gateway ------------------------------------------------------------------------------
+async def _admin_get(url: str, admin_token: str, path: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
+        async with session.get(url + path) as response:
+            return response.status, await response.json()
+
+
+async def test_a_budget_raises_each_alert_once_as_requests_use_it(logged_gateway, admin_token, issuer):
+    """Sequential requests use up a daily token budget: 50 %, 80 % and 100 % (the refusal) are each
+    raised once, for the app; the usage view shows where it stands; alerts are listed for admins."""
+    from openai import AsyncAzureOpenAI, RateLimitError
+
+    from .servers import put_app
+
+    url = logged_gateway.host.url
+    app_id = await put_app(url, admin_token, {"app_limits": {"tokens_per_day": 400}})
+    client = AsyncAzureOpenAI(azure_endpoint=url, api_key="unused", api_version="2024-10-21", max_retries=0,
+                              default_headers={"Authorization": f"Bearer {issuer.mint(app_id)}"})
+    refused = False
+    for _ in range(60):
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=30)
+        except RateLimitError:
+            refused = True
+            break
+    await client.close()
+    assert refused
+    for _ in range(100):
+        status, body = await _admin_get(url, admin_token, f"{ADMIN}/alerts?app_id={app_id}")
+        if len(body["data"]) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 200
+    raised = body["data"]
+    assert [a["threshold_percent"] for a in raised] == [100, 80, 50]  # newest first
+    assert {a["scope"] for a in raised} == {"app"} and {a["metric"] for a in raised} == {"tokens_per_day"}
+    assert all(a["delivery"] == {"status": "off", "attempts": 0} for a in raised)  # no webhook configured here
+    assert raised[2]["position_percent"] >= 50 and raised[1]["position_percent"] >= 80
+    status, usage = await _admin_get(url, admin_token, f"{ADMIN}/usage/apps/{app_id}")
+    position = usage["metrics"]["tokens_per_day"]["alerts"]
+    assert position["thresholds_percent"] == [50, 80, 100] and position["raised_percent"] == [50, 80, 100]
+    assert "alerts" not in usage["metrics"]["tokens_per_minute"]  # only the budgets that refuse for a day or a month
+    # Bad filters are refused with the usual error shape.
+    for query in ("status=lost", "limit=0", "limit=abc", "app_id=bad%0Aid"):
+        status, error = await _admin_get(url, admin_token, f"{ADMIN}/alerts?{query}")
+        assert status == 400 and error["error"]["code"], query
+
+
+async def test_the_alerts_list_is_for_admins_only(gateway, token):
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        async with session.get(gateway.url + f"{ADMIN}/alerts") as response:
+            assert response.status == 403
+
+
+class ThreadReceiver:
+    """A webhook receiver in a thread of its own (the gateway's worker processes call it while the
+    test's event loop waits on other things)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.received: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_workers_with_webhook(simulator, tmp_path_factory, data_dir):
+    from .conftest import _gateway_env
+    from .servers import start_local_host, stop
+
+    receiver = ThreadReceiver()
+    path = str(tmp_path_factory.mktemp("alerts") / "shared.db")
+    host = start_local_host(_gateway_env(simulator, SEKISHO_SQLITE_PATH=path, SEKISHO_ALERT_WEBHOOK_URL=receiver.url,
+                                         SEKISHO_ALERT_WEBHOOK_SECRET=SECRET), data_dir, workers=2)
+    yield host, receiver
+    stop(host.process)
+    receiver.close()
+
+
+async def test_one_alert_per_threshold_across_two_worker_processes(two_workers_with_webhook, admin_token, issuer):
+    """200 requests released together across two processes use up a daily budget: the webhook
+    hears of each threshold exactly once, signed."""
+    from .servers import post_all, put_app
+
+    host, receiver = two_workers_with_webhook
+    app_id = await put_app(host.url, admin_token, {"app_limits": {"tokens_per_day": 3000}})
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    results = await asyncio.to_thread(post_all, host.url + CHAT, issuer.mint(app_id), body, 200)
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    for _ in range(100):
+        mine = [(headers, payload) for headers, payload in receiver.received if json.loads(payload)["alert"]["app_id"] == app_id]
+        if len(mine) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # a duplicate would have arrived by now
+    mine = [(headers, payload) for headers, payload in receiver.received if json.loads(payload)["alert"]["app_id"] == app_id]
+    assert sorted(json.loads(payload)["alert"]["threshold_percent"] for _, payload in mine) == [50, 80, 100]
+    assert all(alerts.verify(SECRET.encode(), headers[alerts.SIGNATURE_HEADER], payload) for headers, payload in mine)
+    status, listed = await _admin_get(host.url, admin_token, f"{ADMIN}/alerts?app_id={app_id}&status=delivered")
+    assert status == 200 and len(listed["data"]) == 3
+
+
+# --- Azure Monitor ---------------------------------------------------------------------------------------
+def test_the_alert_rules_read_the_events_and_fields_the_gateway_emits():
+    import re
+    from pathlib import Path
+
+    bicep = (Path(__file__).resolve().parents[1] / "infra" / "modules" / "monitoring.bicep").read_text()
+    queries = re.findall(r"query: '''(.*?)'''", bicep, re.S)
+    assert len(queries) == 2
+    events = {telemetry.ALERT_EVENT_NAME: set(telemetry.ALERT_EVENT_FIELDS), telemetry.EVENT_NAME: set(telemetry.USAGE_EVENT_FIELDS)}
+    for query in queries:
+        [event] = re.findall(r'message == "([\w.]+)"', query)
+        assert event in events, event
+        used = set(re.findall(r"customDimensions\.(\w+)", query))
+        assert used and used <= events[event], used - events[event]
+        # Every dimension the rule splits by is a column the query projects.
+        projected = set(re.findall(r"\| project (.*)", query)[0].replace(" ", "").split(","))
+        block = bicep[bicep.index(query):].split("autoMitigate")[0]
+        dimensions = set(re.findall(r"name: '(\w+)'\n\s+operator: 'Include'", block))
+        assert dimensions and dimensions <= projected, dimensions - projected
+    assert "error_code" in queries[1] and '"insufficient_quota"' in queries[1]
+    # Both rules notify the action group; the group and rules exist only when someone receives them.
+    assert bicep.count("actionGroup.id") >= 3
+    assert "var deployAlerts = !empty(alertEmails) || !empty(alertWebhookUri)" in bicep

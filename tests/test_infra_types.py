@@ -40,6 +40,8 @@ DEFINITIONS: dict[str, tuple[str, str | dict[str, str]]] = {
     "Microsoft.OperationalInsights/workspaces@2025-07-01": ("azure.mgmt.loganalytics.models", "Workspace"),
     "Microsoft.Insights/components@2020-02-02": ("azure.mgmt.applicationinsights.v2020_02_02.models", "ApplicationInsightsComponent"),
     "Microsoft.Insights/workbooks@2023-06-01": ("azure.mgmt.applicationinsights.v2023_06_01.models", "Workbook"),
+    "Microsoft.Insights/actionGroups@2023-01-01": ("azure.mgmt.monitor.models", "ActionGroupResource"),
+    "Microsoft.Insights/scheduledQueryRules@2023-12-01": ("azure.mgmt.monitor.models", "ScheduledQueryRuleResource"),
     "Microsoft.Network/virtualNetworks@2024-01-01": ("azure.mgmt.network.models", "VirtualNetwork"),
     "Microsoft.Network/privateEndpoints@2024-01-01": ("azure.mgmt.network.models", "PrivateEndpoint"),
     "Microsoft.Network/privateEndpoints/privateDnsZoneGroups@2024-01-01": ("azure.mgmt.network.models", "PrivateDnsZoneGroup"),
@@ -52,9 +54,10 @@ DEFINITIONS: dict[str, tuple[str, str | dict[str, str]]] = {
     "Microsoft.DocumentDB/databaseAccounts/sqlDatabases@2024-05-15": ("azure.mgmt.cosmosdb.models", "SqlDatabaseCreateUpdateParameters"),
     "Microsoft.DocumentDB/databaseAccounts/sqlDatabases/containers@2024-05-15": ("azure.mgmt.cosmosdb.models", "SqlContainerCreateUpdateParameters"),
 }
-# Packages that carry one API version, not a folder per version: the version they send.
-SINGLE_VERSION = {"azure.mgmt.cognitiveservices": "2024-10-01", "azure.mgmt.loganalytics": "2025-07-01",
-                  "azure.mgmt.network": "2024-01-01", "azure.mgmt.privatedns": "2020-06-01", "azure.mgmt.cosmosdb": "2024-05-15"}
+# Packages that carry one API version (per resource type), not a folder per version: the versions they send.
+SINGLE_VERSION = {"azure.mgmt.cognitiveservices": ("2024-10-01",), "azure.mgmt.loganalytics": ("2025-07-01",),
+                  "azure.mgmt.network": ("2024-01-01",), "azure.mgmt.privatedns": ("2020-06-01",), "azure.mgmt.cosmosdb": ("2024-05-15",),
+                  "azure.mgmt.monitor": ("2023-01-01", "2023-12-01")}  # action groups, scheduled query rules
 # Keys of a declaration that are Bicep's, not the resource's.
 DECLARATION_KEYS = {"name", "parent", "scope", "dependsOn"}
 _LEAVES = {"str", "int", "long", "float", "bool", "object", "iso-8601", "rfc-1123", "duration", "date", "bytearray", "base64", "unix-time", "decimal"}
@@ -188,7 +191,7 @@ def test_the_definitions_are_for_exactly_these_api_versions():
         version = resource_type.split("@")[1]
         package = ".".join(module.split(".")[:3])
         if package in SINGLE_VERSION:
-            assert SINGLE_VERSION[package] == version, resource_type
+            assert version in SINGLE_VERSION[package], resource_type
             sources = Path(_module(package).__file__).parent.rglob("*.py")
             assert any(f'"{version}"' in source.read_text(encoding="utf-8") for source in sources), f"{package} does not send {version}"
         else:
