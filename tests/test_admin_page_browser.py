@@ -1,7 +1,10 @@
 """The admin page in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright.
 
-Sign in with the CLI's one-time link, see the charts and the usage table, filter the request log,
-open a request. A screenshot is saved to test-artifacts/admin-page.png.
+Sign in with the CLI's one-time link, see the charts (their scale readable for sub-cent costs) and
+the usage table, a user's view with their budget's alert thresholds, the alerts raised, filter the
+request log, open a request as a conversation (roles, tool calls, the guard's decision inline,
+the raw JSON one click away). Screenshots: test-artifacts/admin-page.png, and
+docs/admin-conversation.png (the conversation view, kept in the docs).
 
 CI (.ci/run) installs chromium and sets SEKISHO_REQUIRE_BROWSER=1, so there a missing browser
 fails the test; on a developer machine without chromium it is skipped with the reason.
@@ -38,15 +41,33 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
 
     executable = _chromium()
     app_id, user = str(uuid.uuid4()), "browser-user-" + uuid.uuid4().hex[:6]
+    spender = "spender-" + uuid.uuid4().hex[:6]
+    settings = {"trust_user_header": True, "user_limits": {"tokens_per_day": 300},
+                "guards": {"rules": [{"id": "codename", "pattern": "falcon", "applies_to": "output"}], "output_action": "redact"}}
     async with aiohttp.ClientSession() as session:
         async with session.put(f"{gateway.url}/sekisho/admin/policies/apps/{app_id}", headers={"Authorization": f"Bearer {admin_token}"},
-                               json={"name": "Browser app", "settings": {"trust_user_header": True}}) as response:
+                               json={"name": "Browser app", "settings": settings}) as response:
             assert response.status == 201
         token = issuer.mint(app_id)
-        for text in ("first question", "second question"):
-            async with session.post(gateway.url + CHAT, headers={"Authorization": f"Bearer {token}", "x-sekisho-user": user},
-                                    json={"messages": [{"role": "user", "content": text}]}) as response:
+        conversation = [
+            {"role": "system", "content": "You answer about flights."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup_flight", "arguments": '{"code": "NH7"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "NH7 leaves at 10:05"},
+        ]
+        bodies = [{"messages": [{"role": "user", "content": "first question"}], "max_tokens": 20},
+                  {"messages": conversation + [{"role": "user", "content": "second question"}], "max_tokens": 20,
+                   "x_sim": {"reply": "It leaves at 10:05 on the Falcon route."}}]
+        for body in bodies:
+            async with session.post(gateway.url + CHAT, headers={"Authorization": f"Bearer {token}", "x-sekisho-user": user}, json=body) as response:
                 assert response.status == 200
+        # Another user spends their daily budget: each threshold is raised once for them.
+        for _ in range(40):
+            async with session.post(gateway.url + CHAT, headers={"Authorization": f"Bearer {token}", "x-sekisho-user": spender},
+                                    json={"messages": [{"role": "user", "content": "spend"}], "max_tokens": 20}) as response:
+                if response.status == 429:
+                    break
+        assert response.status == 429
     env = {**os.environ, "SEKISHO_SQLITE_PATH": sqlite_path}
     link = subprocess.run([sys.executable, "-m", "shared.admin.cli", "--data-dir", str(data_dir), "admin-login", "--url", gateway.url],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
@@ -69,16 +90,47 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
             await page.wait_for_function("document.getElementById('chart-cost').complete && document.getElementById('chart-cost').naturalWidth > 0")
             # Quota use for the chosen app.
             await page.locator("#quota-body table").wait_for()
+            # The per-user view: the spender's limits, with the thresholds marked and all three raised.
+            await page.fill("#user", spender)
+            await page.click("#apply")
+            await page.locator("#user-view table").first.wait_for()
+            await page.wait_for_function("document.querySelectorAll('#user-view .meter i.raised').length === 3")
+            assert "50 % ✔, 80 % ✔, 100 % ✔" in await page.locator("#user-view").inner_text()
+            assert await page.locator("#user-view table").nth(1).locator("tbody tr").count() == 3  # their alerts
+            await page.wait_for_function("document.querySelectorAll('#alerts-body tbody tr').length >= 3")
+            assert spender in await page.locator("#alerts-body").inner_text()
+            await page.fill("#user", "")
             # Filter the log by user, open a request.
             await page.fill("#log-filters input[name=user_id]", user)
             await page.click("#log-filters button[type=submit]")
             await page.wait_for_function("document.querySelectorAll('#log-table tbody tr').length === 2")
             await page.locator("#log-table tbody tr").first.click()
             await page.locator("#detail").wait_for(state="visible")
-            assert "second question" in await page.locator("#detail-prompt").inner_text()
             assert "gpt-4o-mini" in await page.locator("#detail-summary").inner_text()
+            # The conversation: every turn with its role, the tool call and its result, the answer
+            # as the model wrote it, and the guard's redaction where it happened.
+            turns = page.locator("#detail-conversation .turn")
+            roles = [await turns.nth(i).locator(".role").inner_text() for i in range(await turns.count())]
+            assert [r.lower() for r in roles] == ["system", "user", "assistant", "tool", "user", "assistant"]
+            text = await page.locator("#detail-conversation").inner_text()
+            assert 'calls lookup_flight({"code": "NH7"})' in text and "result of call_1" in text
+            assert "Falcon route" in text and "finish_reason: stop" in text
+            assert "guard (output): redact by rule codename" in text
+            # The raw JSON is one click away.
+            assert not await page.locator("#detail-prompt").is_visible()
+            await page.click("#detail-raw summary")
+            assert "second question" in await page.locator("#detail-prompt").inner_text()
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "admin-page.png"), full_page=True)
+            await page.locator("#detail-conversation").screenshot(path=str(ROOT / "docs" / "admin-conversation.png"))
+            # The cost chart's scale, for costs of fractions of a cent: five distinct labels, none
+            # rounded to 0 but the origin.
+            chart = f"{gateway.url}/sekisho/admin/reports/chart?app_id={app_id}&by=day&metric=cost"
+            await page.goto(chart)
+            ticks = await page.locator("svg text[text-anchor=end]").all_text_contents()
+            assert len(ticks) == 5 and len(set(ticks)) == 5 and ticks[0] in ("0", "0$", "0 USD"), ticks
+            top = float("".join(c for c in ticks[-1] if c.isdigit() or c in ".e-"))
+            assert 0 < top < 0.01 and not any("e" in tick for tick in ticks), ticks
             assert errors == []
         finally:
             await browser.close()

@@ -264,7 +264,7 @@ async def _admin_get(url: str, admin_token: str, path: str) -> tuple[int, dict]:
             return response.status, await response.json()
 
 
-async def test_a_budget_raises_each_alert_once_as_requests_use_it(logged_gateway, admin_token, issuer):
+async def test_a_budget_raises_each_alert_once_as_requests_use_it(logged_gateway, admin_token, issuer, data_dir):
     """Sequential requests use up a daily token budget: 50 %, 80 % and 100 % (the refusal) are each
     raised once, for the app; the usage view shows where it stands; alerts are listed for admins."""
     from openai import AsyncAzureOpenAI, RateLimitError
@@ -299,6 +299,12 @@ async def test_a_budget_raises_each_alert_once_as_requests_use_it(logged_gateway
     position = usage["metrics"]["tokens_per_day"]["alerts"]
     assert position["thresholds_percent"] == [50, 80, 100] and position["raised_percent"] == [50, 80, 100]
     assert "alerts" not in usage["metrics"]["tokens_per_minute"]  # only the budgets that refuse for a day or a month
+    if logged_gateway.kind == "sqlite":  # the CLI reads the same store
+        from .test_cli import cli
+
+        listed = cli(data_dir, logged_gateway.host.env["SEKISHO_SQLITE_PATH"], "alerts", "list", "--app-id", app_id, "--status", "off")
+        assert listed.returncode == 0, listed.stderr
+        assert [a["threshold_percent"] for a in json.loads(listed.stdout)] == [100, 80, 50]
     # Bad filters are refused with the usual error shape.
     for query in ("status=lost", "limit=0", "limit=abc", "app_id=bad%0Aid"):
         status, error = await _admin_get(url, admin_token, f"{ADMIN}/alerts?{query}")

@@ -23,6 +23,7 @@ from ..policy.policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
 )
 from ..cache.responses import cache_scope
+from ..quota import alerts as budget_alerts
 from ..quota.alerts import ALERT_DELIVERY_STATES, ALERTED_METRICS
 from ..records import focus, rollups
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
@@ -472,10 +473,7 @@ class AdminApi:
         app_id = params.get("app_id") or None
         if app_id is not None:
             check_id(app_id, "app id")
-        alerts = await self._store.list_alerts(app_id, 1000 if status else int(limit))
-        if status is not None:
-            alerts = [a for a in alerts if (a.get("delivery") or {}).get("status") == status][:int(limit)]
-        return _json({"object": "list", "data": [{k: v for k, v in a.items() if k not in ("sort_key", "ttl")} for a in alerts]})
+        return _json({"object": "list", "data": await budget_alerts.listed(self._store, app_id, status, int(limit))})
 
     # Reports from the usage roll-ups ------------------------------------------------------------
     async def _report_rows(self, request: Request) -> tuple[list[dict[str, Any]], str]:

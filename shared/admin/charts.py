@@ -29,7 +29,10 @@ def _format(value: float) -> str:
         return f"{value:,.0f}"
     if abs(value) >= 1:
         return f"{value:.2f}".rstrip("0").rstrip(".")
-    return f"{value:.3g}"  # small amounts (a request costs fractions of a cent): keep the digits
+    # Small amounts (a request costs fractions of a cent): three significant digits, written out
+    # (0.00005, not 5e-05: people read the axis).
+    decimals = min(12, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
 
 
 def bar_chart(points: list[tuple[str, float]], title: str, unit: str = "") -> str:

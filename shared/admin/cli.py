@@ -35,6 +35,8 @@ from typing import Any
 
 from ..errors import GatewayError
 from ..policy.policies import PolicyError
+from ..quota import alerts
+from ..quota.alerts import ALERT_DELIVERY_STATES
 from ..records.rollups import GROUPS
 from ..settings import Settings, SettingsError
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, open_store
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", type=int)
     listing.add_argument("--limit", type=int, default=20)
     logs.add_parser("get").add_argument("request_id")
+
+    alerts = groups.add_parser("alerts", help="budget alerts raised (one per threshold crossed per window)").add_subparsers(dest="command", required=True)
+    alert_list = alerts.add_parser("list")
+    alert_list.add_argument("--app-id")
+    alert_list.add_argument("--status", choices=ALERT_DELIVERY_STATES, help="webhook delivery state (dead_letter: never accepted)")
+    alert_list.add_argument("--limit", type=int, default=20)
 
     usage = groups.add_parser("usage", help="quota use against limits").add_subparsers(dest="command", required=True)
     for name in ("show", "reset"):
@@ -297,6 +305,8 @@ async def run(args) -> int:
             else:
                 doc, key = await service.rotate(args.app_id, args.key_id, args.overlap_seconds, actor=actor)
                 _print({**doc, "key": key})
+        elif args.group == "alerts":
+            _print(await alerts.listed(store, args.app_id, args.status, args.limit))
         elif args.group == "logs" and args.command == "get":
             record = await store.get_log(args.request_id)
             if record is None:

@@ -140,6 +140,14 @@ def verify(secret: bytes, header: str, body: bytes, tolerance_seconds: int = 300
     return hmac.compare_digest(signature(secret, timestamp, body), f"t={timestamp},v1={parts.get('v1', '')}")
 
 
+async def listed(store: Store, app_id: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+    """Alerts newest first, of one app and one delivery state when given (the admin API and CLI)."""
+    found = await store.list_alerts(app_id, 1000 if status else limit)
+    if status is not None:
+        found = [a for a in found if (a.get("delivery") or {}).get("status") == status]
+    return [{k: v for k, v in a.items() if k not in ("sort_key", "ttl")} for a in found[:limit]]
+
+
 class AlertWebhook:
     """POSTs alerts, signed, retrying with exponential back-off until accepted (2xx)."""
 
