@@ -166,6 +166,12 @@ async def admin_alerts(req: Request) -> Response:
     return await gateway.admin_alerts(req)
 
 
+@app.function_name("admin_logs_export")
+@app.route(route=f"{ADMIN_PREFIX}/exports/logs", methods=["GET"])
+async def admin_logs_export(req: Request) -> Response:
+    return await gateway.admin_logs_export(req)
+
+
 @app.function_name("admin_logs")
 @app.route(route=f"{ADMIN_PREFIX}/logs", methods=["GET"])
 async def admin_logs(req: Request) -> Response:

@@ -383,6 +383,10 @@ class Gateway:
         started = await self._start_or_error()
         return started or await self.admin.alerts(request)
 
+    async def admin_logs_export(self, request: Request) -> Response:
+        started = await self._start_or_error()
+        return started or await self.admin.export_logs(request)
+
     async def admin_logs(self, request: Request, request_id: str | None = None) -> Response:
         started = await self._start_or_error()
         return started or await self.admin.logs(request, request_id)

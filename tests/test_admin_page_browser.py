@@ -37,7 +37,7 @@ def _chromium() -> str:
 
 
 async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_token, issuer):
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
     executable = _chromium()
     app_id, user = str(uuid.uuid4()), "browser-user-" + uuid.uuid4().hex[:6]
@@ -104,6 +104,16 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
             await page.fill("#log-filters input[name=user_id]", user)
             await page.click("#log-filters button[type=submit]")
             await page.wait_for_function("document.querySelectorAll('#log-table tbody tr').length === 2")
+            assert not await page.locator("#log-more").is_visible()
+            # Paging: a page of one, then the older request appended by the button.
+            # (expect() polls without evaluating strings, which the page's CSP forbids.)
+            await page.evaluate("logPage = 1")
+            await page.click("#log-filters button[type=submit]")
+            await expect(page.locator("#log-table tbody tr")).to_have_count(1)
+            await expect(page.locator("#log-more")).to_be_visible()
+            await page.click("#log-more")
+            await expect(page.locator("#log-table tbody tr")).to_have_count(2)
+            await expect(page.locator("#log-more")).to_be_hidden()
             await page.locator("#log-table tbody tr").first.click()
             await page.locator("#detail").wait_for(state="visible")
             assert "gpt-4o-mini" in await page.locator("#detail-summary").inner_text()

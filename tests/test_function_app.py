@@ -69,6 +69,7 @@ EXPECTED = {
     "admin_key_rotate": ("sekisho/admin/keys/apps/{app_id}/{key_id}/rotate", {"POST"}),
     "admin_alerts": ("sekisho/admin/alerts", {"GET"}),
     "admin_logs": ("sekisho/admin/logs", {"GET"}),
+    "admin_logs_export": ("sekisho/admin/exports/logs", {"GET"}),
     "admin_log": ("sekisho/admin/logs/{request_id}", {"GET"}),
     "admin_usage_app": ("sekisho/admin/usage/apps/{app_id}", {"GET"}),
     "admin_usage_user": ("sekisho/admin/usage/apps/{app_id}/users/{user_id}", {"GET"}),

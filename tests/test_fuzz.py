@@ -192,8 +192,8 @@ def check(answer: Answer) -> Answer:
     if answer.status < 400:
         assert status in responses, f"undocumented status: {answer}"
         content_type = answer.headers.get("content-type", "")
-        if answer.method != "HEAD" and "json" in content_type:
-            answer.json()
+        if answer.method != "HEAD" and content_type.split(";")[0].strip().endswith(("/json", "+json")):
+            answer.json()  # (JSON lines, application/x-ndjson, are a stream of documents, not one)
         if "text/event-stream" in content_type:
             last = answer.body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
             ended = last == b"data: [DONE]" or last.startswith((b"event: response.completed", b"event: response.incomplete", b"event: response.failed"))

@@ -6,6 +6,7 @@ the HTTP handlers here and the CLI both go through it, so both validate input th
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 
 from .. import errors
 from ..errors import GatewayError
@@ -26,7 +27,9 @@ from ..cache.responses import cache_scope
 from ..quota import alerts as budget_alerts
 from ..quota.alerts import ALERT_DELIVERY_STATES, ALERTED_METRICS
 from ..records import focus, rollups
+from ..records import request_log
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
+from ..store.base import MAX_LOG_PAGE, log_cursor, read_log_cursor
 from . import sessions as admin_sessions
 from .charts import bar_chart
 
@@ -440,23 +443,29 @@ class AdminApi:
             if record is None:
                 raise errors.not_found("No log record with that request id.")
             return _json(record)
+        query = _log_query(request.query_params)
+        records = await self._store.query_logs(replace(query, limit=query.limit + 1))  # one more: is there a next page?
+        page, more = records[:query.limit], len(records) > query.limit
+        return _json({"object": "list", "data": page, "has_more": more, "next_cursor": log_cursor(page[-1]) if more else None})
+
+    @_answers_with_errors
+    async def export_logs(self, request: Request) -> Response:
+        """Every record of a range (the log's filters), streamed as JSON lines or CSV: read a page
+        at a time, so memory stays flat whatever the range."""
+        await self._admin(request)
         params = request.query_params
-        status = params.get("status")
-        limit = params.get("limit", "100")
-        # isascii(): str.isdigit() also accepts '²' or '١', which int() refuses.
-        if (status is not None and not (status.isascii() and status.isdigit())) or not (limit.isascii() and limit.isdigit()):
-            raise errors.invalid_request("status and limit must be whole numbers.")
-        cache, guard = params.get("cache") or None, params.get("guard") or None
-        if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
-            raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
-        if guard is not None and guard not in ("true", "false"):
-            raise errors.invalid_request("guard must be true or false.", "guard")
-        query = LogQuery(
-            app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
-            status=int(status) if status else None, since=params.get("since") or None, until=params.get("until") or None,
-            cache=cache, guard=None if guard is None else guard == "true", limit=min(int(limit), 1000),
-        )
-        return _json({"object": "list", "data": await self._store.query_logs(query)})
+        fmt = params.get("format", "jsonl")
+        if fmt not in ("jsonl", "csv"):
+            raise errors.invalid_request("format must be jsonl or csv.", "format")
+        query = _log_query(params, paging=False)
+        records = self._store.iter_logs(query)
+        if fmt == "jsonl":
+            lines = (orjson.dumps(record) + b"\n" async for record in records)
+            media, name = "application/x-ndjson", "sekisho-logs.jsonl"
+        else:
+            lines = request_log.csv_lines(records)
+            media, name = "text/csv; charset=utf-8", "sekisho-logs.csv"
+        return StreamingResponse(lines, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @_answers_with_errors
     async def alerts(self, request: Request) -> Response:
@@ -543,6 +552,58 @@ class AdminApi:
         secure = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
         return Response(status_code=303, headers={"Location": admin_sessions.COOKIE_PATH, "Set-Cookie": admin_sessions.cookie_header(session, secure),
                                                   "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+def _log_query(params, paging: bool = True) -> LogQuery:
+    """The request log's filters from a query string (the list and the export share them)."""
+    status = params.get("status")
+    limit = params.get("limit", "100")
+    # isascii(): str.isdigit() also accepts '²' or '١', which int() refuses.
+    if status is not None and not (status.isascii() and status.isdigit() and len(status) <= 3):
+        raise errors.invalid_request("status must be an HTTP status code.", "status")
+    if paging and not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LOG_PAGE):
+        raise errors.invalid_request(f"limit must be a whole number from 1 to {MAX_LOG_PAGE}.", "limit")
+    cache, guard = params.get("cache") or None, params.get("guard") or None
+    if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
+        raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
+    if guard is not None and guard not in ("true", "false"):
+        raise errors.invalid_request("guard must be true or false.", "guard")
+    after = None
+    if paging and params.get("cursor"):
+        try:
+            after = read_log_cursor(params["cursor"])
+        except ValueError:
+            raise errors.invalid_request("cursor is not one this API returned (next_cursor).", "cursor") from None
+    for name in ("since", "until"):
+        if params.get(name) and not _is_timestamp(params[name]):
+            raise errors.invalid_request(f"{name} must be an ISO 8601 time, e.g. 2026-11-30T00:00:00Z.", name)
+    return LogQuery(
+        app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
+        status=int(status) if status else None, since=_utc(params.get("since")), until=_utc(params.get("until")),
+        cache=cache, guard=None if guard is None else guard == "true", limit=int(limit) if paging else MAX_LOG_PAGE, after=after,
+    )
+
+
+def _is_timestamp(value: str) -> bool:
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def _utc(value: str | None) -> str | None:
+    """A time as the log writes it (UTC, milliseconds, Z), so that string order is time order."""
+    if not value:
+        return None
+    from datetime import datetime, timezone
+
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _is_day(value: str) -> bool:

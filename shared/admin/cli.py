@@ -33,9 +33,13 @@ import os
 import sys
 from typing import Any
 
+import orjson
+
 from ..errors import GatewayError
 from ..policy.policies import PolicyError
 from ..quota import alerts
+from ..records import request_log
+from ..store.base import MAX_LOG_PAGE, log_cursor, read_log_cursor
 from ..quota.alerts import ALERT_DELIVERY_STATES
 from ..records.rollups import GROUPS
 from ..settings import Settings, SettingsError
@@ -96,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         listing.add_argument(f"--{name}")
     listing.add_argument("--status", type=int)
     listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--cursor", help="the next_cursor a previous page printed on stderr")
     logs.add_parser("get").add_argument("request_id")
+    export = logs.add_parser("export", help="every record of a range, streamed to a file (JSON lines or CSV)")
+    for name in ("app-id", "user-id", "deployment", "since", "until"):
+        export.add_argument(f"--{name}")
+    export.add_argument("--status", type=int)
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", "-o", required=True, help="file to write ('-' for stdout)")
 
     alerts = groups.add_parser("alerts", help="budget alerts raised (one per threshold crossed per window)").add_subparsers(dest="command", required=True)
     alert_list = alerts.add_parser("list")
@@ -312,10 +323,30 @@ async def run(args) -> int:
             if record is None:
                 raise LookupError("no such request")
             _print(record)
-        elif args.group == "logs":
+        elif args.group == "logs" and args.command == "export":
             query = LogQuery(app_id=args.app_id, user_id=args.user_id, deployment=args.deployment, status=args.status,
-                             since=args.since, until=args.until, limit=args.limit)
-            _print(await store.query_logs(query))
+                             since=args.since, until=args.until)
+            records = store.iter_logs(query)
+            lines = request_log.csv_lines(records) if args.format == "csv" else (orjson.dumps(r) + b"\n" async for r in records)
+            out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
+            count = -1 if args.format == "csv" else 0  # the CSV's header line
+            try:
+                async for line in lines:
+                    out.write(line)
+                    count += 1
+            finally:
+                if out is not sys.stdout.buffer:
+                    out.close()
+            print(f"{count} record(s) written", file=sys.stderr)
+        elif args.group == "logs":
+            limit = max(1, min(args.limit, MAX_LOG_PAGE))
+            query = LogQuery(app_id=args.app_id, user_id=args.user_id, deployment=args.deployment, status=args.status,
+                             since=args.since, until=args.until, limit=limit + 1,
+                             after=read_log_cursor(args.cursor) if args.cursor else None)
+            records = await store.query_logs(query)
+            _print(records[:limit])
+            if len(records) > limit:
+                print(f"next page: --cursor {log_cursor(records[limit - 1])}", file=sys.stderr)
 
     await _with_service(args, action)
     return 0

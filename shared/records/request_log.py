@@ -11,6 +11,7 @@ reaches Application Insights in Azure). Both are counted (`/health`); nothing is
 from __future__ import annotations
 
 import asyncio
+import csv
 import fcntl
 import hashlib
 import io
@@ -20,7 +21,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from .. import sse
 from ..context import RequestContext
@@ -31,7 +32,7 @@ from ..usage import usage_of
 from . import telemetry
 from ..guards.personal_data import mask_values
 from .credentials import without_credentials
-from .rollups import Contribution, contribution, sum_contributions
+from .rollups import Contribution, contribution, csv_cell, sum_contributions
 from .telemetry import is_final
 
 logger = logging.getLogger("sekisho.request_log")
@@ -544,3 +545,37 @@ class LogWriter:
         self._task = None
         if self._spool is not None:
             self._spool.close()
+
+
+# The export's CSV: one row per record, the columns an analyst filters and sums by (the JSON lines
+# export has every field).
+CSV_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("id", lambda r: r.get("id")), ("timestamp", lambda r: r.get("timestamp")), ("app_id", lambda r: r.get("app_id")),
+    ("app_name", lambda r: r.get("app_name")), ("user_id", lambda r: r.get("user_id")), ("operation", lambda r: r.get("operation")),
+    ("deployment", lambda r: r.get("deployment")), ("model", lambda r: r.get("model")), ("stream", lambda r: r.get("stream")),
+    ("status", lambda r: r.get("status")), ("error_code", lambda r: (r.get("error") or {}).get("code")),
+    ("prompt_tokens", lambda r: (r.get("usage") or {}).get("prompt_tokens")),
+    ("completion_tokens", lambda r: (r.get("usage") or {}).get("completion_tokens")),
+    ("cached_tokens", lambda r: (r.get("usage") or {}).get("cached_tokens")),
+    ("total_tokens", lambda r: (r.get("usage") or {}).get("total_tokens")),
+    ("cost", lambda r: (r.get("cost") or {}).get("amount")), ("currency", lambda r: (r.get("cost") or {}).get("currency")),
+    ("latency_ms", lambda r: r.get("latency_ms")), ("cache_status", lambda r: (r.get("cache") or {}).get("status")),
+    ("guard_actions", lambda r: ",".join(sorted({str(d.get("action")) for d in r.get("guard") or ()}))),
+    ("backend", lambda r: r.get("backend")), ("retries", lambda r: r.get("retries")),
+)
+
+
+async def csv_lines(records: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The CSV export, a line at a time (cells that look like formulas are kept as text)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def line(cells) -> bytes:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(cells)
+        return buffer.getvalue().encode()
+
+    yield line([name for name, _ in CSV_COLUMNS])
+    async for record in records:
+        yield line([csv_cell(read(record)) for _, read in CSV_COLUMNS])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -111,7 +112,32 @@ class LogQuery:
     until: str | None = None  # exclusive
     cache: str | None = None  # HIT, MISS or BYPASS
     guard: bool | None = None  # True: a guard acted (blocked or redacted); False: none did
-    limit: int = 100
+    limit: int = 100  # at most MAX_LOG_PAGE + 1 (one more than a page: is there more?)
+    # Paging: only records after this one in the order (newest first: timestamp, then id).
+    after: tuple[str, str] | None = None
+
+
+MAX_LOG_PAGE = 1000
+
+
+def log_cursor(record: dict[str, Any]) -> str:
+    """An opaque cursor naming a record's place in the log's order (its timestamp and id)."""
+    return base64.urlsafe_b64encode(orjson.dumps([record["timestamp"], record["id"]])).decode().rstrip("=")
+
+
+def read_log_cursor(cursor: str) -> tuple[str, str]:
+    """The (timestamp, id) a cursor names; ValueError when it is not one of ours."""
+    try:
+        timestamp, record_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except Exception:
+        raise ValueError("not a log cursor") from None
+    if not isinstance(timestamp, str) or not isinstance(record_id, str):
+        raise ValueError("not a log cursor")
+    return timestamp, record_id
+
+
+def sorted_newest_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r.get("timestamp") or "", r.get("id") or ""), reverse=True)
 
 
 class Store(abc.ABC):
@@ -143,7 +169,23 @@ class Store(abc.ABC):
     async def get_log(self, request_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]: ...
+    async def query_logs(self, query: LogQuery) -> list[dict[str, Any]]:
+        """Records matching the filters, newest first (timestamp, then id), at most `limit`,
+        after `query.after` when given. Paging with the last record's place as the next `after`
+        returns every record that existed when paging began exactly once, whatever is written
+        meanwhile (ids never change place: a record's timestamp is when its request arrived)."""
+
+    async def iter_logs(self, query: LogQuery, page_size: int = 500):
+        """Every matching record, newest first, a page at a time: memory stays one page deep
+        whatever the range (exports)."""
+        after = query.after
+        while True:
+            page = await self.query_logs(replace(query, limit=page_size, after=after))
+            for record in page:
+                yield record
+            if len(page) < page_size:
+                return
+            after = (page[-1]["timestamp"], page[-1]["id"])
 
     # Policies (optimistic concurrency with ETags) -------------------------------------
     @abc.abstractmethod

@@ -21,8 +21,8 @@ from azure.cosmos.aio import CosmosClient
 from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
-    BUDGET_ALERTS, CONTAINERS, JOBS, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
-    PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable, owned_sort_key,
+    BUDGET_ALERTS, CONTAINERS, JOBS, MAX_LOG_PAGE, OWNED_OBJECTS, POLICIES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge, LogQuery,
+    PreconditionFailed, ReserveOutcome, Store, StoreError, StoreUnavailable, owned_sort_key, sorted_newest_first,
 )
 
 _WRITE_CONCURRENCY = 16
@@ -160,13 +160,28 @@ class CosmosStore(Store):
             params.append({"name": "@cache", "value": query.cache})
         if query.guard is not None:
             clauses.append("ARRAY_LENGTH(c.guard) > 0" if query.guard else "(NOT IS_DEFINED(c.guard) OR ARRAY_LENGTH(c.guard) = 0)")
-        limit = max(1, min(query.limit, 1000))
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT TOP {limit} * FROM c{where} ORDER BY c.timestamp DESC"
-        kwargs: dict[str, Any] = {"parameters": params}
+        if query.after is not None:
+            clauses.append("(c.timestamp < @after_time OR (c.timestamp = @after_time AND c.id < @after_id))")
+            params += [{"name": "@after_time", "value": query.after[0]}, {"name": "@after_id", "value": query.after[1]}]
+        limit = max(1, min(query.limit, MAX_LOG_PAGE + 1))
+        kwargs: dict[str, Any] = {}
         if query.app_id is not None:
             kwargs["partition_key"] = query.app_id
-        return [_clean(item) async for item in container.query_items(sql, **kwargs)]
+
+        async def select(extra: str, extra_params: list, top: str) -> list[dict[str, Any]]:
+            where = " AND ".join(clauses + ([extra] if extra else []))
+            sql = f"SELECT {top}* FROM c{' WHERE ' + where if where else ''} ORDER BY c.timestamp DESC"
+            return [_clean(item) async for item in container.query_items(sql, parameters=params + extra_params, **kwargs)]
+
+        # ORDER BY takes the timestamp alone (a second key would need a composite index): when the
+        # page ends inside a run of equal timestamps, read that whole run, so that the page is
+        # exactly the first `limit` records by (timestamp, id) and the next cursor misses none.
+        page = await select("", [], f"TOP {limit} ")
+        if len(page) == limit:
+            last = page[-1]["timestamp"]
+            ties = await select("c.timestamp = @tie", [{"name": "@tie", "value": last}], "")
+            page = sorted_newest_first(list({r["id"]: r for r in page + ties}.values()))[:limit]
+        return sorted_newest_first(page)
 
     # Policies --------------------------------------------------------------------------
     @staticmethod

@@ -24,7 +24,7 @@ from ..records.rollups import ROLLUP_COUNTERS
 from ..records.telemetry import is_final
 from .base import (
     ADMIN_SESSIONS, BUDGET_ALERTS, DEPLOYMENTS, GATEWAY_KEYS, JOBS, OWNED_OBJECTS, POLICIES, PRICES, QUOTA_COUNTERS, REQUEST_LOGS, RESPONSE_CACHE, USAGE_ROLLUPS, AlreadyExists, CounterCharge,
-    EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable, owned_sort_key,
+    MAX_LOG_PAGE, EncodedLog, LogQuery, PreconditionFailed, ReserveOutcome, Store, StoreUnavailable, owned_sort_key,
 )
 
 T = TypeVar("T")
@@ -379,7 +379,10 @@ class SqliteStore(Store):
             params.append(query.cache)
         if query.guard is not None:
             clauses.append(f"COALESCE(json_array_length(CAST(doc AS TEXT), '$.guard'), 0) {'>' if query.guard else '='} 0")
-        params.append(max(1, min(query.limit, 1000)))
+        if query.after is not None:
+            clauses.append("(timestamp < ? OR (timestamp = ? AND id < ?))")
+            params.extend((query.after[0], query.after[0], query.after[1]))
+        params.append(max(1, min(query.limit, MAX_LOG_PAGE + 1)))
         sql = (
             f"SELECT doc FROM {REQUEST_LOGS.name} WHERE {' AND '.join(clauses)}"
             " ORDER BY timestamp DESC, id DESC LIMIT ?"
