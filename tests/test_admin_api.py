@@ -183,3 +183,45 @@ async def test_admin_filters_logs_by_app_and_user(admin, issuer, logged_gateway)
     assert status == 200 and record["user_id"] == "frank"
     status, _, _ = await admin.request("GET", f"{ADMIN}/logs?status=abc")
     assert status == 400
+
+
+async def test_admin_routes_refuse_what_their_document_calls_invalid(gateway, admin_token):
+    """What the schema fuzzer found: inputs the OpenAPI document calls invalid are refused with 400
+    (not ignored, stored as something else, or answered 412/500), and charts work for every group."""
+    url = gateway.url + ADMIN
+    app_id = str(uuid.uuid4())
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token}"}) as session:
+        async def status(method: str, path: str, **kwargs) -> int:
+            async with session.request(method, url + path, **kwargs) as response:
+                if response.status == 400:
+                    assert (await response.json())["error"]["type"] == "invalid_request_error"
+                return response.status
+
+        for by in ("app", "user", "deployment", "model", "operation", "day", "cost_centre", "owner"):
+            assert await status("GET", f"/reports/chart?by={by}") == 200, by  # operation and the chargeback groups answered 500
+        refused = [
+            ("GET", "/reports/usage?until="), ("GET", "/reports/usage?since=2026-13-01"), ("GET", "/reports/usage?metric=null"),
+            ("GET", "/logs?user_id="), ("GET", "/logs?app_id=bad%0Aid"), ("GET", "/logs?since="), ("GET", "/logs?cursor="),
+            ("GET", "/exports/logs?deployment="), ("GET", "/alerts?app_id="), ("GET", "/policies?app_id="),
+            ("GET", "/keys/apps/%C2%84"),
+        ]
+        for method, path in refused:
+            assert await status(method, path) == 400, path
+        body = {"name": "x", "settings": {}}
+        assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-None-Match": "{}"}) == 400
+        assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-Match": ""}) == 400
+        assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-None-Match": "*"}) == 201
+        assert await status("PUT", "/pricing/contract-model", json={"input_per_1m": 1, "batch_discount": False}) == 400  # not stored as 0
+        assert await status("PUT", "/pricing/contract-model", json={"input_per_1m": 1, "batch_discount": 0}) == 200
+        assert await status("POST", f"/usage/apps/{app_id}/reset", json={"metrics": None}) == 400
+        assert await status("POST", f"/usage/apps/{app_id}/reset", json=[1]) == 400
+        assert await status("POST", f"/usage/apps/{app_id}/reset") == 200
+        backend = {"name": "b", "endpoint": "https://example.openai.azure.com"}
+        assert await status("PUT", "/deployments/contract-dep", json={"backends": [{**backend, "v1_routes": 0}]}) == 400
+        assert await status("PUT", "/deployments/contract-dep", json={"backends": [{**backend, "priority": "2"}]}) == 400
+        assert await status("PUT", "/deployments/contract-dep", json={"backends": [backend]}) == 200
+        assert await status("DELETE", "/deployments/contract-dep") == 204
+        async with session.post(f"{url}/keys/apps/{app_id}", json={"name": "k"}) as response:
+            key_id = (await response.json())["id"]
+        assert await status("POST", f"/keys/apps/{app_id}/{key_id}/rotate", json=[None]) == 400
+        assert await status("POST", f"/keys/apps/{app_id}/{key_id}/rotate", json={"overlap_seconds": 105.0}) == 201

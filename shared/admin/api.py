@@ -330,6 +330,7 @@ class AdminApi:
         """GET: the app's keys (never a secret); POST: a new key, shown once; DELETE …/{key}: revoke;
         POST …/{key}/rotate: a new key, the old one kept for `overlap_seconds` (default 86400)."""
         identity = await self._admin(request)
+        check_id(app_id, "app id")
         if self.keys is None:
             raise GatewayError(409, "conflict", "Gateway keys need SEKISHO_GATEWAY_KEY_PEPPER to be set.")
         actor = identity.user_oid or identity.app_id
@@ -343,8 +344,12 @@ class AdminApi:
             return _new_key(*await self.keys.create(app_id, spec.name, expires_in_days=spec.expires_in_days,
                                                     deployments=spec.deployments, user=spec.user, actor=actor))
         if rotate:
-            body = await self._json_body(request) if request.headers.get("content-length") not in (None, "0") else {}
-            overlap = body.get("overlap_seconds", 86400) if isinstance(body, dict) else 86400
+            body = await self._json_body(request)
+            if body is not None and not isinstance(body, dict):
+                raise errors.invalid_request('The body must be a JSON object: {"overlap_seconds": …}, or empty.')
+            overlap = (body or {}).get("overlap_seconds", 86400)
+            if isinstance(overlap, float) and overlap.is_integer():
+                overlap = int(overlap)  # 105.0 is a whole number in JSON
             if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 30 * 86400:
                 raise errors.invalid_request("'overlap_seconds' must be a whole number from 0 to 2592000.", "overlap_seconds")
             return _new_key(*await self.keys.rotate(app_id, key_id, overlap, actor=actor))
@@ -357,6 +362,8 @@ class AdminApi:
         actor = identity.user_oid or identity.app_id
         if kind is None:
             app_filter = request.query_params.get("app_id")
+            if app_filter is not None:
+                _filter_value(app_filter, "app_id")
             return _json({"object": "list", "data": await self._policies.list(app_filter)})
         if request.method == "GET":
             doc = await self._policies.get(kind, app_id, user_id)
@@ -364,12 +371,17 @@ class AdminApi:
                 raise errors.not_found("No such policy.")
             return _json(doc, headers={"ETag": doc["etag"]})
         if_match = request.headers.get("if-match")
+        if if_match is not None and not if_match.strip():
+            raise errors.invalid_request("If-Match is empty: send the policy's ETag (or leave the header out).", "If-Match")
+        if_none_match = request.headers.get("if-none-match")
+        if if_none_match is not None and if_none_match.strip() != "*":
+            raise errors.invalid_request('If-None-Match takes only "*" (create, refusing to replace).', "If-None-Match")
         if request.method == "PUT":
             try:
                 data = orjson.loads(await request.body())
             except orjson.JSONDecodeError as exc:
                 raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
-            create_only = request.headers.get("if-none-match") == "*"
+            create_only = if_none_match is not None
             doc, created = await self._policies.put(kind, app_id, user_id, data, actor=actor, if_match=if_match, create_only=create_only)
             return _json(doc, 201 if created else 200, headers={"ETag": doc["etag"]})
         if request.method == "DELETE":
@@ -391,9 +403,11 @@ class AdminApi:
     async def usage_view(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
         await self._admin(request)
         if reset:
-            body = await self._json_body(request) or {}
-            metrics = body.get("metrics") if isinstance(body, dict) else None
-            if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+            body = await self._json_body(request)
+            if body is not None and not isinstance(body, dict):
+                raise errors.invalid_request('The body must be a JSON object: {"metrics": […]}, or empty.')
+            metrics = (body or {}).get("metrics")
+            if "metrics" in (body or {}) and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
                 raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
             return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
         return _json(await self.usage.show(app_id, user_id))
@@ -479,9 +493,7 @@ class AdminApi:
         status = params.get("status") or None
         if status is not None and status not in ALERT_DELIVERY_STATES:
             raise errors.invalid_request(f"status must be one of {', '.join(ALERT_DELIVERY_STATES)}.", "status")
-        app_id = params.get("app_id") or None
-        if app_id is not None:
-            check_id(app_id, "app id")
+        app_id = _filter_value(params["app_id"], "app_id") if "app_id" in params else None
         return _json({"object": "list", "data": await budget_alerts.listed(self._store, app_id, status, int(limit))})
 
     # Reports from the usage roll-ups ------------------------------------------------------------
@@ -498,6 +510,9 @@ class AdminApi:
     @_answers_with_errors
     async def reports(self, request: Request, report: str) -> Response:
         await self._admin(request)
+        metric = request.query_params.get("metric", "cost")
+        if metric not in ("cost", "requests", "total_tokens", "errors", "cache_hits"):
+            raise errors.invalid_request("metric must be cost, requests, total_tokens, errors or cache_hits.", "metric")
         if report == "focus":
             return Response(await self._focus(request), media_type="text/csv; charset=utf-8",
                             headers={"Content-Disposition": 'attachment; filename="sekisho-focus-1.2.csv"', "Cache-Control": "no-store"})
@@ -508,20 +523,16 @@ class AdminApi:
                                 headers={"Content-Disposition": f'attachment; filename="sekisho-usage-by-{by}.csv"'})
             return _json({"object": "list", "by": by, "currency": self._currency, "data": rows})
         if report == "chart":
-            metric = request.query_params.get("metric", "cost")
-            if metric not in ("cost", "requests", "total_tokens", "errors", "cache_hits"):
-                raise errors.invalid_request("metric must be cost, requests, total_tokens, errors or cache_hits.", "metric")
-            label = {"app": "app_id", "user": "user_id", "deployment": "deployment", "model": "model", "day": "day"}[by]
-            points = [(str(row[label]), float(row[metric])) for row in rows[:60]]
+            points = [(rollups.group_label(row, by), float(row[metric])) for row in rows[:60]]
             title = f"{metric.replace('_', ' ')} by {by}" + (f" ({self._currency})" if metric == "cost" else "")
             return Response(bar_chart(points, title), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
         raise errors.not_found(f"No report {report!r}: usage, chart or focus.")
 
     async def _rollups(self, params) -> list[dict[str, Any]]:
         """The roll-up documents of the app and days asked for (since/until: YYYY-MM-DD)."""
-        since, until = params.get("since") or None, params.get("until") or None
+        since, until = params.get("since"), params.get("until")
         for name, value in (("since", since), ("until", until)):
-            if value is not None and not _is_day(value):
+            if value is not None and not _is_day(value):  # an empty value too: say what was meant
                 raise errors.invalid_request(f"{name} must be a day, YYYY-MM-DD.", name)
         return await self._store.query_rollups(params.get("app_id") or None, since, until)
 
@@ -568,20 +579,32 @@ def _log_query(params, paging: bool = True) -> LogQuery:
         raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
     if guard is not None and guard not in ("true", "false"):
         raise errors.invalid_request("guard must be true or false.", "guard")
+    for name in ("app_id", "user_id", "deployment"):
+        if name in params:
+            _filter_value(params[name], name)
     after = None
-    if paging and params.get("cursor"):
+    if paging and "cursor" in params:
         try:
             after = read_log_cursor(params["cursor"])
         except ValueError:
             raise errors.invalid_request("cursor is not one this API returned (next_cursor).", "cursor") from None
     for name in ("since", "until"):
-        if params.get(name) and not _is_timestamp(params[name]):
+        if name in params and not _is_timestamp(params[name]):  # an empty value too
             raise errors.invalid_request(f"{name} must be an ISO 8601 time, e.g. 2026-11-30T00:00:00Z.", name)
     return LogQuery(
         app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
         status=int(status) if status else None, since=_utc(params.get("since")), until=_utc(params.get("until")),
         cache=cache, guard=None if guard is None else guard == "true", limit=int(limit) if paging else MAX_LOG_PAGE, after=after,
     )
+
+
+def _filter_value(value: str, name: str) -> str:
+    """A filter that is present says what it filters by: empty is a mistake, not "any"."""
+    if not value:
+        raise errors.invalid_request(f"{name} is empty: give a value, or leave the parameter out.", name)
+    if name in ("app_id", "user_id"):
+        check_id(value, name.replace("_", " "))
+    return value
 
 
 def _is_timestamp(value: str) -> bool:
@@ -608,8 +631,15 @@ def _utc(value: str | None) -> str | None:
 
 def _is_day(value: str) -> bool:
     import re
+    from datetime import date
 
-    return re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is not None
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) is None:
+        return False
+    try:
+        date.fromisoformat(value)  # a real day: not 2026-13-01
+    except ValueError:
+        return False
+    return True
 
 
 _PAGE = Path(__file__).parent / "ui" / "index.html"

@@ -27,6 +27,13 @@ GROUPS = ("app", "user", "deployment", "model", "operation", "day", "cost_centre
 CHARGEBACK_GROUPS = ("cost_centre", "owner")
 _GROUP_FIELDS = {"app": ("app_id",), "user": ("app_id", "user_id"), "deployment": ("deployment",), "model": ("model",),
                  "operation": ("operation",), "day": ("day",), "cost_centre": ("cost_centre",), "owner": ("owner",)}
+
+
+def group_label(row: dict, by: str) -> str:
+    """A grouped row's name on a chart axis: the group's most specific field (a user, not its app)."""
+    return str(row.get(_GROUP_FIELDS[by][-1]))
+
+
 REPORT_COLUMNS = ("requests", "errors", "throttled", "blocked", "cache_hits", "prompt_tokens", "completion_tokens",
                   "cached_tokens", "total_tokens", "cost", "saved_cost", "avg_latency_ms")
 

@@ -31,16 +31,29 @@ from .auth import ApiKeyAuth, EntraTokenAuth
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
 
 
+# What the validators below require, stated in the schema too (docs/openapi.json is generated from it).
+_CONDITIONAL = [
+    {"if": {"required": ["auth"], "properties": {"auth": {"const": "key_vault"}}},
+     "then": {"required": ["key_vault_secret"], "properties": {"key_vault_secret": {"type": "string"}}}},
+    {"if": {"required": ["auth"], "properties": {"auth": {"const": "api_key_env"}}},
+     "then": {"required": ["api_key_env"], "properties": {"api_key_env": {"type": "string"}}}},
+]
+
+
 class BackendSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """One backend serving the deployment. Backend names are unique within a deployment."""
+
+    # strict: 0 is not false, "2" is not 2
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"allOf": _CONDITIONAL})
 
     name: str = Field(pattern=_NAME)
-    endpoint: str = Field(description="https://<resource>.openai.azure.com")
+    endpoint: str = Field(pattern=r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~\-/]*)?$", description="https://<resource>.openai.azure.com")
     deployment: str | None = Field(default=None, description="The deployment's name on this resource (default: the same name).")
     priority: int = Field(default=1, ge=1, le=100)
     weight: int = Field(default=1, ge=1, le=1000)
     auth: Literal["managed_identity", "key_vault", "api_key_env"] = "managed_identity"
-    key_vault_secret: str | None = Field(default=None, description="https://<vault>.vault.azure.net/secrets/<name>, for auth=key_vault")
+    key_vault_secret: str | None = Field(default=None, pattern=r"^https://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/secrets/[A-Za-z0-9\-]+(/[A-Za-z0-9]*)?$",
+                                         description="https://<vault>.vault.azure.net/secrets/<name>, for auth=key_vault")
     api_key_env: str | None = Field(default=None, pattern=r"^SEKISHO_BACKEND_KEY_[A-Z0-9_]{1,40}$",
                                     description="For local and test setups: an environment variable holding the key.")
     v1_routes: bool = Field(default=True, description="The resource serves the v1 API (/openai/v1/...); false: v1 calls go to its deployment routes.")
