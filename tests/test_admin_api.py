@@ -123,7 +123,7 @@ async def test_etag_conflicts(admin):
         ({"settings": {"retention_days": 0}}, "settings.retention_days"),
         ({"settings": {"content_logging": "all"}}, "settings.content_logging"),
         ({"settings": {"colour": "blue"}}, "settings.colour"),
-        ({"settings": {"allowed_deployments": [""]}}, "deployment names"),
+        ({"settings": {"allowed_deployments": [""]}}, "settings.allowed_deployments.0"),
         ([1, 2], "JSON object"),
     ],
 )
@@ -203,14 +203,25 @@ async def test_admin_routes_refuse_what_their_document_calls_invalid(gateway, ad
             ("GET", "/reports/usage?until="), ("GET", "/reports/usage?since=2026-13-01"), ("GET", "/reports/usage?metric=null"),
             ("GET", "/logs?user_id="), ("GET", "/logs?app_id=bad%0Aid"), ("GET", "/logs?since="), ("GET", "/logs?cursor="),
             ("GET", "/exports/logs?deployment="), ("GET", "/alerts?app_id="), ("GET", "/policies?app_id="),
-            ("GET", "/keys/apps/%C2%84"),
+            ("GET", "/keys/apps/%C2%84"), ("GET", "/reports/usage?format=null"), ("GET", "/logs?cursor=2026-11-30~x"),
         ]
         for method, path in refused:
             assert await status(method, path) == 400, path
         body = {"name": "x", "settings": {}}
         assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-None-Match": "{}"}) == 400
-        assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-Match": ""}) == 400
+        assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-Match": ""}) == 412  # no ETag matches an empty list
+        # JSON types as the document states them: "5" is not a number, "yes" not a boolean; 5.0 is an integer.
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"app_limits": {"requests_per_minute": "5"}}}) == 400
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"trust_user_header": "yes"}}) == 400
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"app_limits": {"requests_per_minute": 5.5}}}) == 400
         assert await status("PUT", f"/policies/apps/{app_id}", json=body, headers={"If-None-Match": "*"}) == 201
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"app_limits": {"requests_per_minute": 5.0}}}) == 200
+        rule = {"id": "r1", "pattern": "secret"}
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"guards": {"rules": [rule, rule]}}}) == 409  # ids are unique
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"guards": {"rules": [{"id": "r2", "pattern": "..."}]}}}) == 400  # a word needs a letter
+        assert await status("PUT", f"/policies/apps/{app_id}", json={"settings": {"budget_alerts": {"thresholds_percent": [0]}}}) == 400
+        async with session.get(f"{url}/policies/apps/{app_id}") as response:
+            assert (await response.json())["settings"]["app_limits"]["requests_per_minute"] == 5
         assert await status("PUT", "/pricing/contract-model", json={"input_per_1m": 1, "batch_discount": False}) == 400  # not stored as 0
         assert await status("PUT", "/pricing/contract-model", json={"input_per_1m": 1, "batch_discount": 0}) == 200
         assert await status("POST", f"/usage/apps/{app_id}/reset", json={"metrics": None}) == 400
@@ -219,9 +230,13 @@ async def test_admin_routes_refuse_what_their_document_calls_invalid(gateway, ad
         backend = {"name": "b", "endpoint": "https://example.openai.azure.com"}
         assert await status("PUT", "/deployments/contract-dep", json={"backends": [{**backend, "v1_routes": 0}]}) == 400
         assert await status("PUT", "/deployments/contract-dep", json={"backends": [{**backend, "priority": "2"}]}) == 400
+        assert await status("PUT", "/deployments/contract-dep", json={"backends": [backend, backend]}) == 409  # names are unique
         assert await status("PUT", "/deployments/contract-dep", json={"backends": [backend]}) == 200
         assert await status("DELETE", "/deployments/contract-dep") == 204
         async with session.post(f"{url}/keys/apps/{app_id}", json={"name": "k"}) as response:
             key_id = (await response.json())["id"]
         assert await status("POST", f"/keys/apps/{app_id}/{key_id}/rotate", json=[None]) == 400
+        assert await status("POST", f"/keys/apps/{app_id}/{key_id}/rotate", data=b"null", headers={"content-type": "application/json"}) == 400
+        assert await status("POST", f"/usage/apps/{app_id}/reset", data=b"null", headers={"content-type": "application/json"}) == 200  # the document allows null
+        assert await status("GET", "/reports/usage?app_id=") == 400
         assert await status("POST", f"/keys/apps/{app_id}/{key_id}/rotate", json={"overlap_seconds": 105.0}) == 201

@@ -22,6 +22,7 @@ from ..identity.authenticate import Authenticator
 from ..policy.access import PolicyCache, forbidden, require_admin
 from ..policy.policies import (
     APP_DOC_ID, DEFAULTS_ID, DEFAULTS_PARTITION, PolicyError, build_document, check_id, describe_validation_error, user_doc_id,
+    PolicyConflict, repeated, validate_admin_input,
 )
 from ..cache.responses import cache_scope
 from ..quota import alerts as budget_alerts
@@ -171,15 +172,10 @@ class PricingService:
         return price_documents(await self._pricing.prices(), overridden)
 
     async def put(self, model: str, data: Any) -> dict[str, Any]:
-        from pydantic import ValidationError
-
         from ..quota.pricing import Price
 
         check_id(model, "model")
-        try:
-            price = Price.model_validate(data)
-        except ValidationError as exc:
-            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid price")) from None
+        price = validate_admin_input(Price, data, "price")
         doc = await self._store.put_price({"id": model.lower(), **price.model_dump()})
         self._pricing.invalidate()
         return doc
@@ -227,16 +223,14 @@ class DeploymentService:
         return await self._store.get_deployment(name)
 
     async def put(self, name: str, data: Any) -> dict[str, Any]:
-        from pydantic import ValidationError
-
         from ..upstream.backends import DeploymentSpec
 
         if not isinstance(data, dict):
             raise PolicyError("Invalid deployment: the body must be a JSON object")
-        try:
-            spec = DeploymentSpec.model_validate({**data, "id": name})
-        except ValidationError as exc:
-            raise PolicyError(describe_validation_error(exc).replace("Invalid policy", "Invalid deployment")) from None
+        duplicates = repeated(data.get("backends"), "name")
+        if duplicates:
+            raise PolicyConflict(f"Backend names must be unique within a deployment: {duplicates}")
+        spec = validate_admin_input(DeploymentSpec, {**data, "id": name}, "deployment")
         doc = await self._store.put_deployment(spec.model_dump())
         if self._pool is not None:
             self._pool.invalidate(name)
@@ -279,6 +273,8 @@ def _answers_with_errors(handler):
             return await handler(self, request, *args, **kwargs)
         except GatewayError as exc:
             return _error(exc)
+        except PolicyConflict as exc:
+            return _error(GatewayError(409, "conflict", str(exc)))
         except PolicyError as exc:
             return _error(errors.invalid_request(str(exc)))
         except PreconditionFailed as exc:
@@ -338,16 +334,13 @@ class AdminApi:
             return _json({"object": "list", "data": await self.keys.list(app_id)})
         if key_id is None:
             body = await self._json_body(request)
-            spec = GatewayKeyInput.model_validate(body) if isinstance(body, dict) else None
-            if spec is None:
+            if not isinstance(body, dict):
                 raise errors.invalid_request("The body must be a JSON object: {\"name\": …}.")
+            spec = validate_admin_input(GatewayKeyInput, body, "gateway key")
             return _new_key(*await self.keys.create(app_id, spec.name, expires_in_days=spec.expires_in_days,
                                                     deployments=spec.deployments, user=spec.user, actor=actor))
         if rotate:
-            body = await self._json_body(request)
-            if body is not None and not isinstance(body, dict):
-                raise errors.invalid_request('The body must be a JSON object: {"overlap_seconds": …}, or empty.')
-            overlap = (body or {}).get("overlap_seconds", 86400)
+            overlap = (await self._optional_object(request, '{"overlap_seconds": …}')).get("overlap_seconds", 86400)
             if isinstance(overlap, float) and overlap.is_integer():
                 overlap = int(overlap)  # 105.0 is a whole number in JSON
             if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 30 * 86400:
@@ -370,9 +363,8 @@ class AdminApi:
             if doc is None:
                 raise errors.not_found("No such policy.")
             return _json(doc, headers={"ETag": doc["etag"]})
+        # An empty If-Match is an empty list of ETags (RFC 9110): none matches, so 412.
         if_match = request.headers.get("if-match")
-        if if_match is not None and not if_match.strip():
-            raise errors.invalid_request("If-Match is empty: send the policy's ETag (or leave the header out).", "If-Match")
         if_none_match = request.headers.get("if-none-match")
         if if_none_match is not None and if_none_match.strip() != "*":
             raise errors.invalid_request('If-None-Match takes only "*" (create, refusing to replace).', "If-None-Match")
@@ -399,15 +391,25 @@ class AdminApi:
         except orjson.JSONDecodeError as exc:
             raise errors.invalid_request(f"The request body is not valid JSON: {exc}.") from None
 
+    async def _optional_object(self, request: Request, example: str, null: bool = False) -> dict[str, Any]:
+        """A body that may be left out, or else is a JSON object (or `null`, where `null` says so)."""
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        body = await self._json_body(request)
+        if body is None and null:
+            return {}
+        if not isinstance(body, dict):
+            raise errors.invalid_request(f"The body must be a JSON object: {example}, or empty.")
+        return body
+
     @_answers_with_errors
     async def usage_view(self, request: Request, app_id: str, user_id: str | None = None, reset: bool = False) -> Response:
         await self._admin(request)
         if reset:
-            body = await self._json_body(request)
-            if body is not None and not isinstance(body, dict):
-                raise errors.invalid_request('The body must be a JSON object: {"metrics": […]}, or empty.')
-            metrics = (body or {}).get("metrics")
-            if "metrics" in (body or {}) and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
+            body = await self._optional_object(request, '{"metrics": […]}', null=True)
+            metrics = body.get("metrics")
+            if "metrics" in body and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
                 raise errors.invalid_request("'metrics' must be a list of metric names.", "metrics")
             return _json({"reset": await self.usage.reset(app_id, user_id, metrics)})
         return _json(await self.usage.show(app_id, user_id))
@@ -518,6 +520,8 @@ class AdminApi:
                             headers={"Content-Disposition": 'attachment; filename="sekisho-focus-1.2.csv"', "Cache-Control": "no-store"})
         rows, by = await self._report_rows(request)
         if report == "usage":
+            if request.query_params.get("format", "json") not in ("json", "csv"):
+                raise errors.invalid_request("format must be json or csv.", "format")
             if request.query_params.get("format") == "csv":
                 return Response(rollups.to_csv(rows, by), media_type="text/csv; charset=utf-8",
                                 headers={"Content-Disposition": f'attachment; filename="sekisho-usage-by-{by}.csv"'})
@@ -530,6 +534,8 @@ class AdminApi:
 
     async def _rollups(self, params) -> list[dict[str, Any]]:
         """The roll-up documents of the app and days asked for (since/until: YYYY-MM-DD)."""
+        if "app_id" in params:
+            _filter_value(params["app_id"], "app_id")
         since, until = params.get("since"), params.get("until")
         for name, value in (("since", since), ("until", until)):
             if value is not None and not _is_day(value):  # an empty value too: say what was meant

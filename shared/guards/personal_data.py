@@ -137,7 +137,9 @@ class PersonalDataSettings(BaseModel):
 
     mode: Literal["off", "mask_in_log", "mask_upstream"] | None = Field(
         default=None, description="off; mask_in_log (the log and the cache never hold it); mask_upstream (the model gets placeholders, the client the values).")
-    kinds: list[str] | None = Field(default=None, description="What to find (default: every kind).")
+    kinds: list[str] | None = Field(default=None, description="What to find (default: every kind).",
+                                    # The schema names the kinds registered when it is generated (the built-in ones).
+                                    json_schema_extra=lambda schema: schema["anyOf"][0].__setitem__("items", {"enum": sorted(DETECTORS)}))
 
     @field_validator("kinds")
     @classmethod

@@ -36,7 +36,12 @@ _RULE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}$"
 
 
 class GuardRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # In the schema too: a word rule needs a letter or digit; a regex rule is a regular expression.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [{
+        "if": {"required": ["kind"], "properties": {"kind": {"const": "regex"}}},
+        "then": {"properties": {"pattern": {"format": "regex"}}},
+        "else": {"properties": {"pattern": {"pattern": "[^\\W_]"}}},
+    }]})
 
     id: str = Field(pattern=_RULE_ID, description="Named in refusals and logs instead of the rule itself.")
     kind: Literal["word", "regex"] = "word"

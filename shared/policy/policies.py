@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -111,7 +111,7 @@ class PolicySettings(BaseModel):
     contact: str | None = Field(default=None, max_length=256, description="How to reach the owner (an address, a team channel).")
     cost_centre: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/\-]{0,63}$",
                                     description="The cost centre the app's usage is charged to (reports, FOCUS exports).")
-    allowed_deployments: list[str] | None = Field(default=None, description='Deployment names, or ["*"] for any.')
+    allowed_deployments: list[Annotated[str, Field(max_length=64, pattern=r"\S")]] | None = Field(default=None, description='Deployment names, or ["*"] for any.')
     trust_user_header: bool | None = Field(default=None, description="Take the end user from x-sekisho-user / body `user` (app-only tokens).")
     content_logging: Literal["full", "redacted", "metadata"] | None = None
     retention_days: int | None = Field(default=None, ge=1, le=3650)
@@ -134,10 +134,9 @@ class PolicySettings(BaseModel):
     def _deployments(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return value
-        cleaned = [v.strip() for v in value]
-        if any(not v or len(v) > 64 for v in cleaned):
+        if any(not v.strip() or len(v) > 64 for v in value):
             raise ValueError("deployment names must be 1 to 64 characters")
-        return sorted(set(cleaned))
+        return sorted({v.strip() for v in value})
 
 
 class EffectivePolicy(BaseModel):
@@ -268,6 +267,17 @@ class PolicyError(ValueError):
     """Invalid policy input; the message says which field and why."""
 
 
+class PolicyConflict(PolicyError):
+    """Input whose parts clash (names that must be unique repeat): answered 409, since JSON Schema
+    cannot state uniqueness by a field and the document says it in words."""
+
+
+def repeated(items: Any, field: str) -> list[str]:
+    """Values of `field` that more than one item of a list has."""
+    names = [item[field] for item in items if isinstance(item, dict) and isinstance(item.get(field), str)] if isinstance(items, list) else []
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 @functools.lru_cache(maxsize=4096)
 def user_doc_id(user_id: str) -> str:
     return "user:" + quote(user_id, safe="@.-_:")
@@ -275,10 +285,12 @@ def user_doc_id(user_id: str) -> str:
 
 def build_document(kind: str, app_id: str | None, user_id: str | None, data: dict[str, Any], actor: str | None) -> PolicyDocument:
     """Validate admin input into a document; raises PolicyError with a readable message."""
-    try:
-        payload = PolicyInput.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyError(describe_validation_error(exc)) from None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    guards = settings.get("guards") if isinstance(settings, dict) else None
+    duplicates = repeated(guards.get("rules"), "id") if isinstance(guards, dict) else []
+    if duplicates:
+        raise PolicyConflict(f"Guard rule ids must be unique within a layer: {duplicates}")
+    payload = validate_admin_input(PolicyInput, data, "policy")
     if kind == "defaults":
         doc_id, partition = DEFAULTS_ID, DEFAULTS_PARTITION
     elif kind == "app":
@@ -292,6 +304,64 @@ def build_document(kind: str, app_id: str | None, user_id: str | None, data: dic
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         updated_by=actor,
     )
+
+
+_JSON_TYPES = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool), "null": lambda v: v is None,
+    "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict),
+}
+
+
+def json_type_problems(schema: dict[str, Any], value: Any, where: str = "", defs: dict[str, Any] | None = None) -> list[str]:
+    """Where `value` has a JSON type its model's schema does not allow.
+
+    Pydantic's lax mode would take "5" or true for a number and "yes" for a boolean; its strict mode
+    would refuse 5.0 for an integer, which JSON (and so the OpenAPI document) calls an integer. The
+    admin API checks JSON types against the schema the document publishes, then lets pydantic
+    check the rest (bounds, patterns, extra fields), so the two agree."""
+    defs = schema.get("$defs", defs or {})
+    if "$ref" in schema:
+        return json_type_problems(defs[schema["$ref"].rsplit("/", 1)[1]], value, where, defs)
+    if "anyOf" in schema:
+        options = [json_type_problems(option, value, where, defs) for option in schema["anyOf"]]
+        return [] if any(not found for found in options) else min(options, key=len)
+    expected = schema.get("type")
+    if expected is not None:
+        kinds = expected if isinstance(expected, list) else [expected]
+        if not any(_JSON_TYPES[kind](value) for kind in kinds):
+            return [f"{where or 'body'}: must be {' or '.join(kinds)}"]
+    if "const" in schema and value != schema["const"] or "enum" in schema and value not in schema["enum"]:
+        return []  # pydantic says which values are allowed
+    problems: list[str] = []
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            sub = properties.get(name, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                problems += json_type_problems(sub, item, f"{where}.{name}" if where else name, defs)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            problems += json_type_problems(schema["items"], item, f"{where}[{index}]", defs)
+    return problems
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+def validate_admin_input(model: type[BaseModel], data: Any, what: str) -> Any:
+    """`model` from an admin's JSON: JSON types as the published schema says, then the model."""
+    problems = json_type_problems(_schema_of(model), data)
+    if problems:
+        raise PolicyError(f"Invalid {what}: " + "; ".join(problems[:10]))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(describe_validation_error(exc).replace("Invalid policy", f"Invalid {what}")) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

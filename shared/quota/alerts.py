@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -56,7 +56,7 @@ class BudgetAlertSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = Field(default=None, description="Alert at the thresholds (default on, for every budget that is set).")
-    thresholds_percent: list[int] | None = Field(
+    thresholds_percent: list[Annotated[int, Field(ge=1, le=100)]] | None = Field(
         default=None, min_length=1, max_length=10,
         description="Shares of tokens_per_day and spend_per_month, in per cent (1-100), that raise an alert once per window. Default [50, 80, 100].")
 

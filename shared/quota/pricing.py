@@ -26,7 +26,7 @@ DEFAULT_KEY = "default"
 
 
 class Price(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # strict: `false` is not a price of 0
+    model_config = ConfigDict(extra="forbid")
 
     input_per_1m: float = Field(ge=0)
     cached_input_per_1m: float | None = Field(default=None, ge=0)  # None: same as input

@@ -43,8 +43,7 @@ _CONDITIONAL = [
 class BackendSpec(BaseModel):
     """One backend serving the deployment. Backend names are unique within a deployment."""
 
-    # strict: 0 is not false, "2" is not 2
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"allOf": _CONDITIONAL})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": _CONDITIONAL})
 
     name: str = Field(pattern=_NAME)
     endpoint: str = Field(pattern=r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~\-/]*)?$", description="https://<resource>.openai.azure.com")
