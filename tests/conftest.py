@@ -153,6 +153,19 @@ class LoggedGateway:
 
 
 @pytest.fixture(params=["sqlite", "cosmos"])
+async def store(request, tmp_path):
+    """An empty store of each adapter (the storage contract and every store-level test)."""
+    if request.param == "sqlite":
+        adapter = SqliteStore(str(tmp_path / "contract.db"))
+    else:
+        server = request.getfixturevalue("cosmos_server")
+        adapter = CosmosStore(server.endpoint, COSMOS_KEY, "contract_" + uuid.uuid4().hex[:8], verify_tls=False)
+    await adapter.open()
+    yield adapter
+    await adapter.close()
+
+
+@pytest.fixture(params=["sqlite", "cosmos"])
 async def logged_gateway(request, sqlite_path, cosmos_database):
     """The gateway on each store adapter, with a reader of its request log."""
     if request.param == "sqlite":

@@ -17,26 +17,12 @@ from shared.policy.policies import PolicyError, build_document, effective_policy
 from shared.quota import alerts
 from shared.quota.alerts import AlertWebhook, BudgetAlerts, Position
 from shared.records import telemetry
-from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
 
-from .servers import COSMOS_KEY
 
 SECRET = "whsec-test-0123456789abcdef"
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 ADMIN = "/sekisho/admin"
-
-
-@pytest.fixture(params=["sqlite", "cosmos"])
-async def store(request, tmp_path):
-    if request.param == "sqlite":
-        opened = SqliteStore(str(tmp_path / "alerts.db"))
-    else:
-        server = request.getfixturevalue("cosmos_server")
-        opened = CosmosStore(server.endpoint, COSMOS_KEY, f"alerts-{uuid.uuid4().hex[:8]}", verify_tls=False)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def _position(app_id: str, used: int, limit: int = 1000, user_id: str | None = None, refused: bool = False, metric: str = "tokens_per_day") -> Position:

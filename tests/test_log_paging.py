@@ -16,7 +16,7 @@ import pytest
 from shared.store import LogQuery
 from shared.store.base import log_cursor, read_log_cursor
 
-from .test_store_contract import _record, store  # noqa: F401 (the two-store fixture)
+from .test_store_contract import _record
 
 ADMIN = "/sekisho/admin"
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
@@ -26,7 +26,7 @@ def _stamp(second: int, millisecond: int = 0) -> str:
     return f"2026-11-24T10:{second // 60:02d}:{second % 60:02d}.{millisecond:03d}Z"
 
 
-async def _pages(store, query: LogQuery, size: int, between=None) -> list[list[dict]]:  # noqa: F811
+async def _pages(store, query: LogQuery, size: int, between=None) -> list[list[dict]]:
     pages, after = [], None
     while True:
         page = await store.query_logs(LogQuery(**{**query.__dict__, "limit": size, "after": after}))
@@ -38,7 +38,7 @@ async def _pages(store, query: LogQuery, size: int, between=None) -> list[list[d
         after = (page[-1]["timestamp"], page[-1]["id"])
 
 
-async def test_paging_returns_every_record_exactly_once_while_writes_go_on(store):  # noqa: F811
+async def test_paging_returns_every_record_exactly_once_while_writes_go_on(store):
     app = "paging-" + uuid.uuid4().hex[:6]
     # 240 records on 30 distinct milliseconds: runs of equal timestamps cross page boundaries.
     records = [_record(app, _stamp(5, i % 30)) for i in range(240)]

@@ -7,23 +7,7 @@ import uuid
 import pytest
 
 from shared.store import LogQuery
-from shared.store.cosmos import CosmosStore
 from shared.store.sqlite import SqliteStore
-
-from .servers import COSMOS_KEY
-
-
-@pytest.fixture(params=["sqlite", "cosmos"])
-async def store(request, tmp_path):
-    if request.param == "sqlite":
-        adapter = SqliteStore(str(tmp_path / "contract.db"))
-    else:
-        server = request.getfixturevalue("cosmos_server")
-        adapter = CosmosStore(server.endpoint, COSMOS_KEY, "contract_" + uuid.uuid4().hex[:8], verify_tls=False)
-    await adapter.open()
-    yield adapter
-    await adapter.close()
-
 
 def _record(app: str = "app-a", ts: str = "2026-11-24T10:00:00.000Z", **fields) -> dict:
     return {
