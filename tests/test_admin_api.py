@@ -203,7 +203,7 @@ async def test_admin_routes_refuse_what_their_document_calls_invalid(gateway, ad
             ("GET", "/reports/usage?until="), ("GET", "/reports/usage?since=2026-13-01"), ("GET", "/reports/usage?metric=null"),
             ("GET", "/logs?user_id="), ("GET", "/logs?app_id=bad%0Aid"), ("GET", "/logs?since="), ("GET", "/logs?cursor="),
             ("GET", "/exports/logs?deployment="), ("GET", "/alerts?app_id="), ("GET", "/policies?app_id="),
-            ("GET", "/keys/apps/%C2%84"), ("GET", "/reports/usage?format=null"), ("GET", "/logs?cursor=2026-11-30~x"),
+            ("GET", "/keys/apps/%C2%84"), ("GET", "/reports/usage?format=null"), ("GET", "/logs?cursor=no-place"), ("GET", "/logs?since=0001-01-01T00:00:00%2B05:00"), ("GET", "/logs?cache="),
         ]
         for method, path in refused:
             assert await status(method, path) == 400, path

@@ -492,7 +492,7 @@ class AdminApi:
         limit = params.get("limit", "100")
         if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise errors.invalid_request("limit must be a whole number from 1 to 1000.", "limit")
-        status = params.get("status") or None
+        status = params.get("status")
         if status is not None and status not in ALERT_DELIVERY_STATES:
             raise errors.invalid_request(f"status must be one of {', '.join(ALERT_DELIVERY_STATES)}.", "status")
         app_id = _filter_value(params["app_id"], "app_id") if "app_id" in params else None
@@ -580,7 +580,7 @@ def _log_query(params, paging: bool = True) -> LogQuery:
         raise errors.invalid_request("status must be an HTTP status code.", "status")
     if paging and not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LOG_PAGE):
         raise errors.invalid_request(f"limit must be a whole number from 1 to {MAX_LOG_PAGE}.", "limit")
-    cache, guard = params.get("cache") or None, params.get("guard") or None
+    cache, guard = params.get("cache"), params.get("guard")
     if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
         raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
     if guard is not None and guard not in ("true", "false"):
@@ -594,12 +594,16 @@ def _log_query(params, paging: bool = True) -> LogQuery:
             after = read_log_cursor(params["cursor"])
         except ValueError:
             raise errors.invalid_request("cursor is not one this API returned (next_cursor).", "cursor") from None
+    times = {}
     for name in ("since", "until"):
-        if name in params and not _is_timestamp(params[name]):  # an empty value too
-            raise errors.invalid_request(f"{name} must be an ISO 8601 time, e.g. 2026-11-30T00:00:00Z.", name)
+        if name in params:
+            try:
+                times[name] = _utc(params[name])
+            except (ValueError, OverflowError):  # an empty value too; overflow: year 1 moved to UTC
+                raise errors.invalid_request(f"{name} must be an ISO 8601 time, e.g. 2026-11-30T00:00:00Z.", name) from None
     return LogQuery(
         app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
-        status=int(status) if status else None, since=_utc(params.get("since")), until=_utc(params.get("until")),
+        status=int(status) if status else None, since=times.get("since"), until=times.get("until"),
         cache=cache, guard=None if guard is None else guard == "true", limit=int(limit) if paging else MAX_LOG_PAGE, after=after,
     )
 
@@ -613,20 +617,9 @@ def _filter_value(value: str, name: str) -> str:
     return value
 
 
-def _is_timestamp(value: str) -> bool:
-    from datetime import datetime
-
-    try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return True
-
-
-def _utc(value: str | None) -> str | None:
-    """A time as the log writes it (UTC, milliseconds, Z), so that string order is time order."""
-    if not value:
-        return None
+def _utc(value: str) -> str:
+    """A time as the log writes it (UTC, milliseconds, Z), so that string order is time order;
+    ValueError or OverflowError when it is not a time."""
     from datetime import datetime, timezone
 
     moment = datetime.fromisoformat(value.replace("Z", "+00:00"))

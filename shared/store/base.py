@@ -120,7 +120,8 @@ class LogQuery:
 MAX_LOG_PAGE = 1000
 
 
-_CURSOR = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z)~([A-Za-z0-9._:\-]{1,128})")
+# Any timestamp and id (the order compares them as strings); no control characters.
+_CURSOR = re.compile(r"([^~\x00-\x1f\x7f]{1,64})~([^\x00-\x1f\x7f]{1,256})")
 
 
 def log_cursor(record: dict[str, Any]) -> str:
