@@ -419,10 +419,8 @@ class CosmosStore(Store):
 
     async def list_alerts(self, app_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         query = f"SELECT TOP {int(limit)} * FROM c" + (" WHERE c.app_id = @app" if app_id is not None else "") + " ORDER BY c.sort_key DESC"
-        params = [{"name": "@app", "value": app_id}] if app_id is not None else []
-        items = self._container(BUDGET_ALERTS.name).query_items(query, parameters=params, partition_key=app_id) if app_id is not None \
-            else self._container(BUDGET_ALERTS.name).query_items(query, parameters=params)
-        return [{k: v for k, v in item.items() if not k.startswith("_")} async for item in items]
+        kwargs: dict[str, Any] = {"parameters": [{"name": "@app", "value": app_id}], "partition_key": app_id} if app_id is not None else {}
+        return [_clean(item) async for item in self._container(BUDGET_ALERTS.name).query_items(query, **kwargs)]
 
     # Async jobs: one item per job in its app's partition, expiring through its `ttl` -----------
     async def get_job(self, app_id: str, job_id: str) -> dict[str, Any] | None:
