@@ -78,35 +78,37 @@ async def test_admin_page_in_chromium(gateway, sqlite_path, data_dir, admin_toke
             page = await browser.new_page(viewport={"width": 1500, "height": 1800})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # Waits use locators and expect(), which poll without evaluating strings: the page's CSP
+            # (no 'unsafe-eval') refuses page.wait_for_function's string predicates once they poll.
             await page.goto(link)  # redeems the code, sets the session cookie, lands on the page
             assert page.url == f"{gateway.url}/sekisho/admin"
             await page.fill("#app", app_id)
             await page.click("#apply")
             # The usage table (from the roll-ups) shows the app, and only it once filtered.
             await page.locator("#usage-table tbody tr", has_text=app_id).wait_for()
-            await page.wait_for_function("document.querySelectorAll('#usage-table tbody tr').length === 1")
+            await expect(page.locator("#usage-table tbody tr")).to_have_count(1)
             assert app_id in await page.locator("#usage-table tbody tr").first.inner_text()
             # The chart is a server-side SVG that loaded.
-            await page.wait_for_function("document.getElementById('chart-cost').complete && document.getElementById('chart-cost').naturalWidth > 0")
+            await expect(page.locator("#chart-cost")).to_have_js_property("complete", True)
+            await expect(page.locator("#chart-cost")).to_have_js_property("naturalWidth", 720)
             # Quota use for the chosen app.
             await page.locator("#quota-body table").wait_for()
             # The per-user view: the spender's limits, with the thresholds marked and all three raised.
             await page.fill("#user", spender)
             await page.click("#apply")
             await page.locator("#user-view table").first.wait_for()
-            await page.wait_for_function("document.querySelectorAll('#user-view .meter i.raised').length === 3")
+            await expect(page.locator("#user-view .meter i.raised")).to_have_count(3)
             assert "50 % ✔, 80 % ✔, 100 % ✔" in await page.locator("#user-view").inner_text()
             assert await page.locator("#user-view table").nth(1).locator("tbody tr").count() == 3  # their alerts
-            await page.wait_for_function("document.querySelectorAll('#alerts-body tbody tr').length >= 3")
+            await page.locator("#alerts-body tbody tr").nth(2).wait_for()
             assert spender in await page.locator("#alerts-body").inner_text()
             await page.fill("#user", "")
             # Filter the log by user, open a request.
             await page.fill("#log-filters input[name=user_id]", user)
             await page.click("#log-filters button[type=submit]")
-            await page.wait_for_function("document.querySelectorAll('#log-table tbody tr').length === 2")
+            await expect(page.locator("#log-table tbody tr")).to_have_count(2)
             assert not await page.locator("#log-more").is_visible()
             # Paging: a page of one, then the older request appended by the button.
-            # (expect() polls without evaluating strings, which the page's CSP forbids.)
             await page.evaluate("logPage = 1")
             await page.click("#log-filters button[type=submit]")
             await expect(page.locator("#log-table tbody tr")).to_have_count(1)
