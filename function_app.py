@@ -95,7 +95,8 @@ async def sekisho_job_give_up(task: str) -> str:
 @app.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
 async def reconcile_deferred_work(timer: func.TimerRequest) -> None:
     """Every five minutes: batches and background responses that ended without the app polling
-    them are settled (their log records written, their reservations brought to what they used)."""
+    them are settled (their log records written, their reservations brought to what they used),
+    and budget alerts whose instance stopped before the webhook accepted them are sent again."""
     await gateway.reconcile_deferred_work()
 
 

@@ -318,9 +318,15 @@ class Gateway:
         return await self.jobs.give_up(task)
 
     async def reconcile_deferred_work(self) -> dict[str, int]:
-        """The reconciling timer: settle batches and background responses that ended unpolled."""
+        """The reconciling timer: settle batches and background responses that ended unpolled, and
+        send budget alerts whose instance stopped before its webhook accepted them."""
         await self.start()
-        return await self.deferred.reconcile()
+        settled = await self.deferred.reconcile()
+        try:
+            settled["alerts_redelivered"] = await self.quota.alerts.redeliver_abandoned()
+        except Exception:  # the store or the receiver failing must not stop the settling above
+            logger.exception("budget alert redelivery failed; the next run tries again")
+        return settled
 
     async def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
         """The pipeline's way out (reverse order) for an answer the upstream gave a job."""

@@ -393,3 +393,59 @@ def test_the_alert_rules_read_the_events_and_fields_the_gateway_emits():
     # Both rules notify the action group; the group and rules exist only when someone receives them.
     assert bicep.count("actionGroup.id") >= 3
     assert "var deployAlerts = !empty(alertEmails) || !empty(alertWebhookUri)" in bicep
+
+
+# --- alerts an instance left behind ------------------------------------------------------------------------
+def _stale(app_id: str, threshold: int, status: str, minutes_ago: float) -> dict:
+    doc = alerts.alert_document(_position(app_id, 1000), threshold, "USD", webhook=True)
+    crossed = time.time() - minutes_ago * 60
+    doc["crossed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(crossed))
+    doc["delivery"] = {"status": status, "attempts": 0}
+    return doc
+
+
+async def test_alerts_left_pending_by_a_stopped_instance_are_sent_again(store):
+    app_id = f"left-{uuid.uuid4().hex[:8]}"
+    abandoned, fresh, done = _stale(app_id, 50, "pending", 60), _stale(app_id, 80, "pending", 1), _stale(app_id, 100, "delivered", 60)
+    for doc in (abandoned, fresh, done):
+        assert await store.claim_alert(doc)
+    receiver = Receiver()
+    async with receiver as url:
+        instance = BudgetAlerts(store, "USD", AlertWebhook(url, SECRET, attempts=3, first_delay=0.01))
+        assert await instance.redeliver_abandoned() == 1  # the fresh one may still be backing off in its instance
+        await instance.close()
+    [(headers, body)] = receiver.received
+    assert json.loads(body)["alert"]["id"] == abandoned["id"] and alerts.verify(SECRET.encode(), headers[alerts.SIGNATURE_HEADER], body)
+    by_id = {a["id"]: a for a in await store.list_alerts(app_id)}
+    assert by_id[abandoned["id"]]["delivery"]["status"] == "delivered" and by_id[abandoned["id"]]["delivery"]["redelivered"]
+    assert by_id[fresh["id"]]["delivery"]["status"] == "pending"
+    # A receiver that still refuses: a dead letter now, not an endless retry.
+    lost = _stale(app_id, 90, "pending", 60)
+    assert await store.claim_alert(lost)
+    async with Receiver(always=503) as url:
+        instance = BudgetAlerts(store, "USD", AlertWebhook(url, SECRET, attempts=3, first_delay=0.01))
+        assert await instance.redeliver_abandoned() == 1
+        await instance.close()
+    assert {a["id"]: a for a in await store.list_alerts(app_id)}[lost["id"]]["delivery"]["status"] == "dead_letter"
+
+
+async def test_the_reconciling_timer_sends_abandoned_alerts(two_workers_with_webhook):
+    host, receiver = two_workers_with_webhook
+    app_id = f"timer-{uuid.uuid4().hex[:8]}"
+    store = SqliteStore(host.env["SEKISHO_SQLITE_PATH"])
+    await store.open()
+    try:
+        doc = _stale(app_id, 50, "pending", 60)
+        assert await store.claim_alert(doc)
+        async with aiohttp.ClientSession() as session:  # what the Functions host's admin API does: run the timer now
+            async with session.post(host.url + "/admin/functions/reconcile_deferred_work", json={"input": ""}) as response:
+                assert response.status == 202
+        for _ in range(200):
+            [stored] = await store.list_alerts(app_id)
+            if stored["delivery"]["status"] != "pending":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+    assert stored["delivery"]["status"] == "delivered"
+    assert [json.loads(body)["alert"]["id"] for _, body in receiver.received if json.loads(body)["alert"]["app_id"] == app_id] == [doc["id"]]

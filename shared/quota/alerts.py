@@ -160,7 +160,7 @@ class AlertWebhook:
         self.timeout = timeout
         self._session = None
 
-    async def deliver(self, doc: dict[str, Any]) -> dict[str, Any]:
+    async def deliver(self, doc: dict[str, Any], attempts: int | None = None) -> dict[str, Any]:
         """Send until accepted or out of attempts; returns the delivery state for the document."""
         import aiohttp
         from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
@@ -184,7 +184,7 @@ class AlertWebhook:
                 raise
 
         try:
-            async for trying in AsyncRetrying(stop=stop_after_attempt(self.attempts), reraise=False,
+            async for trying in AsyncRetrying(stop=stop_after_attempt(attempts or self.attempts), reraise=False,
                                               wait=wait_exponential(multiplier=self.first_delay, max=self.max_delay)):
                 with trying:
                     await attempt()
@@ -277,6 +277,25 @@ class BudgetAlerts:
             await self._store.update_alert(doc)
         except StoreError as exc:
             logger.error("budget alert %s: delivery state not recorded: %s", doc["id"], exc)
+
+    async def redeliver_abandoned(self, older_than_seconds: float = 900, now: float | None = None) -> int:
+        """Alerts still `pending` long after their back-off would have ended belong to an instance
+        that stopped without recording anything (killed, not shut down): one more attempt each, from
+        the reconciling timer, then delivered or a dead letter. Returns how many were tried."""
+        if self.webhook is None:
+            return 0
+        cutoff = datetime.fromtimestamp((now if now is not None else time.time()) - older_than_seconds, timezone.utc)
+        tried = 0
+        for doc in await self._store.list_alerts(None, 1000):
+            delivery = doc.get("delivery") or {}
+            crossed = datetime.fromisoformat(str(doc.get("crossed_at", "")).replace("Z", "+00:00")) if doc.get("crossed_at") else None
+            if delivery.get("status") != "pending" or crossed is None or crossed > cutoff:
+                continue
+            outcome = await self.webhook.deliver(doc, attempts=1)
+            doc["delivery"] = {**outcome, "redelivered": True, "attempts": (delivery.get("attempts") or 0) + outcome["attempts"]}
+            await self._record(doc)
+            tried += 1
+        return tried
 
     async def drain(self) -> None:
         """Wait for claims and deliveries under way (shutdown, tests)."""
