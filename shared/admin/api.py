@@ -476,7 +476,7 @@ class AdminApi:
         query = _log_query(params, paging=False)
         records = self._store.iter_logs(query)
         if fmt == "jsonl":
-            lines = (orjson.dumps(record) + b"\n" async for record in records)
+            lines = request_log.jsonl_lines(records)
             media, name = "application/x-ndjson", "sekisho-logs.jsonl"
         else:
             lines = request_log.csv_lines(records)
@@ -489,14 +489,12 @@ class AdminApi:
         pending, delivered, dead_letter, off)."""
         await self._admin(request)
         params = request.query_params
-        limit = params.get("limit", "100")
-        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
-            raise errors.invalid_request("limit must be a whole number from 1 to 1000.", "limit")
+        limit = _page_limit(params)
         status = params.get("status")
         if status is not None and status not in ALERT_DELIVERY_STATES:
             raise errors.invalid_request(f"status must be one of {', '.join(ALERT_DELIVERY_STATES)}.", "status")
         app_id = _filter_value(params["app_id"], "app_id") if "app_id" in params else None
-        return _json({"object": "list", "data": await budget_alerts.listed(self._store, app_id, status, int(limit))})
+        return _json({"object": "list", "data": await budget_alerts.listed(self._store, app_id, status, limit)})
 
     # Reports from the usage roll-ups ------------------------------------------------------------
     async def _report_rows(self, request: Request) -> tuple[list[dict[str, Any]], str]:
@@ -574,12 +572,9 @@ class AdminApi:
 def _log_query(params, paging: bool = True) -> LogQuery:
     """The request log's filters from a query string (the list and the export share them)."""
     status = params.get("status")
-    limit = params.get("limit", "100")
     # isascii(): str.isdigit() also accepts '²' or '١', which int() refuses.
     if status is not None and not (status.isascii() and status.isdigit() and len(status) <= 3):
         raise errors.invalid_request("status must be an HTTP status code.", "status")
-    if paging and not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LOG_PAGE):
-        raise errors.invalid_request(f"limit must be a whole number from 1 to {MAX_LOG_PAGE}.", "limit")
     cache, guard = params.get("cache"), params.get("guard")
     if cache is not None and cache not in ("HIT", "MISS", "BYPASS"):
         raise errors.invalid_request("cache must be HIT, MISS or BYPASS.", "cache")
@@ -604,8 +599,16 @@ def _log_query(params, paging: bool = True) -> LogQuery:
     return LogQuery(
         app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
         status=int(status) if status else None, since=times.get("since"), until=times.get("until"),
-        cache=cache, guard=None if guard is None else guard == "true", limit=int(limit) if paging else MAX_LOG_PAGE, after=after,
+        cache=cache, guard=None if guard is None else guard == "true", limit=_page_limit(params) if paging else MAX_LOG_PAGE, after=after,
     )
+
+
+def _page_limit(params, default: int = 100) -> int:
+    """A page size from the query string: a whole number from 1 to MAX_LOG_PAGE (both lists use it)."""
+    limit = params.get("limit", str(default))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LOG_PAGE):
+        raise errors.invalid_request(f"limit must be a whole number from 1 to {MAX_LOG_PAGE}.", "limit")
+    return int(limit)
 
 
 def _filter_value(value: str, name: str) -> str:

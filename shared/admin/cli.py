@@ -33,8 +33,6 @@ import os
 import sys
 from typing import Any
 
-import orjson
-
 from ..errors import GatewayError
 from ..policy.policies import PolicyError
 from ..quota import alerts
@@ -327,7 +325,7 @@ async def run(args) -> int:
             query = LogQuery(app_id=args.app_id, user_id=args.user_id, deployment=args.deployment, status=args.status,
                              since=args.since, until=args.until)
             records = store.iter_logs(query)
-            lines = request_log.csv_lines(records) if args.format == "csv" else (orjson.dumps(r) + b"\n" async for r in records)
+            lines = request_log.csv_lines(records) if args.format == "csv" else request_log.jsonl_lines(records)
             out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
             count = -1 if args.format == "csv" else 0  # the CSV's header line
             try:

@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable
 
+import orjson
+
 from .. import sse
 from ..context import RequestContext
 from ..operations import REQUEST_LOG
@@ -563,6 +565,12 @@ CSV_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("guard_actions", lambda r: ",".join(sorted({str(d.get("action")) for d in r.get("guard") or ()}))),
     ("backend", lambda r: r.get("backend")), ("retries", lambda r: r.get("retries")),
 )
+
+
+async def jsonl_lines(records: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The JSON lines export: every field of every record, a line each."""
+    async for record in records:
+        yield orjson.dumps(record) + b"\n"
 
 
 async def csv_lines(records: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
