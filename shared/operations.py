@@ -69,8 +69,21 @@ def _prompt_estimate_embeddings(body: dict[str, Any], reads: FieldSet) -> int:
     return count_tokens("\n".join(reads.texts(body)))
 
 
+def whole_number(value: Any) -> int | None:
+    """`value` as a whole number, or None. JSON does not tell 8 from 8.0 (JSON Schema calls both an
+    integer), so an integral float counts as its integer: the quota estimate must count `n: 8.0`
+    as 8 answers, whatever Azure then says of the decimal point."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return whole_number(value) is not None
 
 
 def _check_embedding_input(body: dict[str, Any]) -> None:
@@ -545,13 +558,13 @@ def completion_budget(operation: Operation, body: dict[str, Any], default: int) 
         return 0
     per_answer = default
     for name in operation.completion_limits:
-        value = body.get(name)
-        if _is_int(value) and value > 0:
+        value = whole_number(body.get(name))
+        if value is not None and value > 0:
             per_answer = value
             break
     answers = 1
     for name in operation.choices:
-        value = body.get(name)
-        if _is_int(value) and value > answers:
+        value = whole_number(body.get(name))
+        if value is not None and value > answers:
             answers = value  # best_of generates best_of answers and returns n of them
     return per_answer * answers

@@ -12,7 +12,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import errors
 from .context import RequestContext
-from .operations import STREAM_USAGE, VALIDATE, Operation, Style
+from .operations import STREAM_USAGE, VALIDATE, Operation, Style, whole_number
 from .upstream import api_versions
 from .pipeline import Stage
 from .routes import match_template
@@ -103,10 +103,20 @@ def _check_fields_read_later(operation: Operation, body: dict[str, Any]) -> None
     for field in operation.counts:
         value = body.get(field)
         most = _COUNT_LIMITS.get(field, _MAX_COUNT)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
+        number = whole_number(value)
+        if value is not None and (number is None or not 0 <= number <= most):
             raise errors.invalid_request(f"'{field}' must be a whole number from 0 to {most}.", field)
     if operation.check_body is not None:
         operation.check_body(body)
+
+
+def page_limit(params, most: int, default: int = 100) -> int:
+    """A list's page size from the query string: a whole number from 1 to `most`, refused with 400
+    otherwise (never clamped: what the document calls invalid is refused)."""
+    limit = params.get("limit", str(default))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= most):
+        raise errors.invalid_request(f"'limit' must be a whole number from 1 to {most}.", "limit")
+    return int(limit)
 
 
 def _last_value(query: bytes, name: str) -> str | None:
@@ -168,6 +178,11 @@ class ValidateRequest(Stage):
         ctx.stream = check_body(operation, body)
 
 
+# Optional fields the gateway reads, wherever they appear: `user` names the end user (apps that
+# trust it), `stream_options` is merged with the usage the gateway asks for.
+_TYPED_WHEN_PRESENT = (("user", str, "a string"), ("stream_options", dict, "an object"))
+
+
 def check_body(operation: Operation, body: dict[str, Any]) -> bool:
     """The body's required fields and the fields later stages read; whether it asks to stream."""
     for field, types in operation.required:
@@ -176,6 +191,9 @@ def check_body(operation: Operation, body: dict[str, Any]) -> bool:
         if not isinstance(body[field], types):
             raise errors.invalid_request(f"'{field}' must be {_type_name(types)}.", field)
     _check_fields_read_later(operation, body)
+    for field, types, described in _TYPED_WHEN_PRESENT:
+        if body.get(field) is not None and not isinstance(body[field], types):
+            raise errors.invalid_request(f"'{field}' must be {described}.", field)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise errors.invalid_request("'stream' must be true or false.", "stream")

@@ -51,6 +51,12 @@ async def test_bad_json(logged_gateway):
         ("/openai/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
         ("/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21", {}, "input"),
         ("/openai/responses?api-version=2025-04-01-preview", {"model": "gpt-4o-mini"}, "input"),
+        # Optional fields the gateway reads must have their documented type, streamed or not.
+        (CHAT_PATH, {"messages": [{"role": "user", "content": "x"}], "user": {"id": "x"}}, "user"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": "x"}], "stream_options": "usage"}, "stream_options"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": "x"}], "n": 2.5}, "n"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": "x"}], "n": 129}, "n"),
+        (CHAT_PATH, {"messages": [{"role": "user", "content": "x"}], "user": "u" * 129}, "user"),
     ],
 )
 async def test_missing_or_wrong_fields(gateway, path, body, param):
@@ -125,6 +131,16 @@ async def test_upstream_4xx_passes_through(gateway):
     assert status == 404 and answer["error"]["code"] == "DeploymentNotFound"
 
 
+@pytest.mark.parametrize("items, param", [([[1, 2]], "input[0]"), ([{"role": "user", "content": "x"}, "x"], "input[1]")])
+async def test_azure_refusing_a_field_it_owns_passes_through_marked_as_relayed(gateway, items, param):
+    """The gateway reads `input` only as text; Azure refuses items that are not input items (the
+    simulator as Azure does, where it used to answer 500). The client gets Azure's 400, and
+    x-sekisho-backend says it was relayed, not the gateway's own refusal."""
+    status, headers, answer = await _post(gateway.url + "/openai/v1/responses", json={"model": "gpt-4o-mini", "input": items})
+    assert status == 400 and headers["x-sekisho-backend"] == "default"
+    assert answer["error"]["code"] == "invalid_type" and answer["error"]["param"] == param
+
+
 async def test_upstream_too_slow_is_504(logged_gateway):
     body = {"messages": [{"role": "user", "content": "x"}], "x_sim": {"latency_ms": 4000}}
     status, headers, answer = await _post(logged_gateway.url + CHAT_PATH, json=body)
@@ -145,3 +161,43 @@ async def test_upstream_unreachable_is_502(simulator, tmp_path, data_dir):
         stop(host.process)
     assert status == 502
     _assert_error_shape(answer, "upstream_error")
+
+
+async def test_a_whole_number_written_with_a_decimal_point_is_a_whole_number(gateway):
+    """JSON (and the document's JSON Schema) does not tell 2 from 2.0: the gateway refuses neither,
+    and the quota estimate counts n: 2.0 as two answers (tests/test_quota.py checks the arithmetic).
+    Azure itself wants an integer: its 400 is relayed (x-sekisho-backend set), as the simulator does."""
+    body = {"messages": [{"role": "user", "content": "x"}], "n": 2.0, "max_tokens": 16}
+    status, headers, answer = await _post(gateway.url + CHAT_PATH, json=body)
+    assert status == 400 and headers["x-sekisho-backend"] == "default"
+    assert answer["error"]["code"] == "invalid_type" and answer["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=ten", "limit=-1"])
+@pytest.mark.parametrize("listing", ["/openai/v1/files", "/openai/batches?api-version=2024-10-21"])
+async def test_list_page_sizes_outside_the_document_are_refused(gateway, listing, query):
+    url = gateway.url + listing + ("&" if "?" in listing else "?") + query
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_TOKEN[0]}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 400
+            answer = await response.json()
+    _assert_error_shape(answer, "invalid_request")
+    assert answer["error"]["param"] == "limit"
+
+
+@pytest.mark.parametrize("header, value", [("x-sekisho-cache-ttl", "soon"), ("x-sekisho-cache-ttl", "0"), ("x-sekisho-cache", "sometimes")])
+async def test_malformed_cache_headers_are_refused_even_when_nothing_would_be_cached(gateway, header, value):
+    """temperature unset: not cacheable, so the headers would not have mattered; still refused."""
+    status, _, answer = await _post(gateway.url + CHAT_PATH, json={"messages": [{"role": "user", "content": "x"}]}, headers={header: value})
+    assert status == 400
+    _assert_error_shape(answer, "invalid_request")
+    assert answer["error"]["param"] == header
+
+
+async def test_a_user_named_longer_than_a_user_id_is_refused_not_cut(gateway):
+    """Cut to 128 characters, two users sharing their first 128 would share one user's limits."""
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    status, _, answer = await _post(gateway.url + CHAT_PATH, json=body, headers={"x-sekisho-user": "u" * 129})
+    assert status == 400 and answer["error"]["param"] == "x-sekisho-user"
+    status, _, answer = await _post(gateway.url + CHAT_PATH, json=body, headers={"x-sekisho-user": "u" * 128})
+    assert status == 200, answer

@@ -105,9 +105,10 @@ class Contract:
     def codes(self, response: dict) -> set[str]:
         schema = _resolve(self.doc, response.get("content", {}).get("application/json", {}).get("schema"))
         codes: set[str] = set()
-        for part in (schema or {}).get("allOf", []):
-            part = _resolve(self.doc, part)
-            codes.update(part.get("properties", {}).get("error", {}).get("properties", {}).get("code", {}).get("enum", ()))
+        for alternative in (schema or {}).get("anyOf", [schema]):  # ModelBadRequest: the gateway's error or Azure's
+            for part in (_resolve(self.doc, alternative) or {}).get("allOf", []):
+                part = _resolve(self.doc, part)
+                codes.update(part.get("properties", {}).get("error", {}).get("properties", {}).get("code", {}).get("enum", ()))
         return codes
 
 

@@ -271,3 +271,15 @@ async def test_store_failure_fail_open_counts_in_memory():
     with pytest.raises(GatewayError) as caught:  # the in-memory limiter still limits
         await stage.before(_context(settings))
     assert caught.value.status == 429
+
+
+def test_the_estimate_counts_whole_numbers_written_with_a_decimal_point():
+    """n: 3.0 is three answers (JSON Schema calls it an integer, and the gateway accepts it): were it
+    read as "not a number", the estimate would reserve one answer's tokens for three."""
+    from shared.operations import BY_NAME, completion_budget
+
+    chat, completions = BY_NAME["chat.completions"], BY_NAME["completions"]
+    assert completion_budget(chat, {"n": 3.0, "max_tokens": 10.0}, 100) == completion_budget(chat, {"n": 3, "max_tokens": 10}, 100) == 30
+    assert completion_budget(chat, {"n": 3.0}, 100) == 300  # the policy's default per answer
+    assert completion_budget(completions, {"n": 1, "best_of": 4.0, "max_tokens": 5}, 100) == 20
+    assert completion_budget(chat, {"n": 2.5, "max_tokens": True}, 100) == 100  # not whole numbers: refused earlier, never multiplied

@@ -31,6 +31,7 @@ from ..records import focus, rollups
 from ..records import request_log
 from ..store import AlreadyExists, LogQuery, PreconditionFailed, Store
 from ..store.base import MAX_LOG_PAGE, log_cursor, read_log_cursor
+from ..validation import page_limit
 from . import sessions as admin_sessions
 from .charts import bar_chart
 
@@ -489,7 +490,7 @@ class AdminApi:
         pending, delivered, dead_letter, off)."""
         await self._admin(request)
         params = request.query_params
-        limit = _page_limit(params)
+        limit = page_limit(params, MAX_LOG_PAGE)
         status = params.get("status")
         if status is not None and status not in ALERT_DELIVERY_STATES:
             raise errors.invalid_request(f"status must be one of {', '.join(ALERT_DELIVERY_STATES)}.", "status")
@@ -599,16 +600,8 @@ def _log_query(params, paging: bool = True) -> LogQuery:
     return LogQuery(
         app_id=params.get("app_id") or None, user_id=params.get("user_id") or None, deployment=params.get("deployment") or None,
         status=int(status) if status else None, since=times.get("since"), until=times.get("until"),
-        cache=cache, guard=None if guard is None else guard == "true", limit=_page_limit(params) if paging else MAX_LOG_PAGE, after=after,
+        cache=cache, guard=None if guard is None else guard == "true", limit=page_limit(params, MAX_LOG_PAGE) if paging else MAX_LOG_PAGE, after=after,
     )
-
-
-def _page_limit(params, default: int = 100) -> int:
-    """A page size from the query string: a whole number from 1 to MAX_LOG_PAGE (both lists use it)."""
-    limit = params.get("limit", str(default))
-    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LOG_PAGE):
-        raise errors.invalid_request(f"limit must be a whole number from 1 to {MAX_LOG_PAGE}.", "limit")
-    return int(limit)
 
 
 def _filter_value(value: str, name: str) -> str:

@@ -98,22 +98,25 @@ class CacheResponses(Stage):
 
     # Lookup -------------------------------------------------------------------------------------
     async def before(self, ctx: RequestContext) -> None:
+        # The headers are checked whether or not this request turns out cacheable: a malformed one
+        # is refused the same way every time, not only when it would have mattered.
+        header = (ctx.http.headers.get(CACHE_HEADER) or "").strip().lower()
+        if header not in ("", "no-store", "refresh", "replay-only"):
+            raise GatewayError(400, "invalid_request", f"{CACHE_HEADER} must be no-store, refresh or replay-only.", param=CACHE_HEADER)
+        asked_ttl = self._asked_ttl(ctx)
         if ctx.result is not None:
             return
         settings = ctx.policy.cache
         if ctx.keep_out_of_cache:  # personal data the app keeps out of storage (mask_in_log)
             self._bypass(ctx)
             return
-        header = (ctx.http.headers.get(CACHE_HEADER) or "").strip().lower()
-        if header not in ("", "no-store", "refresh", "replay-only"):
-            raise GatewayError(400, "invalid_request", f"{CACHE_HEADER} must be no-store, refresh or replay-only.", param=CACHE_HEADER)
         if header == "replay-only" and not settings.allow_replay_header:
             raise GatewayError(403, "forbidden", "This app's policy does not allow replay-only requests by header.", error_type="permission_error")
         replay_only = bool(settings.replay_only) or header == "replay-only"
         if not replay_only and (not settings.enabled or header == "no-store" or not (deterministic(ctx) or settings.cache_nondeterministic)):
             self._bypass(ctx)
             return
-        ttl = self._ttl(ctx, settings.ttl_seconds)
+        ttl = settings.ttl_seconds if asked_ttl is None else min(asked_ttl, settings.ttl_seconds)  # shorter, never longer
         state = ctx.cache = CacheState(cache_scope(settings.shared_scope, ctx.app_id), cache_key(ctx, bool(settings.per_user)), ttl)
         if header != "refresh":
             entry = await self._lookup(state)
@@ -138,15 +141,15 @@ class CacheResponses(Stage):
         return {"cache": state.outcome} if state is not None and state.outcome is not None else {}
 
     @staticmethod
-    def _ttl(ctx: RequestContext, policy_ttl: int) -> int:
-        """The client may ask for a shorter life than the policy's, never a longer one."""
+    def _asked_ttl(ctx: RequestContext) -> int | None:
+        """The life the client asks for (it may shorten the policy's, never lengthen it)."""
         text = ctx.http.headers.get(TTL_HEADER)
         if text is None:
-            return policy_ttl
+            return None
         text = text.strip()
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_TTL:
             raise GatewayError(400, "invalid_request", f"{TTL_HEADER} must be a whole number of seconds from 1 to {_MAX_TTL}.", param=TTL_HEADER)
-        return min(int(text), policy_ttl)
+        return int(text)
 
     async def _lookup(self, state: CacheState) -> dict[str, Any] | None:
         pending = self._pending.get((state.scope, state.key))

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ..context import RequestContext
+from .. import errors
 from ..errors import GatewayError
 from ..pipeline import Stage
 from ..identity.gateway_keys import PREFIX, invalid_api_key
@@ -108,11 +109,22 @@ class PolicyResolver:
 def _claimed_user(ctx: RequestContext) -> str | None:
     header = ctx.http.headers.get(USER_HEADER)
     if header:
-        return header.strip()[:_MAX_USER_ID] or None
+        return header.strip() or None
     body_user = ctx.body.get("user") if isinstance(ctx.body, dict) else None
     if isinstance(body_user, str) and body_user.strip():
-        return body_user.strip()[:_MAX_USER_ID]
+        return body_user.strip()
     return None
+
+
+def check_claimed_user(ctx: RequestContext) -> None:
+    """A user named longer than a user id may be is refused, never cut: two users whose names
+    share their first 128 characters would otherwise share one user's limits and log."""
+    header = ctx.http.headers.get(USER_HEADER)
+    if header is not None and len(header.strip()) > _MAX_USER_ID:
+        raise errors.invalid_request(f"{USER_HEADER} is longer than {_MAX_USER_ID} characters.", USER_HEADER)
+    body_user = ctx.body.get("user") if isinstance(ctx.body, dict) else None
+    if isinstance(body_user, str) and len(body_user.strip()) > _MAX_USER_ID:
+        raise errors.invalid_request(f"'user' is longer than {_MAX_USER_ID} characters.", "user")
 
 
 class ApplyPolicy(Stage):
@@ -126,6 +138,7 @@ class ApplyPolicy(Stage):
 
     async def before(self, ctx: RequestContext) -> None:
         identity = ctx.identity
+        check_claimed_user(ctx)
         defaults, app = await self._resolver.app_layers(identity.app_id)
         app_level = self._resolver.app_settings(defaults, app)
         ctx.app_name = app.name if app else None

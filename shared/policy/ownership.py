@@ -26,11 +26,13 @@ from ..context import RequestContext, UpstreamResult
 from ..operations import OPERATIONS, OWNERSHIP
 from ..pipeline import Stage
 from ..store import Store, StoreError
+from ..validation import page_limit
 
 logger = logging.getLogger("sekisho.ownership")
 
 _RECENT_SECONDS = 30.0  # records this instance wrote, kept in memory while the store catches up
 _RECENT_MAX = 5000
+MAX_LIST_PAGE = 1000  # the most files or batches one page of a list answers (the document says so)
 _RETRY_DELAYS = (0.1, 0.2, 0.3, 0.4)  # another instance's record may be a moment from the store
 _NOT_SET = object()
 _LISTED_KINDS = frozenset(op.lists for op in OPERATIONS if op.lists)  # lists answered from the records' `object`
@@ -157,10 +159,7 @@ async def list_owned_answer(store: Store, ctx: RequestContext) -> UpstreamResult
     `purpose`, as the OpenAI list API takes them."""
     kind = ctx.route.operation.lists
     query = ctx.http.query_params
-    try:
-        limit = max(1, min(1000, int(query.get("limit") or 100)))
-    except ValueError:
-        raise errors.invalid_request("'limit' must be a whole number from 1 to 1000.", "limit") from None
+    limit = page_limit(query, MAX_LIST_PAGE)
     before = None
     if query.get("after"):
         anchor = await store.get_owned(ctx.app_id, kind, query["after"])

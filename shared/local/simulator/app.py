@@ -156,6 +156,11 @@ class Simulator:
             # Azure checks fields against the api-version: stream_options arrived in 2024-09-01-preview / 2024-10-21.
             self._record(request, deployment, 400)
             return self._error(400, None, "Unrecognized request argument supplied: stream_options")
+        if operation not in _MULTIPART:
+            for name in _INTEGER_FIELDS:  # as Azure answers 2.0 where it takes an integer
+                if isinstance(body.get(name), float):
+                    self._record(request, deployment, 400)
+                    return self._invalid_type(name, "an integer", body[name])
         controls = body.get("x_sim") if isinstance(body.get("x_sim"), dict) else {}
         if isinstance(controls.get("set_cookie"), str):
             request["set_cookie"] = controls["set_cookie"]
@@ -188,6 +193,16 @@ class Simulator:
 
     async def _media(self, request, operation, deployment, body, uploads, controls, request_id) -> web.StreamResponse:
         headers = self._headers(request_id)
+        for name, expected in _MEDIA_FIELDS.get(operation, {}).items():  # as Azure checks what it owns
+            value = body.get(name)
+            if value is None:
+                continue
+            if isinstance(expected, (tuple, range)) and (isinstance(value, bool) or value not in expected):
+                supported = f"{expected.start} to {expected.stop - 1}" if isinstance(expected, range) else ", ".join(f"'{c}'" for c in expected)
+                return web.json_response({"error": {"message": f"Invalid value: {str(value)[:64]!r}. Supported values are: {supported}.",
+                                                    "type": "invalid_request_error", "param": name, "code": "invalid_value"}}, status=400)
+            if isinstance(expected, type) and (not isinstance(value, expected) or isinstance(value, bool)):
+                return self._invalid_type(name, _TYPE_WORDS[expected], value)
         if operation in ("audio/transcriptions", "audio/translations"):
             audio = uploads.get("file")
             if not audio:
@@ -254,7 +269,10 @@ class Simulator:
         if file_id is None:
             if request.method == "GET":
                 return web.json_response({"object": "list", "data": [f["object"] for f in self.files_stored.values()]})
-            fields, uploads = await _form(request)
+            try:
+                fields, uploads = await _form(request)
+            except Exception:  # as Azure answers a form it cannot read (a field name with a control character)
+                return self._error(400, "invalid_request_error", "We could not parse the multipart body of your request.")
             content = uploads.get("file")
             if content is None or "purpose" not in fields:
                 return self._error(400, "invalid_request_error", "'file' and 'purpose' are required.")
@@ -458,7 +476,19 @@ class Simulator:
         if previous is not None and previous not in self.stored:
             return web.json_response({"error": {"message": f"Previous response with id '{previous}' not found.", "type": "invalid_request_error",
                                                  "param": "previous_response_id", "code": "previous_response_not_found"}}, status=400)
+        items = body.get("input")
+        if not isinstance(items, (str, list)):
+            return self._invalid_type("input", "a string or an array of input items", items)
+        for index, item in enumerate(items if isinstance(items, list) else []):
+            if not isinstance(item, dict):  # as Azure answers: each item is an object (a message, a call output, …)
+                return self._invalid_type(f"input[{index}]", "an input item", item)
         return await self._responses_answer(request, deployment, body, controls, request_id)
+
+    def _invalid_type(self, param: str, expected: str, value: Any) -> web.Response:
+        names = {list: "an array", dict: "an object", str: "a string", bool: "a boolean", int: "an integer", float: "a decimal number"}
+        got = "null" if value is None else names.get(type(value), type(value).__name__)
+        return web.json_response({"error": {"message": f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
+                                            "type": "invalid_request_error", "param": param, "code": "invalid_type"}}, status=400)
 
     async def _responses_answer(self, request, deployment, body, controls, request_id):
         model = self.config.chat_deployments[deployment]
@@ -587,6 +617,18 @@ _KIND_OF = {
     "images/generations": "image", "images/edits": "image",
 }
 _MULTIPART = {"audio/transcriptions", "audio/translations", "images/edits"}
+
+
+# What Azure checks of the media operations' own fields (form fields arrive as text).
+_MEDIA_FIELDS: dict[str, dict[str, Any]] = {
+    "audio/speech": {"input": str, "voice": str, "instructions": str, "response_format": ("mp3", "opus", "aac", "flac", "wav", "pcm")},
+    "audio/transcriptions": {"response_format": ("json", "text", "srt", "vtt", "verbose_json")},
+    "audio/translations": {"response_format": ("json", "text", "srt", "vtt", "verbose_json")},
+    "images/generations": {"prompt": str, "size": str, "quality": str, "n": range(1, 11), "response_format": ("url", "b64_json")},
+    "images/edits": {"response_format": ("url", "b64_json")},
+}
+_TYPE_WORDS = {str: "a string", int: "an integer"}
+_INTEGER_FIELDS = ("n", "best_of", "max_tokens", "max_completion_tokens", "max_output_tokens", "dimensions")
 
 
 async def _form(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
