@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from .conftest import TEST_APP_ID, _gateway_env
-from .servers import start_local_host, stop
+from .servers import COSMOS_KEY, start_local_host, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +43,18 @@ async def _put_app(host_url: str, admin_token: str, app_id: str, body: dict) -> 
             assert response.status == 201, await response.text()
 
 
+def _throwaway_store(kind: str, request, tmp_path_factory) -> dict[str, str]:
+    if kind == "sqlite":
+        return {"SEKISHO_STORE": "sqlite", "SEKISHO_SQLITE_PATH": str(tmp_path_factory.mktemp("contract") / "throwaway.db")}
+    cosmos = request.getfixturevalue("cosmos_server")
+    return {"SEKISHO_STORE": "cosmos", "SEKISHO_COSMOS_ENDPOINT": cosmos.endpoint, "SEKISHO_COSMOS_KEY": COSMOS_KEY,
+            "SEKISHO_COSMOS_DATABASE": "contract_" + uuid.uuid4().hex[:8], "SEKISHO_COSMOS_VERIFY_TLS": "false"}
+
+
 @pytest.mark.timeout(600)
-async def test_admin_routes_hold_to_the_openapi_document(simulator, tmp_path_factory, data_dir, admin_token):
-    store = tmp_path_factory.mktemp("contract") / "throwaway.db"
-    host = start_local_host(_gateway_env(simulator, SEKISHO_SQLITE_PATH=str(store)), data_dir)
+@pytest.mark.parametrize("store", ["sqlite", "cosmos"])  # the admin routes read and write every kind of record
+async def test_admin_routes_hold_to_the_openapi_document(store, request, simulator, tmp_path_factory, data_dir, admin_token):
+    host = start_local_host(_gateway_env(simulator, **_throwaway_store(store, request, tmp_path_factory)), data_dir)
     try:
         await _put_app(host.url, admin_token, "0", {"name": "contract"})  # an app for the generated ids to find
         run = await _schemathesis(host.url, admin_token, "--include-tag", "admin",

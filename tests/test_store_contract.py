@@ -108,7 +108,25 @@ async def test_policy_etags(store):
     with pytest.raises(PreconditionFailed):
         await store.put_policy(_policy("app-z"), if_match=first["etag"])
     assert (await store.get_policy("app-a", "app"))["settings"] == {"enabled": False}
+    for empty in ("",):  # an empty If-Match is the empty list of ETags (RFC 9110): no version matches
+        with pytest.raises(PreconditionFailed):
+            await store.put_policy(_policy(enabled=True), if_match=empty)
+        with pytest.raises(PreconditionFailed):
+            await store.delete_policy("app-a", "app", if_match=empty)
     assert await store.delete_policy("app-a", "app", if_match=second["etag"]) is True
+
+
+async def test_large_numbers_read_back_as_json_can_write_them(store):
+    """A body's 18446744073709551616 is parsed as a float; Cosmos keeps doubles and answers that
+    one as the integer 18446744073709552000, which orjson cannot write: the log's API and export
+    failed on the record (found by the admin contract run against Cosmos)."""
+    import orjson
+
+    record = _record(prompt={"x_big": 1.8446744073709552e19, "x_small": -9.3e18, "nested": [{"n": 2.5e25}], "ok": 7})
+    await store.write_logs([record])
+    for found in (await store.get_log(record["id"]), (await store.query_logs(LogQuery(app_id="app-a")))[0]):
+        assert orjson.loads(orjson.dumps(found))["prompt"] == record["prompt"]
+        assert found["prompt"]["ok"] == 7 and isinstance(found["prompt"]["ok"], int)
 
 
 # Quota counters -------------------------------------------------------------------------

@@ -40,7 +40,38 @@ async def _first(items) -> dict[str, Any] | None:
 def _clean(doc: dict[str, Any]) -> dict[str, Any]:
     for key in _COSMOS_FIELDS:
         doc.pop(key, None)
+    _as_written(doc)
     return doc
+
+
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson writes (and reads) as an integer
+
+
+def _as_written(value: Any) -> None:
+    """Cosmos keeps numbers as doubles and answers a large one without an exponent: a field that
+    went in as 1.8446744073709552e+19 comes back as the integer 18446744073709552000, which orjson
+    cannot write (the log's API and export would fail on that record). Such integers are turned
+    back into the floats they were, in place."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            if isinstance(child, int) and not isinstance(child, bool) and not _INT_RANGE[0] <= child <= _INT_RANGE[1]:
+                item[key] = float(child)
+            elif isinstance(child, (dict, list)):
+                stack.append(child)
+
+
+def _if_match(etag: str | None) -> dict[str, Any]:
+    """The SDK's conditional-write arguments. An empty If-Match is the empty list of ETags
+    (RFC 9110): no version matches it, so the write is refused as a failed precondition (the
+    SDK itself refuses an empty ETag with a ValueError)."""
+    if etag is None:
+        return {}
+    if not etag:
+        raise PreconditionFailed("an empty If-Match matches no version")
+    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
 
 
 async def _write_versioned(container, body: dict[str, Any], if_match: str | None) -> str:
@@ -49,13 +80,14 @@ async def _write_versioned(container, body: dict[str, Any], if_match: str | None
         if if_match is None:
             item = await container.upsert_item(body)
         else:
-            item = await container.replace_item(body["id"], body, etag=if_match, match_condition=MatchConditions.IfNotModified)
+            item = await container.replace_item(body["id"], body, **_if_match(if_match))
     except (exceptions.CosmosResourceNotFoundError, exceptions.CosmosAccessConditionFailedError):
         raise PreconditionFailed(f"{body['id']} has changed") from None
     return item["_etag"]
 
 
 def _owned(item: dict[str, Any]) -> dict[str, Any]:
+    _as_written(item)
     return {**{k: v for k, v in item.items() if not k.startswith("_") and k != "expires_at"}, "etag": item.get("_etag")}
 
 
@@ -215,7 +247,7 @@ class CosmosStore(Store):
             if create_only:
                 item = await container.create_item(body)
             elif if_match is not None:
-                item = await container.replace_item(body["id"], body, etag=if_match, match_condition=MatchConditions.IfNotModified)
+                item = await container.replace_item(body["id"], body, **_if_match(if_match))
             else:
                 item = await container.upsert_item(body)
         except exceptions.CosmosResourceExistsError:
@@ -230,7 +262,7 @@ class CosmosStore(Store):
         container = self._container(POLICIES.name)
         try:
             if if_match is not None:
-                await container.delete_item(doc_id, partition_key=app_id, etag=if_match, match_condition=MatchConditions.IfNotModified)
+                await container.delete_item(doc_id, partition_key=app_id, **_if_match(if_match))
             else:
                 await container.delete_item(doc_id, partition_key=app_id)
         except exceptions.CosmosResourceNotFoundError:
@@ -352,6 +384,7 @@ class CosmosStore(Store):
         params = [{"name": "@scope", "value": scope}, {"name": "@id", "value": key}]
         item = await _first(container.query_items(query, parameters=params, partition_key=scope))
         if item is not None and item.get("expires_at", 0) > time.time():
+            _as_written(item)
             return item.get("entry")
         return None
 
