@@ -5,6 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared.guards.output_guard import GuardedChannel
+from shared.guards.normalize import NO_FOLDING, Folding, views, views_by_cluster
 from shared.guards.rules import LEAK_RULE, GuardRule, GuardSettings, matcher_for
 
 RULES = [
@@ -236,3 +237,38 @@ def test_copies_of_the_prompt_are_found_as_a_position_by_position_scan_finds_the
             i += 1
     hits = matcher_for([], "output", prompt, min_chars).find(text)
     assert [(h.start, h.end) for h in hits] == expected
+
+
+# Views of text that is not all ASCII ------------------------------------------------------------
+# ASCII with what a model's English carries (a curly apostrophe, an em dash, an accented letter),
+# combining marks (on ASCII letters too), half-width kana and their voiced mark, a Cyrillic look-alike,
+# invisible code points, CJK.
+MIXED = "ab mrn0 I.-" + "’—é\u0301ｶﾞаο\u200b\ufe0f機密ヒ"
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.text(alphabet=MIXED, max_size=40), st.sampled_from([NO_FOLDING, Folding(), Folding(kana=True, confusables=False)]))
+def test_views_of_any_text_equal_the_views_worked_out_a_cluster_at_a_time(text, folding):
+    """`views` takes string operations over ASCII runs and works out origins only when asked: it
+    must give exactly the texts and origins of the plain cluster-by-cluster walk."""
+    folded, skeleton = views(text, folding)
+    assert (folded.text, tuple(folded.origin), skeleton.text, tuple(skeleton.origin)) == views_by_cluster(text, folding)
+    fresh = views(text, folding)[1]  # a stream's tail, asked for before any origin was worked out
+    for keep in (1, 2, 5):
+        expected = skeleton.origin[-keep] if len(skeleton.origin) >= keep else None
+        assert fresh.tail_origin(keep) == expected
+
+
+MIXED_RULES = [GuardRule(id="w1", pattern="ab’a"), GuardRule(id="w2", pattern="éb"), GuardRule(id="w3", pattern="機密"),
+               GuardRule(id="w4", pattern="ｶﾞb"), GuardRule(id="r1", kind="regex", pattern=r"m{2}a")]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=MIXED, max_size=50), st.lists(st.integers(1, 5), max_size=30), st.sampled_from(["redact", "block"]))
+def test_however_a_mixed_text_stream_is_cut_no_match_reaches_the_client(text, cuts, action):
+    matcher = matcher_for(MIXED_RULES, "output", "ab’a éb 機密 and more", 6)
+    streamed, _ = _streamed(matcher, action, text, cuts)
+    if action == "block":
+        assert text.startswith(streamed) and not matcher.find(streamed)
+    else:
+        assert all(not matcher.find(run) for run in streamed.split("[x]"))

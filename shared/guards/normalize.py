@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 import importlib.util
 from pathlib import Path
+from typing import Callable
 
 import regex
 
@@ -121,14 +122,15 @@ class View:
     view character i. For ASCII skeletons the origins are worked out only when asked for (on a
     match, or to hold back a stream's tail): most texts match nothing."""
 
-    __slots__ = ("text", "_origin", "_lowered", "_table")
+    __slots__ = ("text", "_origin", "_lowered", "_table", "_build")
 
     def __init__(self, text: str, origin: "tuple[int, ...] | range | None", lowered: str | None = None,
-                 table: dict[int, str] | None = None) -> None:
+                 table: dict[int, str] | None = None, build: "Callable[[], tuple[int, ...]] | None" = None) -> None:
         self.text = text
         self._origin = origin
         self._lowered = lowered  # the ASCII text the skeleton came from, when origin is lazy
         self._table = table  # its letters that fold to something longer or different ("m" → "rn")
+        self._build = build  # other texts: works out the origins when first asked for
 
     def _width(self, char: str) -> int:
         if not (("a" <= char <= "z") or ("0" <= char <= "9")):
@@ -140,7 +142,9 @@ class View:
     @property
     def origin(self) -> "tuple[int, ...] | range":
         if self._origin is None:
-            if self._table is None:
+            if self._build is not None:
+                self._origin = self._build()
+            elif self._table is None:
                 self._origin = tuple(m.start() for m in _ASCII_ALNUM.finditer(self._lowered))
             else:
                 self._origin = tuple(i for i, char in enumerate(self._lowered) for _ in range(self._width(char)))
@@ -149,8 +153,9 @@ class View:
     def tail_origin(self, keep: int) -> int | None:
         """origin[-keep] (where the last `keep` view characters start), or None if shorter;
         for a lazy ASCII skeleton found from the end, without working out every origin."""
-        if self._origin is not None:
-            return self._origin[-keep] if len(self._origin) >= keep else None
+        if self._origin is not None or self._build is not None:
+            origin = self.origin
+            return origin[-keep] if len(origin) >= keep else None
         if len(self.text) < keep:
             return None
         seen = 0
@@ -195,6 +200,61 @@ def views(text: str, folding: Folding = NO_FOLDING) -> tuple[View, View]:
                 return View(lowered, range(len(lowered))), View(folded_skeleton, None, lowered, table)
         skeleton_positions = range(len(lowered)) if len(skeleton_text) == len(lowered) else None
         return View(lowered, range(len(lowered))), View(skeleton_text, skeleton_positions, lowered)
+    # Any other text: both views' texts with string operations on its ASCII runs (a model's English
+    # with a curly apostrophe or an em dash is still mostly ASCII) and a cluster at a time
+    # elsewhere; the origins only when asked for (a match, a stream's tail), worked out then one
+    # cluster at a time: most texts match nothing.
+    table = _ascii_table(folding)
+    folded_parts: list[str] = []
+    skeleton_parts: list[str] = []
+    position = 0
+    for run in _ASCII_RUN.finditer(text):
+        start, end = run.span()
+        if end < len(text) and (unicodedata.combining(text[end]) or text[end] in COMBINING_EXTRA):
+            end -= 1  # that ASCII character carries the combining mark after it: one cluster with it
+        if position < start:
+            for _, cluster in _clusters(text[position:start]):
+                folded_parts.append(_fold(cluster))
+                skeleton_parts.append(_skeleton_of_cluster(cluster, folding))
+        if start < end:
+            lowered = text[start:end].lower()
+            folded_parts.append(lowered)
+            skeleton = _ASCII_NOT_ALNUM.sub("", lowered)
+            skeleton_parts.append(skeleton.translate(table) if table is not None else skeleton)
+        position = max(position, end)
+    for _, cluster in _clusters(text[position:]):
+        folded_parts.append(_fold(cluster))
+        skeleton_parts.append(_skeleton_of_cluster(cluster, folding))
+    origins = _LazyOrigins(text, folding)
+    return View("".join(folded_parts), None, build=origins.folded), View("".join(skeleton_parts), None, build=origins.skeleton)
+
+
+_ASCII_RUN = re.compile(r"[\x00-\x7f]+")
+
+
+class _LazyOrigins:
+    """Both views' origins, worked out together the first time either is asked for."""
+
+    __slots__ = ("_text", "_folding", "_done")
+
+    def __init__(self, text: str, folding: Folding) -> None:
+        self._text, self._folding, self._done = text, folding, None
+
+    def _views(self):
+        if self._done is None:
+            self._done = views_by_cluster(self._text, self._folding)
+        return self._done
+
+    def folded(self) -> tuple[int, ...]:
+        return self._views()[1]
+
+    def skeleton(self) -> tuple[int, ...]:
+        return self._views()[3]
+
+
+def views_by_cluster(text: str, folding: Folding = NO_FOLDING) -> tuple[str, tuple[int, ...], str, tuple[int, ...]]:
+    """(folded text, its origins, skeleton text, its origins), one character cluster at a time with
+    no shortcut: what `views` must always equal (tests/test_guard_matching.py checks it)."""
     folded_chars: list[str] = []
     folded_origin: list[int] = []
     skeleton_chars: list[str] = []
@@ -206,7 +266,7 @@ def views(text: str, folding: Folding = NO_FOLDING) -> tuple[View, View]:
         for char in _skeleton_of_cluster(cluster, folding):
             skeleton_chars.append(char)
             skeleton_origin.append(start)
-    return View("".join(folded_chars), tuple(folded_origin)), View("".join(skeleton_chars), tuple(skeleton_origin))
+    return "".join(folded_chars), tuple(folded_origin), "".join(skeleton_chars), tuple(skeleton_origin)
 
 
 def skeleton(text: str, folding: Folding = NO_FOLDING) -> str:
