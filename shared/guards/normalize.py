@@ -119,8 +119,8 @@ def _ascii_table(folding: Folding) -> dict[int, str] | None:
 
 class View:
     """A normalised view of a text: `text`, and `origin[i]` = the index in the original text of
-    view character i. For ASCII skeletons the origins are worked out only when asked for (on a
-    match, or to hold back a stream's tail): most texts match nothing."""
+    view character i. Except for an ASCII text's folded view, the origins are worked out only when
+    asked for (on a match, or to hold back a stream's tail): most texts match nothing."""
 
     __slots__ = ("text", "_origin", "_lowered", "_table", "_build")
 
