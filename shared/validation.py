@@ -277,9 +277,7 @@ class RequestStreamUsage(Stage):
     async def before(self, ctx: RequestContext) -> None:
         if not ctx.stream or not ctx.route.operation.stream_usage_option:
             return
-        options = ctx.body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise errors.invalid_request("'stream_options' must be an object.", "stream_options")
+        options = ctx.body.get("stream_options")  # an object or absent: check_body saw to it
         ctx.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         upstream_version = (ctx.api_version or self._default_api_version) if ctx.route.style is Style.AZURE else None
         if ctx.client_wants_usage or not api_versions.accepts(upstream_version, "stream_options"):

@@ -27,7 +27,7 @@ from .servers import COSMOS_KEY, start_local_host, stop
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def _schemathesis(host_url: str, token: str, *selection: str, examples: int, workers: int = 1) -> subprocess.CompletedProcess:
+def _schemathesis(host_url: str, token: str, *selection: str, examples: int, workers: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
          "run", str(ROOT / "docs" / "openapi.json"), "--url", host_url, "--header", f"Authorization: Bearer {token}",
@@ -57,7 +57,7 @@ async def test_admin_routes_hold_to_the_openapi_document(store, request, simulat
     host = start_local_host(_gateway_env(simulator, **_throwaway_store(store, request, tmp_path_factory)), data_dir)
     try:
         await _put_app(host.url, admin_token, "0", {"name": "contract"})  # an app for the generated ids to find
-        run = await _schemathesis(host.url, admin_token, "--include-tag", "admin",
+        run = _schemathesis(host.url, admin_token, "--include-tag", "admin",
                                   "--exclude-path-regex", "login|/sekisho/admin$", examples=20)
     finally:
         stop(host.process)
@@ -65,16 +65,15 @@ async def test_admin_routes_hold_to_the_openapi_document(store, request, simulat
 
 
 @pytest.mark.timeout(600)
-async def test_app_routes_hold_to_the_openapi_document(simulator, tmp_path_factory, data_dir, admin_token, token):
-    store = tmp_path_factory.mktemp("contract") / "throwaway.db"
-    host = start_local_host(_gateway_env(simulator, SEKISHO_SQLITE_PATH=str(store)), data_dir)
+async def test_app_routes_hold_to_the_openapi_document(request, simulator, tmp_path_factory, data_dir, admin_token, token):
+    host = start_local_host(_gateway_env(simulator, **_throwaway_store("sqlite", request, tmp_path_factory)), data_dir)
     try:
         # Every deployment allowed, so that generated requests reach the simulator (half of the
         # deployment names are drawn from the ones it serves: tests/schemathesis.toml).
         await _put_app(host.url, admin_token, TEST_APP_ID, {"name": "contract", "settings": {"allowed_deployments": ["*"]}})
         # Four workers: most of the run waits, not works (an id the app does not own is looked up
         # again for a second, in case another instance recorded it a moment ago: 404 after that).
-        run = await _schemathesis(host.url, token, "--exclude-tag", "admin", examples=10, workers=4)
+        run = _schemathesis(host.url, token, "--exclude-tag", "admin", examples=10, workers=4)
     finally:
         stop(host.process)
     assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-2000:]

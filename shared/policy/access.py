@@ -107,24 +107,19 @@ class PolicyResolver:
 
 
 def _claimed_user(ctx: RequestContext) -> str | None:
+    """The end user the request names (the header wins over the body's `user`), whoever is then
+    trusted to name one. A name longer than a user id may be is refused, never cut: two users whose
+    names share their first 128 characters would otherwise share one user's limits and log."""
     header = ctx.http.headers.get(USER_HEADER)
+    body_user = ctx.body.get("user") if isinstance(ctx.body, dict) else None
+    for value, param in ((header, USER_HEADER), (body_user, "user")):
+        if isinstance(value, str) and len(value.strip()) > _MAX_USER_ID:
+            raise errors.invalid_request(f"'{param}' is longer than {_MAX_USER_ID} characters.", param)
     if header:
         return header.strip() or None
-    body_user = ctx.body.get("user") if isinstance(ctx.body, dict) else None
     if isinstance(body_user, str) and body_user.strip():
         return body_user.strip()
     return None
-
-
-def check_claimed_user(ctx: RequestContext) -> None:
-    """A user named longer than a user id may be is refused, never cut: two users whose names
-    share their first 128 characters would otherwise share one user's limits and log."""
-    header = ctx.http.headers.get(USER_HEADER)
-    if header is not None and len(header.strip()) > _MAX_USER_ID:
-        raise errors.invalid_request(f"{USER_HEADER} is longer than {_MAX_USER_ID} characters.", USER_HEADER)
-    body_user = ctx.body.get("user") if isinstance(ctx.body, dict) else None
-    if isinstance(body_user, str) and len(body_user.strip()) > _MAX_USER_ID:
-        raise errors.invalid_request(f"'user' is longer than {_MAX_USER_ID} characters.", "user")
 
 
 class ApplyPolicy(Stage):
@@ -138,7 +133,7 @@ class ApplyPolicy(Stage):
 
     async def before(self, ctx: RequestContext) -> None:
         identity = ctx.identity
-        check_claimed_user(ctx)
+        claimed = _claimed_user(ctx)  # checked whatever the identity, used only for app-only tokens
         defaults, app = await self._resolver.app_layers(identity.app_id)
         app_level = self._resolver.app_settings(defaults, app)
         ctx.app_name = app.name if app else None
@@ -147,14 +142,12 @@ class ApplyPolicy(Stage):
             user_id = key.user  # a key for one end user
         elif identity.delegated:
             user_id = identity.user_oid
+        elif claimed and app_level["trust_user_header"]:
+            user_id = claimed
         else:
-            claimed = _claimed_user(ctx)
-            if claimed and app_level["trust_user_header"]:
-                user_id = claimed
-            else:
-                if claimed:
-                    ctx.claimed_user_ignored = True  # the app is not trusted to name users
-                user_id = identity.app_id
+            if claimed:
+                ctx.claimed_user_ignored = True  # the app is not trusted to name users
+            user_id = identity.app_id
         ctx.user_id = user_id
         policy = await self._resolver.resolve(identity.app_id, user_id)
         ctx.policy = policy

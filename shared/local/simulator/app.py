@@ -484,7 +484,8 @@ class Simulator:
                 return self._invalid_type(f"input[{index}]", "an input item", item)
         return await self._responses_answer(request, deployment, body, controls, request_id)
 
-    def _invalid_type(self, param: str, expected: str, value: Any) -> web.Response:
+    @staticmethod
+    def _invalid_type(param: str, expected: str, value: Any) -> web.Response:
         names = {list: "an array", dict: "an object", str: "a string", bool: "a boolean", int: "an integer", float: "a decimal number"}
         got = "null" if value is None else names.get(type(value), type(value).__name__)
         return web.json_response({"error": {"message": f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
