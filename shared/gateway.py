@@ -52,7 +52,7 @@ from .settings import Settings
 from .store import Store, open_store
 from .upstream.backends import BackendPool, Circuit
 from .upstream.client import UpstreamClient
-from .upstream.relay_response import RelayResponse
+from .upstream.relay_response import AnswerResponse, RelayResponse
 from .validation import RequestStreamUsage, ValidateRequest
 
 logger = logging.getLogger("sekisho.gateway")
@@ -60,6 +60,8 @@ logger = logging.getLogger("sekisho.gateway")
 REQUEST_ID_HEADER = "x-sekisho-request-id"
 _PROPERTY_PREFIX_BYTES = b"x-sekisho-property-"
 _MAX_PROPERTIES = 20
+# How long an answer's finishing work waits for the answer to go out before it runs anyway.
+_UNSENT_ANSWER_GRACE_SECONDS = 1.0
 
 
 class Gateway:
@@ -265,7 +267,8 @@ class Gateway:
             ctx.status = 200
             headers = {**result.headers, **ctx.response_headers}
             media_type = headers.pop("content-type", "text/event-stream")
-            return RelayResponse(self._stream(ctx, result), status_code=200, headers=headers, media_type=media_type)
+            sent = asyncio.get_running_loop().create_future()
+            return RelayResponse(self._stream(ctx, result, sent), status_code=200, headers=headers, media_type=media_type, sent=sent)
         ctx.status = result.status
         ctx.finished_at = ctx.first_byte_at = time.perf_counter()
         # The quota stage prices the answer for its header; the other stages' finishing work
@@ -276,18 +279,29 @@ class Gateway:
             await self._finish_stage(stage, ctx)
         headers = {**result.headers, **ctx.response_headers}
         media_type = headers.pop("content-type", None)
-        response = Response(content=result.body, status_code=result.status, headers=headers, media_type=media_type)
-        self._finish_soon(ctx, done=done)
+        sent = asyncio.get_running_loop().create_future()
+        response = AnswerResponse(content=result.body, status_code=result.status, headers=headers, media_type=media_type, sent=sent)
+        self._finish_once_sent(ctx, sent, done=done)
         return response
 
-    def _finish_soon(self, ctx: RequestContext, done: tuple[Stage, ...]) -> None:
-        """Finish the request in a task of its own: it runs as soon as the handler has handed
-        its response over. Tracked, so that shutdown waits for it (aclose)."""
-        task = asyncio.get_running_loop().create_task(self._finish(ctx, done=done))
+    def _finish_once_sent(self, ctx: RequestContext, sent: asyncio.Future, done: tuple[Stage, ...] = ()) -> None:
+        """Finish the request in a task of its own, once its answer has gone out (see
+        upstream/relay_response.py), or after a grace period if the answer is never sent (the
+        worker's web server gave up on it): finished either way. Tracked, so that shutdown
+        waits for it (aclose)."""
+        task = asyncio.get_running_loop().create_task(self._finish_after(ctx, sent, done))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _stream(self, ctx: RequestContext, result: UpstreamResult) -> AsyncIterator[bytes]:
+    async def _finish_after(self, ctx: RequestContext, sent: asyncio.Future, done: tuple[Stage, ...]) -> None:
+        if not sent.done():
+            try:
+                await asyncio.wait_for(sent, _UNSENT_ANSWER_GRACE_SECONDS)
+            except TimeoutError:
+                pass
+        await self._finish(ctx, done=done)
+
+    async def _stream(self, ctx: RequestContext, result: UpstreamResult, sent: asyncio.Future) -> AsyncIterator[bytes]:
         try:
             async for event in result.events:
                 if ctx.first_byte_at is None:
@@ -302,7 +316,7 @@ class Gateway:
             if ctx.stream_summary is not None and ctx.stream_summary.error and ctx.status == 200:
                 ctx.status = 502
             await sse.close(result.events)  # releases the upstream connection at once
-            await asyncio.shield(self._finish(ctx))
+            self._finish_once_sent(ctx, sent)  # after the body's closing chunk, not before it
 
     # Async jobs: the lifecycle lives in jobs/runner.py; these start the gateway and hand over.
     async def job_status(self, request: Request, job_id: str) -> Response:
