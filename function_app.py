@@ -1,8 +1,9 @@
 """Sekisho's Azure Functions app (Python v2 programming model).
 
 Every HTTP function is thin: it hands the request to the gateway package (`shared/`). HTTP
-streaming is on (azurefunctions-extensions-http-fastapi), so all HTTP functions take and return
-the FastAPI (Starlette) types. The local host (`python -m shared.local.host`) runs this module
+streaming is on, through the app's own web extension for the worker runtime
+(shared/http_streaming.py: a plain ASGI app in place of FastAPI's), so all HTTP functions take
+and return Starlette's types. The local host (`python -m shared.local.host`) runs this module
 through the Python worker runtime, as Azure does, and serves exactly the functions it indexes.
 
 Two rules of the Functions host shape the routes: a route may not start with `admin` or
@@ -18,9 +19,9 @@ settles batches and background responses that ended without the app polling them
 """
 import azure.durable_functions as df
 import azure.functions as func
-from azurefunctions.extensions.http.fastapi import Request, Response
 
 from shared.gateway import Gateway
+from shared.http_streaming import Request, Response
 from shared.jobs.documents import JOB_ROUTE
 from shared.jobs.orchestration import ATTEMPT_ACTIVITY, GIVE_UP_ACTIVITY, ORCHESTRATOR, START_QUEUE, decode, encode, orchestrate_job
 from shared.routes import ADMIN_PREFIX, HEALTH_ROUTE, ROUTES_BY_FUNCTION

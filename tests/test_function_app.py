@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from azurefunctions.extensions.http.fastapi import Request
+from starlette.requests import Request
 
 import function_app
 from shared.local.host.functions_host import RouteMatcher, registered_functions, route_table
@@ -145,7 +145,7 @@ def test_registered_functions_routes_and_methods():
         assert trigger["authLevel"] == "ANONYMOUS"  # the gateway authenticates callers itself
         assert {"direction": "OUT", "type": "http", "name": "$return"} in bindings
         assert inspect.iscoroutinefunction(handler)
-        # HTTP streaming is app-wide: every handler takes the extension's (FastAPI) Request.
+        # HTTP streaming is app-wide: every handler takes Starlette's Request (shared/http_streaming.py).
         (parameter,) = inspect.signature(handler).parameters.values()
         assert parameter.name == trigger["name"] == "req"
         assert parameter.annotation is Request
@@ -224,7 +224,9 @@ def test_requirements_are_pinned():
             assert "==" in line, f"unpinned requirement: {line}"
     names = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
     assert {"azure-functions", "azure-functions-durable", "azure-cosmos", "azure-identity", "azure-keyvault-secrets",
-            "openai", "tenacity", "azurefunctions-extensions-http-fastapi"} <= names
+            "openai", "tenacity", "azurefunctions-extensions-base", "uvicorn"} <= names
+    # One web extension only (the runtime refuses two): the app's own, shared/http_streaming.py.
+    assert "azurefunctions-extensions-http-fastapi" not in names and "fastapi" not in names
 
 
 def test_the_local_host_indexes_through_the_python_worker_runtimes_loader():

@@ -21,7 +21,8 @@ from .servers import ROOT, free_port, stop, wait_for_port
 APP = '''
 import asyncio, json, os
 import azure.functions as func
-from azurefunctions.extensions.http.fastapi import JSONResponse, Request, StreamingResponse
+from starlette.responses import JSONResponse
+from shared.http_streaming import Request, StreamingResponse
 
 if os.environ.get("TINY_APP_CORRECTED") == "1":
     from shared.worker_runtime import correct_http_streaming
@@ -157,6 +158,8 @@ async def test_a_function_that_raises_answers_500(tiny_host):
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/api/broken") as answer:
             assert answer.status == 500
+            assert (await answer.json())["error"]["code"] == "server_error"  # OpenAI-shaped, no traceback
+            assert "the function failed" not in await answer.text()
         async with session.get(f"{url}/api/items/1") as answer:  # the worker carries on
             assert answer.status == 200
 
@@ -215,10 +218,11 @@ async def test_the_runtime_keeps_a_record_per_call_unless_corrected(uncorrected_
     assert after <= before + 1 and after <= 2  # shared/worker_runtime.py: dropped once the response is taken
 
 
-async def test_a_line_break_in_the_path_reaches_the_function_only_when_corrected(uncorrected_host, tiny_host):
+async def test_a_line_break_in_the_path_reaches_the_function(uncorrected_host, tiny_host):
+    # Microsoft's FastAPI extension answered such a path with its own 404 (its catch-all route's
+    # pattern stops at a line break) and the invocation waited for a request that never came.
+    # The app's web extension has no route pattern, with or without the runtime's correction.
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{uncorrected_host}/api/items/a%0Ab") as answer:
-            # The runtime's own catch-all route does not match: FastAPI answers, the function never runs.
-            assert answer.status == 404 and await answer.json() == {"detail": "Not Found"}
-        async with session.get(f"{tiny_host[0]}/api/items/a%0Ab") as answer:
-            assert answer.status == 200 and (await answer.json())["item"] == "a\nb"
+        for url in (uncorrected_host, tiny_host[0]):
+            async with session.get(f"{url}/api/items/a%0Ab") as answer:
+                assert answer.status == 200 and (await answer.json())["item"] == "a\nb"
