@@ -314,6 +314,8 @@ class Measurement:
     first_event: list[float] = field(default_factory=list)  # paced streams: ms to the first SSE event
     first_content: list[float] = field(default_factory=list)  # ... to the first event carrying answer text
     stream_end: list[float] = field(default_factory=list)  # ... to the end of the stream
+    answered: list[tuple[str, float]] = field(default_factory=list)  # Sekisho, c=1: (request id, ms)
+    split: dict[str, float] = field(default_factory=dict)  # Sekisho, c=1: inside_the_function()
 
 
 # Servers -----------------------------------------------------------------------------------------
@@ -401,8 +403,9 @@ def start_litellm(work: Path, upstream: str) -> tuple[subprocess.Popen, str]:
 
 
 # Load --------------------------------------------------------------------------------------------
-async def sequential(target: Target, tags: list[str], stream: bool) -> list[float]:
-    """ms per request at concurrency 1 (keep-alive); for a stream, until its first SSE event."""
+async def sequential(target: Target, tags: list[str], stream: bool, answered: list | None = None) -> list[float]:
+    """ms per request at concurrency 1 (keep-alive); for a stream, until its first SSE event.
+    `answered`, if given, collects (request id, ms) for answers that carry Sekisho's request id."""
     timings = []
     headers = {**target.headers, "Content-Type": "application/json"}
     async with aiohttp.ClientSession(headers=headers) as session:
@@ -417,6 +420,8 @@ async def sequential(target: Target, tags: list[str], stream: bool) -> list[floa
                 else:
                     await response.read()
                     timings.append((time.perf_counter() - start) * 1000)
+                    if answered is not None and "x-sekisho-request-id" in response.headers:
+                        answered.append((response.headers["x-sekisho-request-id"], timings[-1]))
                 if response.status != 200:
                     raise RuntimeError(f"{target.key}: HTTP {response.status}: {(await response.text())[:300]}")
     return timings
@@ -577,6 +582,32 @@ async def check_sekisho_pipeline(target: Target) -> str:
     return ", ".join(f"{k}: {v}" for k, v in seen.items())
 
 
+def inside_the_function(db: Path, answered: list[tuple[str, float]]) -> dict[str, float]:
+    """Where a c=1 request's time went, from the request log of the same requests: inside the
+    function (the gateway's handler, from the log's `latency_ms`), of which the upstream call
+    (`upstream_latency_ms`), and the rest of what the client saw (the host's routing and
+    forwarding, the worker runtime's pairing and web server, the loopback hops), request by request."""
+    if not answered or not db.exists():
+        return {}
+    wanted = dict(answered)
+    inside, upstream, outside = [], [], []
+    with sqlite3.connect(db) as conn:
+        ids = list(wanted)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for request_id, doc in conn.execute(f"SELECT id, doc FROM request_logs WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                record = json.loads(doc)
+                if record.get("latency_ms") is None:
+                    continue
+                inside.append(record["latency_ms"])
+                upstream.append(record.get("upstream_latency_ms") or 0.0)
+                outside.append(wanted[request_id] - record["latency_ms"])
+    if not inside:
+        return {}
+    return {"inside_p50_ms": percentile(inside, 50), "upstream_p50_ms": percentile(upstream, 50),
+            "outside_p50_ms": percentile(outside, 50), "records": len(inside)}
+
+
 def count_rows(db: Path) -> dict[str, int]:
     with sqlite3.connect(db) as conn:
         return {table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("request_logs", "response_cache", "quota_counters")}
@@ -659,6 +690,9 @@ def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, l
         "added first content token p50 vs direct (ms)": lambda r: _added(r, d, "first_content_p50_ms"),
         "added first content token p99 vs direct (ms)": lambda r: _added(r, d, "first_content_p99_ms"),
         "added end of stream p50 vs direct (ms)": lambda r: _added(r, d, "stream_end_p50_ms"),
+        "c=1 p50 inside the function (the gateway's handler, ms)": lambda r: fmt((r.get("c1_split") or {}).get("inside_p50_ms")),
+        "… of which the upstream call (ms)": lambda r: fmt((r.get("c1_split") or {}).get("upstream_p50_ms")),
+        "c=1 p50 outside the function (host, runtime, hops; ms)": lambda r: fmt((r.get("c1_split") or {}).get("outside_p50_ms")),
         "throughput, c=64 (req/s)": lambda r: fmt(r["rps"], 0),
         "latency p50 / p99 / max at c=64 (ms)": lambda r: " / ".join(fmt(r["rps_latency_ms"].get(q), 1) for q in ("p50", "p99", "max")),
         "server CPU per request (ms)": lambda r: fmt(r["cpu_ms_per_request"], 3),
@@ -812,7 +846,8 @@ async def main() -> None:
         for r in range(rounds):
             for key in order:
                 n = args.requests // rounds
-                results[key].latency += await sequential(targets[key], [f"{run_id}-{key}-{r}-{i}" for i in range(n)], stream=False)
+                results[key].latency += await sequential(targets[key], [f"{run_id}-{key}-{r}-{i}" for i in range(n)], stream=False,
+                                                         answered=results[key].answered)
                 results[key].ttfb += await sequential(targets[key], [f"{run_id}-{key}-s{r}-{i}" for i in range(n // 2)], stream=True)
             print(f"c=1 round {r + 1}/{rounds} done", flush=True)
         paced = [key for key in order if key != "litellm"]  # the pacing travels in the body's x_sim, which LiteLLM drops
@@ -854,6 +889,9 @@ async def main() -> None:
         for process in reversed(processes):
             stop(process)
 
+    for key, m in results.items():
+        if key.startswith("sekisho"):
+            m.split = inside_the_function(work / f"{key}.db", m.answered)
     if "sekisho" in targets and (work / "sekisho.db").exists():
         rows = count_rows(work / "sekisho.db")
         notes.append(f"Sekisho (full) wrote {rows['request_logs']:,} log records and {rows['response_cache']:,} cache entries "
@@ -883,6 +921,7 @@ async def main() -> None:
             "upstream_cpu_ms_per_request": m.upstream_cpu_ms_per_request,
             "peak_rss_mb": m.peak_rss_mb, "foreign_cores_c64": m.foreign_cores, "busy_after_load_s": m.busy_after_load_s,
             "rss_idle_mb": m.rss_idle_mb, "rss_after_burst_mb": m.rss_after_burst_mb,
+            "c1_split": m.split,
         }
         for name, values in (("first_event", m.first_event), ("first_content", m.first_content), ("stream_end", m.stream_end)):
             if values:

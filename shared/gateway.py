@@ -52,7 +52,7 @@ from .settings import Settings
 from .store import Store, open_store
 from .upstream.backends import BackendPool, Circuit
 from .upstream.client import UpstreamClient
-from .upstream.relay_response import AnswerResponse, RelayResponse
+from .upstream.relay_response import AnswerResponse, RelayResponse, mark_sent
 from .validation import RequestStreamUsage, ValidateRequest
 
 logger = logging.getLogger("sekisho.gateway")
@@ -295,10 +295,12 @@ class Gateway:
 
     async def _finish_after(self, ctx: RequestContext, sent: asyncio.Future, done: tuple[Stage, ...]) -> None:
         if not sent.done():
+            # A timer that resolves `sent` rather than asyncio.wait_for: no timeout context per request.
+            grace = asyncio.get_running_loop().call_later(_UNSENT_ANSWER_GRACE_SECONDS, mark_sent, sent)
             try:
-                await asyncio.wait_for(sent, _UNSENT_ANSWER_GRACE_SECONDS)
-            except TimeoutError:
-                pass
+                await sent
+            finally:
+                grace.cancel()
         await self._finish(ctx, done=done)
 
     async def _stream(self, ctx: RequestContext, result: UpstreamResult, sent: asyncio.Future) -> AsyncIterator[bytes]:

@@ -27,7 +27,7 @@ import asyncio
 from starlette.responses import Response, StreamingResponse
 
 
-def _mark_sent(sent: asyncio.Future | None) -> None:
+def mark_sent(sent: asyncio.Future | None) -> None:
     if sent is not None and not sent.done():
         sent.set_result(None)
 
@@ -43,7 +43,7 @@ class AnswerResponse(Response):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            _mark_sent(self.sent)
+            mark_sent(self.sent)
 
 
 class RelayResponse(StreamingResponse):
@@ -58,7 +58,7 @@ class RelayResponse(StreamingResponse):
         try:
             await self._relay(scope, receive, send)
         finally:
-            _mark_sent(self.sent)
+            mark_sent(self.sent)
 
     async def _relay(self, scope, receive, send) -> None:
         spec_version = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))

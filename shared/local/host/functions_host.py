@@ -28,10 +28,11 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 import azure.functions as func
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from ...errors import error_body
 from ...routes import compile_template
+from ...upstream.relay_response import RelayResponse
 from .durable_runtime import DURABLE_API
 from .language_worker import INVOCATION_ID_HEADER, FunctionEntry, LanguageWorker
 
@@ -41,6 +42,7 @@ LOCAL_QUEUES = "/admin/queues/"  # the local host's stand-in for Storage queues:
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"proxy-connection", b"host"})
 _NOT_PASSED_BACK = _HOP_BY_HOP | {b"date", b"server"}  # the host's own server sets these
+_WHOLE_BODY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class FunctionsAsgiApp:
         try:
             upstream = await self._session.request(
                 scope["method"], self.worker.http_uri + path_and_query, headers=headers,
-                data=_request_body(receive) if _has_body(scope) else None, allow_redirects=False,
+                data=await _forwarded_body(receive) if _has_body(scope) else None, allow_redirects=False,
             )
         except Exception:
             invocation.cancel()  # it waits for a request that will not come
@@ -202,8 +204,14 @@ class FunctionsAsgiApp:
             await Response(body, status_code=502, media_type="application/json")(scope, receive, send)
             return
         try:
-            response = StreamingResponse(upstream.content.iter_any(), status_code=upstream.status)
-            response.raw_headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
+            passed_back = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
+            if upstream.content_length is not None and upstream.content_length <= _WHOLE_BODY_BYTES:
+                # A whole answer of known length goes back in one piece; a stream (or a large
+                # body) as it arrives, ended if the client leaves.
+                response = Response(await upstream.read(), status_code=upstream.status)
+            else:
+                response = RelayResponse(upstream.content.iter_any(), status_code=upstream.status)
+            response.raw_headers = passed_back
             await response(scope, receive, send)
         finally:
             upstream.release()
@@ -334,6 +342,25 @@ def _from_loopback(scope) -> bool:
 
 def _has_body(scope) -> bool:
     return any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+
+
+async def _forwarded_body(receive):
+    """The request body to forward: the bytes, when they came in one message (then the worker's
+    server gets them with their length, in one write), or else passed on as they arrive."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return b""
+    first = message.get("body", b"")
+    if not message.get("more_body", False):
+        return first
+
+    async def rest():
+        if first:
+            yield first
+        async for chunk in _request_body(receive):
+            yield chunk
+
+    return rest()
 
 
 async def _request_body(receive):
