@@ -101,6 +101,7 @@ LABELS = {
     "direct": "direct",
     "bare": "bare aiohttp",
     "sekisho": "Sekisho (full)",
+    "sekisho-baseline": "Sekisho (full, baseline)",
     "sekisho-min": "Sekisho (token+policy+log)",
     "sekisho-quota": "Sekisho (min + quota)",
     "sekisho-cache": "Sekisho (min + cache)",
@@ -339,15 +340,17 @@ def start_bare_proxy(work: Path, upstream: str) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_sekisho(work: Path, upstream: str, db: Path, name: str = "sekisho") -> tuple[subprocess.Popen, str]:
-    """The local host on SQLite `db` (apps registered there), trusting the local issuer in `work`."""
+def start_sekisho(work: Path, upstream: str, db: Path, name: str = "sekisho", checkout: Path = ROOT,
+                  python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+    """The local host on SQLite `db` (apps registered there), trusting the local issuer in `work`;
+    served from `checkout` (another one: the baseline of a before/after run) with `python`."""
     port = free_port()
     log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     env.update({"AZURE_OPENAI_ENDPOINT": upstream, "AZURE_OPENAI_API_KEY": SIMULATOR_KEY, "SEKISHO_SQLITE_PATH": str(db),
                 "SEKISHO_CONTENT_SAFETY_ENDPOINT": upstream, "SEKISHO_CONTENT_SAFETY_API_KEY": SIMULATOR_KEY})
-    process = spawn([sys.executable, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed",
-                     "--data-dir", str(work)], log, env=env)
+    process = spawn([python, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed",
+                     "--data-dir", str(work)], log, env=env, cwd=checkout)
     wait_for_port(port, process, 60, log)
     return process, f"http://127.0.0.1:{port}"
 
@@ -773,6 +776,9 @@ async def main() -> None:
     parser.add_argument("--paced-streams", type=int, default=90, help="streams paced like a model per target (first content token)")
     parser.add_argument("--cold-start-python", action="append", default=[], metavar="PYTHON",
                         help="also measure cold start with this interpreter (its environment must have requirements.txt installed); repeatable")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also serve the full pipeline from another checkout (say, a git worktree of an earlier commit, "
+                             "with its own .venv): a 'baseline' column, for before/after figures from one run on a noisy machine")
     parser.add_argument("--pin", action="store_true",
                         help="pin every proxy to core 0 and the simulator and load generator to core 1 (needs 2 cores)")
     args = parser.parse_args()
@@ -811,6 +817,16 @@ async def main() -> None:
             processes.append(server)
             token = issuer.mint(SEKISHO_APPS[key][0], lifetime_seconds=3600)
             targets[key] = Target(key, server_url + AZURE_CHAT_PATH, {"Authorization": f"Bearer {token}"}, server)
+        if args.baseline is not None:
+            checkout = args.baseline.resolve()
+            db = work / "sekisho-baseline.db"
+            await register_apps(str(db))
+            server, server_url = start_sekisho(work, sim_url, db, "sekisho-baseline", checkout, str(checkout / ".venv" / "bin" / "python"))
+            processes.append(server)
+            token = issuer.mint(SEKISHO_APPS["sekisho"][0], lifetime_seconds=3600)
+            targets["sekisho-baseline"] = Target("sekisho-baseline", server_url + AZURE_CHAT_PATH, {"Authorization": f"Bearer {token}"}, server)
+            commit = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
+            notes.append(f"Baseline: the full pipeline served from {checkout} ({commit[:100] or 'not a git checkout'}).")
         if args.no_litellm:
             notes.append("LiteLLM left out (--no-litellm).")
         else:
