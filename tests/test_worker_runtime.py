@@ -191,6 +191,73 @@ def test_the_messages_carry_what_the_runtime_reads():
     assert message.WhichOneof("content") == "invocation_request"
 
 
+async def test_the_invocation_message_goes_before_the_forwarded_request():
+    """As the Functions host does: the invocation message is written before the HTTP request is
+    forwarded, so the worker has it in hand (and unpacks it) while the request is on its way,
+    instead of the request waiting for it."""
+    from aiohttp import web
+
+    from shared.local.host.functions_host import FunctionsAsgiApp, RouteMatcher, route_table
+
+    order: list[str] = []
+
+    class Worker:  # the host's side of the worker channel, as far as the order goes
+        http_uri = None
+
+        def http_input(self, *args):
+            return protos.TypedData(string="")
+
+        def send_invocation(self, function, inputs, trigger_metadata=None, invocation_id=None):
+            order.append("invocation message")
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        async def invoke(self, function, inputs, trigger_metadata=None, invocation_id=None):
+            return await self.send_invocation(function, inputs, trigger_metadata, invocation_id)
+
+    class Forwarder:  # the host's HTTP client to the worker's web server, noting when it is used
+        def __init__(self) -> None:
+            self.session = aiohttp.ClientSession()
+
+        def request(self, *args, **kwargs):
+            order.append("http request")
+            return self.session.request(*args, **kwargs)
+
+    async def web_server(request):
+        return web.Response(text="ok")
+
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_route("*", "/{tail:.*}", web_server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    worker = Worker()
+    worker.http_uri = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    host = FunctionsAsgiApp(worker)
+    entry = FunctionEntry("item", "id-1", ({"type": "httpTrigger", "name": "req", "route": "items/{id}", "methods": ["POST"]},))
+    host.routes = RouteMatcher(route_table([entry], "api"))
+    host._session = forwarder = Forwarder()
+    sent: list[dict] = []
+    body = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive():
+        return body.pop(0) if body else await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/items/7", "raw_path": b"/api/items/7", "query_string": b"",
+             "headers": [(b"host", b"h"), (b"content-length", b"2")], "scheme": "http", "client": ("127.0.0.1", 1)}
+    try:
+        await host(scope, receive, send)
+    finally:
+        await forwarder.session.close()
+        await runner.cleanup()
+    assert sent[0]["status"] == 200 and sent[-1]["body"] == b"ok"
+    assert order == ["invocation message", "http request"]
+
+
 async def test_the_durable_api_is_the_hosts_and_only_from_this_machine(tiny_host):
     url = tiny_host[0]
     # The tiny app has no orchestrations: the extension's API is not there.

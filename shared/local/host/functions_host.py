@@ -34,7 +34,7 @@ from ...errors import error_body
 from ...routes import compile_template
 from ...upstream.relay_response import RelayResponse
 from .durable_runtime import DURABLE_API
-from .language_worker import INVOCATION_ID_HEADER, FunctionEntry, LanguageWorker
+from .language_worker import INVOCATION_ID_HEADER, FunctionEntry, LanguageWorker, WorkerError
 
 logger = logging.getLogger("sekisho.localhost")
 _ADMIN_FUNCTIONS = "/admin/functions/"  # the Functions host's own API (no function may use an admin route)
@@ -191,7 +191,14 @@ class FunctionsAsgiApp:
         headers.append((INVOCATION_ID_HEADER, invocation_id))
         own = f"{scope.get('scheme', 'http')}://{first_values.get('host', 'localhost')}"  # the URL the client asked for
         http = self.worker.http_input(scope["method"], own + path_and_query, first_values, params, dict(parse_qsl(query)))
-        invocation = asyncio.create_task(self.worker.invoke(function.entry, {function.trigger_name: http}, invocation_id=invocation_id))
+        try:
+            # The invocation message goes first, then the request itself (as the host does).
+            invocation = asyncio.ensure_future(self.worker.send_invocation(function.entry, {function.trigger_name: http}, invocation_id=invocation_id))
+        except WorkerError:
+            logger.exception("invoking %s failed", function.name)
+            body = error_body("The function host could not reach the worker.", "server_error", "server_error")
+            await Response(body, status_code=502, media_type="application/json")(scope, receive, send)
+            return
         try:
             upstream = await self._session.request(
                 scope["method"], self.worker.http_uri + path_and_query, headers=headers,

@@ -23,7 +23,7 @@ import sys
 import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable
 
 from .worker_protocol import frame, protos, read_message, until_listening
 
@@ -180,32 +180,50 @@ class LanguageWorker:
         if not self._stopping:
             logger.error("the worker process ended; the local host cannot serve its functions until it is restarted")
 
-    async def _request(self, answer_field: str, request_id: str | None = None, **content):
-        """Send one message and wait for the worker's answer to it."""
+    def _send(self, request_id: str, **content) -> asyncio.Future:
+        """Send one message now; the future is the worker's answer to it."""
         if self._writer is None or self._reading is None or self._reading.done():
             raise WorkerError("the worker process is not running")
-        request_id = request_id or str(uuid.uuid4())
         waiting = self._pending[request_id] = asyncio.get_running_loop().create_future()
         self._writer.write(frame(protos.StreamingMessage(request_id=request_id, **content)))
+        return waiting
+
+    async def _answer(self, request_id: str, waiting: asyncio.Future, answer_field: str):
         try:
             answer = await waiting
         finally:
             self._pending.pop(request_id, None)
         return getattr(answer, answer_field)
 
-    async def invoke(self, function: FunctionEntry, inputs: dict[str, Any], trigger_metadata: dict[str, Any] | None = None,
-                     invocation_id: str | None = None):
-        """One InvocationRequest; `inputs` maps binding names to TypedData (or plain values).
-        Returns the InvocationResponse; a failed invocation raises WorkerError."""
+    async def _request(self, answer_field: str, request_id: str | None = None, **content):
+        """Send one message and wait for the worker's answer to it."""
+        request_id = request_id or str(uuid.uuid4())
+        return await self._answer(request_id, self._send(request_id, **content), answer_field)
+
+    def send_invocation(self, function: FunctionEntry, inputs: dict[str, Any], trigger_metadata: dict[str, Any] | None = None,
+                        invocation_id: str | None = None) -> Awaitable:
+        """Send one InvocationRequest now (before the call's HTTP request is forwarded, as the host
+        does: the worker can unpack it while the request is on its way); `inputs` maps binding
+        names to TypedData (or plain values). Await the result for the InvocationResponse; a
+        failed invocation raises WorkerError."""
         request = protos.InvocationRequest(
             invocation_id=invocation_id or str(uuid.uuid4()), function_id=function.function_id,
             input_data=[protos.ParameterBinding(name=name, data=value if isinstance(value, protos.TypedData) else typed(value))
                         for name, value in inputs.items()],
             trigger_metadata={k: v if isinstance(v, protos.TypedData) else typed(v) for k, v in (trigger_metadata or {}).items()},
         )
-        response = await self._request("invocation_response", request_id=request.invocation_id, invocation_request=request)
+        waiting = self._send(request.invocation_id, invocation_request=request)
+        return self._invocation_answer(function, request.invocation_id, waiting)
+
+    async def _invocation_answer(self, function: FunctionEntry, invocation_id: str, waiting: asyncio.Future):
+        response = await self._answer(invocation_id, waiting, "invocation_response")
         _check(response, f"invocation of {function.name}")
         return response
+
+    async def invoke(self, function: FunctionEntry, inputs: dict[str, Any], trigger_metadata: dict[str, Any] | None = None,
+                     invocation_id: str | None = None):
+        """One InvocationRequest, sent and answered; see send_invocation."""
+        return await self.send_invocation(function, inputs, trigger_metadata, invocation_id)
 
     def http_input(self, method: str, url: str, headers: dict[str, str], route_params: dict[str, str],
                    query: dict[str, str]):
