@@ -272,3 +272,14 @@ def test_however_a_mixed_text_stream_is_cut_no_match_reaches_the_client(text, cu
         assert text.startswith(streamed) and not matcher.find(streamed)
     else:
         assert all(not matcher.find(run) for run in streamed.split("[x]"))
+
+
+@given(st.text(alphabet="abmnrl01o", max_size=40),
+       st.dictionaries(st.sampled_from("abm01l"), st.text(alphabet="abmnrl01o", min_size=1, max_size=3), max_size=4))
+def test_the_ascii_skeleton_folding_equals_the_character_table(text, mapping):
+    """The ASCII fast path folds with C-level replacements where their order cannot matter, and
+    with the table itself where it could (a replacement bringing back a replaced character)."""
+    from shared.guards.normalize import _ascii_fold, _replacement_pairs
+
+    table = {ord(char): new for char, new in mapping.items()}
+    assert _ascii_fold(text, table, _replacement_pairs(table)) == text.translate(table)

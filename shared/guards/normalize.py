@@ -36,7 +36,38 @@ _IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 
 
 _ASCII_ALNUM = re.compile(r"[a-z0-9]")
-_ASCII_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+# Every ASCII byte but a-z and 0-9: what the skeleton of lower-cased ASCII text leaves out.
+_ASCII_NOT_ALNUM = bytes(b for b in range(128) if not (0x61 <= b <= 0x7A or 0x30 <= b <= 0x39))
+
+
+def _ascii_alnum(lowered: str) -> str:
+    """`lowered` (ASCII) without what is not a-z or 0-9: a C-level byte deletion, where a regular
+    expression substitution took ~40 times as long (75 µs for 2,000 characters)."""
+    return lowered.encode("ascii").translate(None, _ASCII_NOT_ALNUM).decode("ascii")
+
+
+def _ascii_fold(skeleton: str, table: dict[int, str], pairs: tuple[tuple[str, str], ...] | None) -> str:
+    """`skeleton.translate(table)`, as a few C-level replacements (`pairs`, from
+    `_replacement_pairs(table)`) when there are such: ~3 × faster."""
+    if pairs is None:
+        return skeleton.translate(table)
+    for old, new in pairs:
+        skeleton = skeleton.replace(old, new)
+    return skeleton
+
+
+def _replacement_pairs(table: dict[int, str]) -> tuple[tuple[str, str], ...] | None:
+    """The table as (character, replacement) pairs, when no replacement brings back a character
+    the table replaces (then their order does not matter); else None."""
+    replaced = {chr(code) for code in table}
+    if any(char in replaced for new in table.values() for char in new):
+        return None
+    return tuple((chr(code), new) for code, new in table.items())
+
+
+@lru_cache(maxsize=16)
+def _ascii_replacements(folding: Folding) -> tuple[tuple[str, str], ...] | None:
+    return _replacement_pairs(_ascii_table(folding) or {})
 
 
 @dataclass(frozen=True)
@@ -192,10 +223,10 @@ def views(text: str, folding: Folding = NO_FOLDING) -> tuple[View, View]:
     """(folded, skeleton) views of `text`."""
     if text.isascii():  # the common fast path: no NFKC work, and no Python loop per character
         lowered = text.lower()
-        skeleton_text = _ASCII_NOT_ALNUM.sub("", lowered)
+        skeleton_text = _ascii_alnum(lowered)
         table = _ascii_table(folding)
         if table is not None:
-            folded_skeleton = skeleton_text.translate(table)
+            folded_skeleton = _ascii_fold(skeleton_text, table, _ascii_replacements(folding))
             if folded_skeleton != skeleton_text:
                 return View(lowered, range(len(lowered))), View(folded_skeleton, None, lowered, table)
         skeleton_positions = range(len(lowered)) if len(skeleton_text) == len(lowered) else None
@@ -219,8 +250,8 @@ def views(text: str, folding: Folding = NO_FOLDING) -> tuple[View, View]:
         if start < end:
             lowered = text[start:end].lower()
             folded_parts.append(lowered)
-            skeleton = _ASCII_NOT_ALNUM.sub("", lowered)
-            skeleton_parts.append(skeleton.translate(table) if table is not None else skeleton)
+            skeleton = _ascii_alnum(lowered)
+            skeleton_parts.append(_ascii_fold(skeleton, table, _ascii_replacements(folding)) if table is not None else skeleton)
         position = max(position, end)
     for _, cluster in _clusters(text[position:]):
         folded_parts.append(_fold(cluster))
