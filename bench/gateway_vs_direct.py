@@ -316,6 +316,10 @@ class Measurement:
     first_content: list[float] = field(default_factory=list)  # ... to the first event carrying answer text
     stream_end: list[float] = field(default_factory=list)  # ... to the end of the stream
     answered: list[tuple[str, float]] = field(default_factory=list)  # Sekisho, c=1: (request id, ms)
+    # CPU of the server (and of its worker process) during the c=1 requests, which run interleaved
+    # with the other targets': comparable across targets on a machine whose speed drifts.
+    c1_cpu_s: float = 0.0
+    c1_worker_cpu_s: float = 0.0
     split: dict[str, float] = field(default_factory=dict)  # Sekisho, c=1: inside_the_function()
 
 
@@ -700,6 +704,8 @@ def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, l
         "latency p50 / p99 / max at c=64 (ms)": lambda r: " / ".join(fmt(r["rps_latency_ms"].get(q), 1) for q in ("p50", "p99", "max")),
         "server CPU per request (ms)": lambda r: fmt(r["cpu_ms_per_request"], 3),
         "… of which the Functions worker process (ms)": lambda r: fmt(r.get("worker_cpu_ms_per_request"), 3) if r.get("worker_cpu_ms_per_request") is not None else "–",
+        "server CPU per request at c=1, interleaved (ms)": lambda r: fmt(r.get("c1_cpu_ms_per_request"), 3),
+        "… of which the Functions worker process, c=1 (ms)": lambda r: fmt(r.get("c1_worker_cpu_ms_per_request"), 3),
         "server busy after c=64 load ended (s)": lambda r: fmt(r["busy_after_load_s"], 1),
         "peak RSS per process (MB)": lambda r: " / ".join(fmt(v, 0) for v in r["peak_rss_mb"].values()),
         "RSS idle → after the c=64 burst (MB)": lambda r: f"{fmt(r.get('rss_idle_mb'), 0)} → {fmt(r.get('rss_after_burst_mb'), 0)}",
@@ -862,8 +868,13 @@ async def main() -> None:
         for r in range(rounds):
             for key in order:
                 n = args.requests // rounds
+                pids = targets[key].pids()
+                workers = [pid for pid in pids if _is_functions_worker(pid)]
+                cpu0, worker0 = cpu_seconds(pids), cpu_seconds(workers)
                 results[key].latency += await sequential(targets[key], [f"{run_id}-{key}-{r}-{i}" for i in range(n)], stream=False,
                                                          answered=results[key].answered)
+                results[key].c1_cpu_s += cpu_seconds(pids) - cpu0
+                results[key].c1_worker_cpu_s += cpu_seconds(workers) - worker0 if workers else float("nan")
                 results[key].ttfb += await sequential(targets[key], [f"{run_id}-{key}-s{r}-{i}" for i in range(n // 2)], stream=True)
             print(f"c=1 round {r + 1}/{rounds} done", flush=True)
         paced = [key for key in order if key != "litellm"]  # the pacing travels in the body's x_sim, which LiteLLM drops
@@ -938,6 +949,8 @@ async def main() -> None:
             "peak_rss_mb": m.peak_rss_mb, "foreign_cores_c64": m.foreign_cores, "busy_after_load_s": m.busy_after_load_s,
             "rss_idle_mb": m.rss_idle_mb, "rss_after_burst_mb": m.rss_after_burst_mb,
             "c1_split": m.split,
+            "c1_cpu_ms_per_request": m.c1_cpu_s * 1000 / len(m.latency) if m.latency else None,
+            "c1_worker_cpu_ms_per_request": m.c1_worker_cpu_s * 1000 / len(m.latency) if m.latency else None,
         }
         for name, values in (("first_event", m.first_event), ("first_content", m.first_content), ("stream_end", m.stream_end)):
             if values:
