@@ -8,6 +8,7 @@ watch the order in which the answer's messages go out and the log stage finishes
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import pytest
@@ -107,3 +108,27 @@ async def test_an_answer_never_sent_is_still_finished(in_process, token):
     assert events == []
     await asyncio.wait_for(_finished(gw), 5)
     assert events == ["log finished"]
+
+
+async def test_requests_in_flight_do_not_set_off_young_collections(in_process, token):
+    """64 requests in flight at once, as under load: their objects are alive, so a collection
+    would only scan them; the gateway's threshold keeps it from coming."""
+    gw, _ = in_process
+    young: list[dict] = []
+
+    def noted(phase, info):
+        if phase == "start" and info["generation"] == 0:
+            young.append(info)
+
+    requests = [_request(token, {"messages": [{"role": "user", "content": f"Say hello {i}."}], "max_tokens": 5}) for i in range(64)]
+    gc.collect()
+    gc.callbacks.append(noted)
+    try:
+        responses = await asyncio.gather(*(gw.handle(request, CHAT) for request, _ in requests))
+        for (request, scope), response in zip(requests, responses):
+            await response(scope, request.receive, _sender([]))
+        await _finished(gw)
+    finally:
+        gc.callbacks.remove(noted)
+    assert all(response.status_code == 200 for response in responses)
+    assert young == []
