@@ -32,7 +32,7 @@ from ..store.counter_batch import CounterBatcher
 from ..token_estimate import count_tokens
 from ..usage import Usage, usage_of
 from . import tokenizer
-from .alerts import ALERTED_METRICS, BudgetAlerts, Position
+from .alerts import ALERTED_METRICS, BudgetAlerts, Position, crossed
 from .leases import LeaseBook
 from .pricing import PricingTable, batch_cost, cost_nanos, nanos_to_amount, units_cost, usage_cost
 
@@ -435,6 +435,8 @@ class EnforceQuota(Stage):
                  thresholds: tuple[int, ...], refused: bool = False) -> None:
         if self.alerts is None or not thresholds or not charge.limit and not refused:
             return
+        if charge.limit is None or not crossed(used, charge.limit, thresholds, refused):
+            return  # the common case: under every threshold (alerts need a limit), so nothing to build
         app_scope = charge.subject.startswith("app:")
         self.alerts.observe(Position(app_id, None if app_scope else (user_id or app_id), charge.subject, metric.name, charge.counter,
                                      used, charge.limit, charge.ttl, refused), thresholds)
