@@ -91,6 +91,8 @@ class Gateway:
         self.stages: list[Stage] = []
         self._pipelines: dict[Operation, list[Stage]] = {}  # per operation: the stages its table entry names
         self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
+        self._unsent: dict[asyncio.Future, float] = {}  # answers handed over, not yet sent → since when
+        self._unsent_sweeper: asyncio.Task | None = None
 
     # Lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,6 +194,8 @@ class Gateway:
             await self.job_launcher.close()  # first: running jobs still write logs and settle quotas
         while self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
+        if self._unsent_sweeper is not None:
+            self._unsent_sweeper.cancel()
         await self.quota.drain()
         await self.quota.alerts.close()
         await self.cache.drain()
@@ -301,13 +305,27 @@ class Gateway:
 
     async def _finish_after(self, ctx: RequestContext, sent: asyncio.Future, done: tuple[Stage, ...]) -> None:
         if not sent.done():
-            # A timer that resolves `sent` rather than asyncio.wait_for: no timeout context per request.
-            grace = asyncio.get_running_loop().call_later(_UNSENT_ANSWER_GRACE_SECONDS, mark_sent, sent)
+            # One sweeper for every answer still waiting to go out, rather than a timer per request.
+            loop = asyncio.get_running_loop()
+            self._unsent[sent] = loop.time()
+            if self._unsent_sweeper is None or self._unsent_sweeper.done():
+                self._unsent_sweeper = loop.create_task(self._sweep_unsent())
             try:
                 await sent
             finally:
-                grace.cancel()
+                self._unsent.pop(sent, None)
         await self._finish(ctx, done=done)
+
+    async def _sweep_unsent(self) -> None:
+        """Every grace period, while any answer waits to go out: those that have waited that long
+        are taken as never to be sent, so that their requests are finished."""
+        loop = asyncio.get_running_loop()
+        while self._unsent:
+            await asyncio.sleep(_UNSENT_ANSWER_GRACE_SECONDS / 2)
+            now = loop.time()
+            for sent, since in list(self._unsent.items()):
+                if now - since >= _UNSENT_ANSWER_GRACE_SECONDS:
+                    mark_sent(sent)
 
     async def _stream(self, ctx: RequestContext, result: UpstreamResult, sent: asyncio.Future) -> AsyncIterator[bytes]:
         try:
