@@ -42,7 +42,7 @@ LOCAL_QUEUES = "/admin/queues/"  # the local host's stand-in for Storage queues:
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"proxy-connection", b"host"})
 _NOT_PASSED_BACK = _HOP_BY_HOP | {b"date", b"server"}  # the host's own server sets these
-_WHOLE_BODY_BYTES = 1 << 20
+_WHOLE_BODY_BYTES = 1 << 20  # a worker answer of known length up to this goes back to the client in one piece
 
 
 @dataclass(frozen=True)
