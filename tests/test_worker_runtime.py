@@ -213,9 +213,6 @@ async def test_the_invocation_message_goes_before_the_forwarded_request():
             done.set_result(None)
             return done
 
-        async def invoke(self, function, inputs, trigger_metadata=None, invocation_id=None):
-            return await self.send_invocation(function, inputs, trigger_metadata, invocation_id)
-
     class Forwarder:  # the host's HTTP client to the worker's web server, noting when it is used
         def __init__(self) -> None:
             self.session = aiohttp.ClientSession()

@@ -435,11 +435,12 @@ class EnforceQuota(Stage):
                  thresholds: tuple[int, ...], refused: bool = False) -> None:
         if self.alerts is None or not thresholds or not charge.limit and not refused:
             return
-        if charge.limit is None or not crossed(used, charge.limit, thresholds, refused):
+        reached = crossed(used, charge.limit, thresholds, refused) if charge.limit is not None else []
+        if not reached:
             return  # the common case: under every threshold (alerts need a limit), so nothing to build
         app_scope = charge.subject.startswith("app:")
         self.alerts.observe(Position(app_id, None if app_scope else (user_id or app_id), charge.subject, metric.name, charge.counter,
-                                     used, charge.limit, charge.ttl, refused), thresholds)
+                                     used, charge.limit, charge.ttl, refused), tuple(reached))
 
     async def drain(self) -> None:
         """Hand every lease back and write pending settlements (shutdown, tests)."""

@@ -6,8 +6,8 @@ Why the signal and not simply a task started when the handler returns: in the Py
 the function's return value reaches the web server that sends it only some event-loop turns
 later (the runtime hands it over through its invocation coordinator), so a task started at the
 handler's return ran first and the client waited for the log record and the cache entry
-(traced at c=1: the handler's return to the answer's headers at the host, 0.81 → 0.42 ms). A stream's finishing work ran inside its body
-iterator, before the body's closing chunk.
+(traced at c=1: the handler's return to the answer's headers at the host, 0.81 → 0.42 ms). A
+stream's finishing work ran inside its body iterator, before the body's closing chunk.
 
 RelayResponse is Starlette's StreamingResponse, watching for the client leaving with one plain
 asyncio task instead of an anyio task group.
