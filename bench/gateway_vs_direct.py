@@ -100,6 +100,7 @@ TARGET_RSS_RETURN = 1.2  # back within 20 % of the idle figure after a burst
 LABELS = {
     "direct": "direct",
     "bare": "bare aiohttp",
+    "functions": "Functions pass-through",
     "sekisho": "Sekisho (full)",
     "sekisho-baseline": "Sekisho (full, baseline)",
     "sekisho-min": "Sekisho (token+policy+log)",
@@ -345,16 +346,17 @@ def start_bare_proxy(work: Path, upstream: str) -> tuple[subprocess.Popen, str]:
 
 
 def start_sekisho(work: Path, upstream: str, db: Path, name: str = "sekisho", checkout: Path = ROOT,
-                  python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+                  python: str = sys.executable, app_dir: Path | None = None) -> tuple[subprocess.Popen, str]:
     """The local host on SQLite `db` (apps registered there), trusting the local issuer in `work`;
-    served from `checkout` (another one: the baseline of a before/after run) with `python`."""
+    served from `checkout` (another one: the baseline of a before/after run) with `python`; serving
+    the Functions app in `app_dir` (default: Sekisho's own)."""
     port = free_port()
     log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEKISHO_", "AZURE_OPENAI_"))}
     env.update({"AZURE_OPENAI_ENDPOINT": upstream, "AZURE_OPENAI_API_KEY": SIMULATOR_KEY, "SEKISHO_SQLITE_PATH": str(db),
                 "SEKISHO_CONTENT_SAFETY_ENDPOINT": upstream, "SEKISHO_CONTENT_SAFETY_API_KEY": SIMULATOR_KEY})
     process = spawn([python, "-m", "shared.local.host", "--port", str(port), "--quiet", "--no-seed",
-                     "--data-dir", str(work)], log, env=env, cwd=checkout)
+                     "--data-dir", str(work), *(["--app-dir", str(app_dir)] if app_dir else [])], log, env=env, cwd=checkout)
     wait_for_port(port, process, 60, log)
     return process, f"http://127.0.0.1:{port}"
 
@@ -682,6 +684,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _verdict_table(lines: list[str], checks: list[tuple]) -> list[tuple[str, str]]:
+    """Append a table of (name, value, unit, limit, sense) checks to `lines`; return the verdicts."""
+    lines += ["| target | measured | limit | measured / limit | result |", "|---|---:|---:|---:|---|"]
+    verdicts = []
+    for name, value, unit, limit, sense in checks:
+        if value is None:
+            verdict, shown, ratio = "n/a (not measured)", "–", "–"
+        else:
+            ok = value <= limit if sense == "≤" else value >= limit
+            verdict = "PASS" if ok else "MISS"
+            shown = f"{value:.2f} {unit}" if unit != "×" else f"{value:.2f}×"
+            ratio = f"{value / limit:.2f}"
+        limit_text = f"{sense} {limit:g} {unit}" if unit != "×" else f"{sense} {limit:g}×"
+        lines.append(f"| {name} | {shown} | {limit_text} | {ratio} | {verdict} |")
+        verdicts.append((name, verdict))
+    return verdicts
+
+
 def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, list[tuple]]:
     m = data["results"]
     d = m["direct"]
@@ -741,20 +761,25 @@ def build_report(data: dict, order: list[str], notes: list[str]) -> tuple[str, l
         ("peak RSS per worker", max(s["peak_rss_mb"].values()), "MB", TARGET_PEAK_RSS_MB, "≤"),
         ("RSS after the c=64 burst / idle", _ratio(s.get("rss_after_burst_mb"), s.get("rss_idle_mb")), "×", TARGET_RSS_RETURN, "≤"),
     ]
-    lines += ["", "Sekisho (full pipeline) against the targets:", "",
-              "| target | measured | limit | measured / limit | result |", "|---|---:|---:|---:|---|"]
-    verdicts = []
-    for name, value, unit, limit, sense in checks:
-        if value is None:
-            verdict, shown, ratio = "n/a (not measured)", "–", "–"
-        else:
-            ok = value <= limit if sense == "≤" else value >= limit
-            verdict = "PASS" if ok else "MISS"
-            shown = f"{value:.2f} {unit}" if unit != "×" else f"{value:.2f}×"
-            ratio = f"{value / limit:.2f}"
-        limit_text = f"{sense} {limit:g} {unit}" if unit != "×" else f"{sense} {limit:g}×"
-        lines.append(f"| {name} | {shown} | {limit_text} | {ratio} | {verdict} |")
-        verdicts.append((name, verdict))
+    lines += ["", "Sekisho (full pipeline) against the targets:", ""]
+    verdicts = _verdict_table(lines, checks)
+    f = m.get("functions")
+    if f is not None:
+        # What the gateway's own code adds: the same limits, measured from a function that only
+        # relays, on the same host, worker runtime and web extension (so the path's fixed cost,
+        # which in Azure is the Functions host's and the runtime's, is on both sides).
+        own = [
+            ("added latency p50 at c=1", _difference(s, f, "latency_p50_ms"), "ms", TARGET_ADDED_P50_MS, "≤"),
+            ("added latency p99 at c=1", _difference(s, f, "latency_p99_ms"), "ms", TARGET_ADDED_P99_MS, "≤"),
+            ("throughput at c=64 / the pass-through's", _ratio(s["rps"], f["rps"]), "×", TARGET_SHARE_OF_BARE, "≥"),
+            ("added stream TTFB p50", _difference(s, f, "ttfb_p50_ms"), "ms", TARGET_ADDED_TTFB_MS, "≤"),
+            ("added first content token p50, paced stream", _difference(s, f, "first_content_p50_ms"), "ms", TARGET_ADDED_FIRST_CONTENT_MS, "≤"),
+            ("added worker CPU per request, c=64", _difference(s, f, "worker_cpu_ms_per_request"), "ms", TARGET_CPU_MS, "≤"),
+            ("added worker CPU per request, c=1 interleaved", _difference(s, f, "c1_worker_cpu_ms_per_request"), "ms", TARGET_CPU_MS, "≤"),
+        ]
+        lines += ["", "What the gateway itself adds: Sekisho (full) against the Functions pass-through (the same host, worker "
+                  "runtime and web extension, with a function that only relays), with the same limits:", ""]
+        verdicts += [(f"{name} over the Functions pass-through", verdict) for name, verdict in _verdict_table(lines, own)]
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n", verdicts
@@ -811,6 +836,10 @@ async def main() -> None:
         bare, bare_url = start_bare_proxy(work, sim_url)
         processes.append(bare)
         targets["bare"] = Target("bare", bare_url + AZURE_CHAT_PATH, {}, bare)
+        # The same host, worker runtime and web extension as Sekisho's, with a function that only relays.
+        functions, functions_url = start_sekisho(work, sim_url, work / "functions.db", "functions", app_dir=BENCH / "functions_passthrough")
+        processes.append(functions)
+        targets["functions"] = Target("functions", functions_url + AZURE_CHAT_PATH, {}, functions)
         chosen = ["sekisho"] + ([] if args.no_minimal else ["sekisho-min"])
         chosen += ["sekisho-quota", "sekisho-cache", "sekisho-guards"] if args.breakdown else []
         chosen += ["sekisho-500"] if args.with_500_rules else []

@@ -1,10 +1,12 @@
-"""Component micro-benchmarks behind two of the performance changes, each as a ratio in one run.
+"""Component micro-benchmarks behind three of the performance changes, each as a ratio in one run.
 
     .venv/bin/python bench/micro.py
 
 1. SQLite time per request-log record, 600 batches of 100 through the store's own statement:
    random ids (uuid4) against time-ordered ids (shared/context.new_request_id).
-2. Setting up a streamed response on an ASGI 2.3 server: Starlette's StreamingResponse (anyio task
+2. The same with time-ordered ids, the batch bound as one JSON array read with json_each (how the
+   store wrote batches before) against the store's rows of bound values (shared/store/sqlite.py).
+3. Setting up a streamed response on an ASGI 2.3 server: Starlette's StreamingResponse (anyio task
    group) against RelayResponse (shared/upstream/relay_response.py), 3 events per stream, no I/O.
 """
 from __future__ import annotations
@@ -23,11 +25,25 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shared.context import new_request_id  # noqa: E402
-from shared.store.sqlite import _INSERT_LOGS, _SCHEMA, _json_rows  # noqa: E402
+from shared.store.sqlite import _LOG_COLUMNS, _SCHEMA, _insert_rows  # noqa: E402
 from shared.upstream.relay_response import RelayResponse  # noqa: E402
 
 
-def log_write_us(new_id) -> float:
+_JSON_EACH_INSERT = (  # the batch as one JSON array: SQLite parses each record once per column it extracts
+    f"INSERT OR REPLACE INTO request_logs {_LOG_COLUMNS} SELECT "
+    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(8)) + " FROM json_each(?)"
+)
+
+
+def _json_each_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
+    conn.execute(_JSON_EACH_INSERT, ("[" + ",".join(orjson.dumps(row[:-1]).decode()[:-1] + "," + row[-1] + "]" for row in rows) + "]",))
+
+
+def _bound_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
+    _insert_rows(conn, f"INSERT OR REPLACE INTO request_logs {_LOG_COLUMNS}", rows)
+
+
+def log_write_us(new_id, insert=_bound_rows) -> float:
     """µs of SQLite time per record (600 batches of 100, the table growing to 60,000 rows)."""
     path = os.path.join(tempfile.mkdtemp(), "logs.db")
     conn = sqlite3.connect(path, isolation_level=None)
@@ -35,14 +51,14 @@ def log_write_us(new_id) -> float:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
     blob = orjson.dumps({"request": {"messages": [{"role": "user", "content": "Summarise the request path. " * 6}]},
-                         "response": {"content": "word " * 150}, "usage": {"total_tokens": 170}})
+                         "response": {"content": "word " * 150}, "usage": {"total_tokens": 170}}).decode()
     spent = 0.0
     for batch in range(600):
-        rows = [([new_id(), "app", "user", "gpt-4o-mini", 200, f"2026-11-24T21:{batch // 60 % 60:02d}:{batch % 60:02d}.{i:06d}",
-                  time.time() + 86400], blob) for i in range(100)]
+        rows = [[new_id(), "app", "user", "gpt-4o-mini", 200, f"2026-11-24T21:{batch // 60 % 60:02d}:{batch % 60:02d}.{i:06d}",
+                 time.time() + 86400, blob] for i in range(100)]
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(_INSERT_LOGS.format(verb="INSERT OR REPLACE"), (_json_rows(rows),))
+        insert(conn, rows)
         conn.execute("COMMIT")
         spent += time.perf_counter() - started
     conn.close()
@@ -77,6 +93,9 @@ def main() -> None:
     random_ids = log_write_us(lambda: uuid.uuid4().hex)
     ordered_ids = log_write_us(new_request_id)
     rows.append(("request log write, SQLite time per record", "uuid4 ids", random_ids, "time-ordered ids", ordered_ids))
+    json_each = log_write_us(new_request_id, _json_each_rows)
+    bound = log_write_us(new_request_id)
+    rows.append(("request log write, SQLite time per record (time-ordered ids)", "JSON array, json_each", json_each, "bound rows", bound))
     starlette = asyncio.run(stream_setup_us(StreamingResponse))
     relay = asyncio.run(stream_setup_us(RelayResponse))
     rows.append(("streamed response, 3 events, ASGI 2.3", "StreamingResponse", starlette, "RelayResponse", relay))

@@ -15,10 +15,35 @@ _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff0
 _PER_MESSAGE = 4  # role and framing tokens that chat models add per message
 _REPLY_PRIMER = 3
 _IMAGE_TOKENS = 765  # a high-detail 512x512 tile set; images are not measured here
+_IMAGE_TYPES = ("image_url", "input_image")
+
+
+def _ascii_classes() -> bytes:
+    """Each ASCII character's class under _TOKEN: a letter `a`, a digit `0`, a space ` ` (\\s as
+    the pattern means it), anything else (one token each) `.`. Derived from the pattern's own
+    parts, so the two cannot disagree."""
+    table = bytearray(range(256))
+    for code in range(128):
+        char = chr(code)
+        table[code] = (ord("a") if re.fullmatch(r"[A-Za-z]", char) else ord("0") if re.fullmatch(r"\d", char)
+                       else ord(" ") if re.fullmatch(r"\s", char) else ord("."))
+    return bytes(table)
+
+
+_ASCII_CLASSES = _ascii_classes()
 
 
 def count_tokens(text: str) -> int:
-    return len(_TOKEN.findall(text))
+    """len(_TOKEN.findall(text)); for ASCII text (most prompts) counted with C-level byte
+    operations instead of the regular expression, which took ~70 ns a character (the quota
+    estimates every request's prompt before the upstream call)."""
+    if not text.isascii():
+        return len(_TOKEN.findall(text))
+    classes = text.encode("ascii").translate(_ASCII_CLASSES)
+    others = classes.count(b".")  # each one a token of its own, and a boundary between runs
+    runs = classes.replace(b".", b" ").split()  # letters and digits, e.g. b"aaa", b"aa00"
+    # A run holding letters and digits is a token per change between them ("abc123" is two).
+    return others + len(runs) + classes.count(b"a0") + classes.count(b"0a")
 
 
 def text_of(value: Any) -> str:
@@ -37,12 +62,23 @@ def text_of(value: Any) -> str:
 
 
 def _images(value: Any) -> int:
-    if isinstance(value, list):
-        return sum(_images(v) for v in value)
-    if isinstance(value, dict):
-        own = 1 if value.get("type") in ("image_url", "input_image") else 0
-        return own + sum(_images(v) for v in value.values() if isinstance(v, (list, dict)))
-    return 0
+    """Image parts anywhere inside `value` (a loop rather than recursion: it runs on every prompt)."""
+    count, pending = 0, [value]
+    pop, push = pending.pop, pending.append
+    while pending:
+        item = pop()
+        kind = type(item)
+        if kind is list:
+            pending.extend(item)
+        elif kind is dict or isinstance(item, dict):
+            if item.get("type") in _IMAGE_TYPES:
+                count += 1
+            for inner in item.values():
+                if type(inner) is not str and isinstance(inner, (list, dict)):
+                    push(inner)
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count
 
 
 def prompt_tokens_for_messages(messages: list[Any]) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -174,6 +174,17 @@ class EffectivePolicy(BaseModel):
     content_safety: SafetyPolicy = SafetyPolicy()
     personal_data: PersonalDataPolicy = PersonalDataPolicy()
     _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
+    _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def derived(self, name: str, build: Callable[["EffectivePolicy"], Any]) -> Any:
+        """`build(self)`, worked out once and kept with the policy (which the resolver reuses while
+        its documents are unchanged): what a stage reads from the policy on every request, in the
+        form it needs (the quota's list of limits)."""
+        derived = self.__pydantic_private__["_derived"]
+        value = derived.get(name)
+        if value is None:
+            value = derived[name] = build(self)
+        return value
 
     def rule_set(self, direction: str) -> RuleSet:
         """This policy's guard rules for one direction, compiled on first use and kept with the

@@ -111,9 +111,21 @@ class Windows:
 
 
 def subjects(app_id: str, user_id: str | None) -> list[tuple[str, str]]:
-    """(subject, which limits apply): the app, and its user — the end user, or the app itself
+    """(which limits apply, subject): the app, and its user — the end user, or the app itself
     when it names none (an app-only caller must not escape its per-user limits by naming nobody)."""
-    return [(f"app:{app_id}", "app"), (f"user:{app_id}:{user_id or app_id}", "user")]
+    return [("app", f"app:{app_id}"), ("user", f"user:{app_id}:{user_id or app_id}")]
+
+
+def limits_to_enforce(policy) -> tuple[tuple[str, Metric, int], ...]:
+    """The policy's limits as (whose: app or user, metric, limit in counter units), in the order
+    they are reserved; kept with the policy (EffectivePolicy.derived), not worked out per request."""
+    plan = []
+    for scope, limits in (("app", policy.app_limits), ("user", policy.user_limits)):
+        for metric in METRICS:
+            limit = getattr(limits, metric.name)
+            if limit is not None:
+                plan.append((scope, metric, round(limit * 1e9) if metric.kind == "spend" else int(limit)))
+    return tuple(plan)
 
 
 def quota_unavailable() -> GatewayError:
@@ -212,10 +224,10 @@ class EnforceQuota(Stage):
 
     async def before(self, ctx: RequestContext) -> None:
         policy = ctx.policy
-        cached = ctx.result is not None  # a cache hit: it counts as a request, costs no tokens
-        applicable = [(subject, policy.app_limits if scope == "app" else policy.user_limits) for subject, scope in subjects(ctx.app_id, ctx.user_id)]
-        if not any(getattr(limits, m.name) is not None for _, limits in applicable for m in METRICS):
+        plan = policy.derived("quota_limits", limits_to_enforce)
+        if not plan:
             return  # no limit applies: nothing to reserve (the cost is still computed at the end)
+        cached = ctx.result is not None  # a cache hit: it counts as a request, costs no tokens
         operation = ctx.route.operation
         if operation.batch_lines:
             prompt, completion, cost = await self._batch_estimate(ctx.batch_input)
@@ -228,29 +240,27 @@ class EnforceQuota(Stage):
                 # Priced by units where the answer will report no tokens: reserve whichever is more.
                 cost = max(cost, units_cost(price, operation.units(ctx.body, None)))
         tokens = prompt + completion
+        amounts = {"requests": 1, "tokens": tokens, "spend": cost}
         accounting = ctx.accounting = Accounting(estimate={"prompt_tokens": prompt, "completion_tokens": completion})
+        subject_of = dict(subjects(ctx.app_id, ctx.user_id))  # which limits → whose counters
         at = self._windows.now()
         now = at.timestamp()
         windows = {}  # window → (key, ttl, end), worked out once per request
         charges, metrics, ends = [], [], []
-        for subject, limits in applicable:
-            for metric in METRICS:
-                limit = getattr(limits, metric.name)
-                if limit is None or (cached and metric.kind != "requests"):
-                    continue
-                if operation.batch_lines and metric.name == "tokens_per_minute":
-                    # A batch runs within a day on Azure's batch capacity, not in this minute:
-                    # its tokens count against the day and its cost against the month.
-                    continue
-                window = windows.get(metric.window)
-                if window is None:
-                    key, end = self._windows.current(metric.window, at)
-                    window = windows[metric.window] = (key, Windows.ttl_until(end, now), end)
-                amount = {"requests": 1, "tokens": tokens, "spend": cost}[metric.kind]
-                limit_units = round(limit * 1e9) if metric.kind == "spend" else int(limit)
-                charges.append(CounterCharge(subject, f"{metric.key}:{window[0]}", amount, limit_units, window[1]))
-                metrics.append(metric)
-                ends.append(window[2])
+        for scope, metric, limit_units in plan:
+            if cached and metric.kind != "requests":
+                continue
+            if operation.batch_lines and metric.name == "tokens_per_minute":
+                # A batch runs within a day on Azure's batch capacity, not in this minute:
+                # its tokens count against the day and its cost against the month.
+                continue
+            window = windows.get(metric.window)
+            if window is None:
+                key, end = self._windows.current(metric.window, at)
+                window = windows[metric.window] = (key, Windows.ttl_until(end, now), end)
+            charges.append(CounterCharge(subject_of[scope], f"{metric.key}:{window[0]}", amounts[metric.kind], limit_units, window[1]))
+            metrics.append(metric)
+            ends.append(window[2])
         if not charges:
             return
         degraded = False
