@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -213,6 +213,22 @@ def test_windows_are_calendar_aligned_in_the_zone():
     ny = Windows("America/New_York")
     start = datetime(2026, 3, 8, 0, 0, 0, tzinfo=ZoneInfo("America/New_York"))
     assert ny.seconds_left("day", start) == 23 * 3600
+
+
+@pytest.mark.parametrize("zone, start", [
+    ("America/New_York", datetime(2026, 11, 1, 0, 58, tzinfo=timezone.utc)),  # around the DST fold (01:00-02:00 twice)
+    ("Asia/Kathmandu", datetime(2026, 11, 30, 18, 13, tzinfo=timezone.utc)),  # +05:45: the local day ends at 18:15 UTC
+    ("UTC", datetime(2026, 12, 31, 23, 58, tzinfo=timezone.utc)),  # the end of a month and a year
+])
+def test_the_windows_kept_per_minute_are_those_of_the_instant(zone, start):
+    """Windows.around keeps the windows of a local minute: every instant, second by second for four
+    hours, gets the key and end that the instant's own local time gives."""
+    windows = Windows(zone)
+    for second in range(0, 4 * 3600, 7):
+        now = start.timestamp() + second + 0.5
+        at = datetime.fromtimestamp(now, ZoneInfo(zone))
+        expected = {window: (windows.key(window, at), windows.end(window, at).timestamp()) for window in ("minute", "day", "month")}
+        assert windows.around(now) == expected, at
 
 
 class _DownStore:

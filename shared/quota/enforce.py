@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -63,9 +63,21 @@ class Windows:
     def __init__(self, timezone: str) -> None:
         self.zone = ZoneInfo(timezone)
         self._keys: dict[tuple[str, tuple], tuple[str, float]] = {}  # per minute: formatting costs more than a lookup
+        self._minute: tuple[float, float, dict[str, tuple[str, float]]] = (0.0, 0.0, {})  # see around()
 
     def now(self) -> datetime:
         return datetime.now(self.zone)
+
+    def around(self, now: float) -> dict[str, tuple[str, float]]:
+        """Every window holding the instant `now` (epoch seconds): window → (key, end timestamp).
+        Worked out once per local minute (every request with limits asks): the cached minute is
+        told by its own start and end timestamps, so any zone offset and a DST fold are exact."""
+        minute = self._minute
+        if not minute[0] <= now < minute[1]:
+            at = datetime.fromtimestamp(now, self.zone)
+            start = at.replace(second=0, microsecond=0).timestamp()
+            minute = self._minute = (start, start + 60, {window: self.current(window, at) for window in ("minute", "day", "month")})
+        return minute[2]
 
     def key(self, window: str, at: datetime) -> str:
         return self.current(window, at)[0]
@@ -148,7 +160,7 @@ class Reservation:
 
     def to_document(self) -> dict:
         """For an async job document: the job settles the reservation when it ends."""
-        return {"charges": [asdict(c) for c in self.charges], "metrics": [m.name for m in self.metrics], "degraded": self.degraded,
+        return {"charges": [c._asdict() for c in self.charges], "metrics": [m.name for m in self.metrics], "degraded": self.degraded,
                 "used": self.used, "app_id": self.app_id, "user_id": self.user_id, "alert_thresholds": list(self.alert_thresholds)}
 
     @classmethod
@@ -243,9 +255,8 @@ class EnforceQuota(Stage):
         amounts = {"requests": 1, "tokens": tokens, "spend": cost}
         accounting = ctx.accounting = Accounting(estimate={"prompt_tokens": prompt, "completion_tokens": completion})
         subject_of = dict(subjects(ctx.app_id, ctx.user_id))  # which limits → whose counters
-        at = self._windows.now()
-        now = at.timestamp()
-        windows = {}  # window → (key, ttl, end), worked out once per request
+        now = time.time()
+        windows = self._windows.around(now)  # window → (key, end)
         charges, metrics, ends = [], [], []
         for scope, metric, limit_units in plan:
             if cached and metric.kind != "requests":
@@ -254,13 +265,10 @@ class EnforceQuota(Stage):
                 # A batch runs within a day on Azure's batch capacity, not in this minute:
                 # its tokens count against the day and its cost against the month.
                 continue
-            window = windows.get(metric.window)
-            if window is None:
-                key, end = self._windows.current(metric.window, at)
-                window = windows[metric.window] = (key, Windows.ttl_until(end, now), end)
-            charges.append(CounterCharge(subject_of[scope], f"{metric.key}:{window[0]}", amounts[metric.kind], limit_units, window[1]))
+            key, end = windows[metric.window]
+            charges.append(CounterCharge(subject_of[scope], f"{metric.key}:{key}", amounts[metric.kind], limit_units, Windows.ttl_until(end, now)))
             metrics.append(metric)
-            ends.append(window[2])
+            ends.append(end)
         if not charges:
             return
         degraded = False
@@ -278,7 +286,7 @@ class EnforceQuota(Stage):
             failed = outcome.failed
             if not degraded and metrics[failed].name in ALERTED_METRICS:  # the budget bites: its 100 % alert
                 self._observe(ctx.app_id, ctx.user_id, charges[failed], metrics[failed], outcome.used[failed], policy.alert_thresholds, refused=True)
-            self._refuse(ctx, charges[failed], metrics[failed], outcome.used[failed], at)
+            self._refuse(ctx, charges[failed], metrics[failed], outcome.used[failed], Windows.seconds_until(ends[failed], now))
         ctx.quota = Reservation(charges, metrics, degraded, list(outcome.used), ctx.app_id, ctx.user_id, policy.alert_thresholds)
         self._remaining_headers(ctx, charges, metrics, outcome.used)
 
@@ -303,7 +311,7 @@ class EnforceQuota(Stage):
         rest = [i for i, done in enumerate(covered) if not done]
         top_ups = top_ups_asked = [leases.top_up(charges[i]) for i in rest]
         try:
-            outcome = await self._store.reserve([replace(charges[i], amount=charges[i].amount + t) for i, t in zip(rest, top_ups)])
+            outcome = await self._store.reserve([charges[i]._replace(amount=charges[i].amount + t) for i, t in zip(rest, top_ups)])
             if not outcome.admitted and any(top_ups):  # the counter moved on since we last saw it
                 top_ups = [0] * len(rest)
                 outcome = await self._store.reserve([charges[i] for i in rest])
@@ -324,7 +332,7 @@ class EnforceQuota(Stage):
         stale = []
         for i, value, leased in zip(rest, outcome.used, top_ups):
             if unspent := leases.record(charges[i], value, leased, ends[i], now):
-                stale.append(replace(charges[i], amount=-unspent, limit=None))
+                stale.append(charges[i]._replace(amount=-unspent, limit=None))
         if stale:
             self._settlements.add(stale)
         if self._sweeper is None:
@@ -341,8 +349,7 @@ class EnforceQuota(Stage):
         if self.leases:
             self._sweeper = asyncio.get_running_loop().call_later(self.leases.idle_seconds, self._sweep)
 
-    def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, at: datetime) -> None:
-        retry_after = self._windows.seconds_left(metric.window, at)
+    def _refuse(self, ctx: RequestContext, charge: CounterCharge, metric: Metric, used: int, retry_after: int) -> None:
         who = "application" if charge.subject.startswith("app:") else "user"
         if metric.kind == "spend":
             detail = f"the {who}'s monthly budget of {nanos_to_amount(charge.limit):.2f} {self._currency} would be exceeded"
