@@ -241,7 +241,7 @@ class CacheResponses(Stage):
                 self._write_task = asyncio.get_running_loop().create_task(self._write_soon())
 
     def _count(self, app_id: str, amounts: dict[str, int]) -> None:
-        month = self._windows.key("month", self._windows.now())
+        month = self._windows.around(time.time())["month"][0]
         charges = [CounterCharge(f"cache:{app_id}", f"{name}:{month}", amount, None, _STATS_TTL) for name, amount in amounts.items() if amount]
         self._stats.add(charges)
 

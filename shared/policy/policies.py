@@ -197,7 +197,7 @@ class EffectivePolicy(BaseModel):
 
     @property
     def folding(self) -> Folding:
-        return Folding(kana=self.fold_kana, confusables=self.fold_confusables)
+        return self.derived("folding", lambda policy: Folding(kana=policy.fold_kana, confusables=policy.fold_confusables))
 
     def allows_deployment(self, deployment: str) -> bool:
         return "*" in self.allowed_deployments or deployment in self.allowed_deployments

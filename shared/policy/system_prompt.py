@@ -25,6 +25,8 @@ _CLIENT_SYSTEM_ROLES = ("system", "developer")
 
 
 def render(text: str, ctx: RequestContext) -> str:
+    if "{" not in text:
+        return text  # no variable: the policy's own string (leak protection's index is kept by it)
     values = {
         "app_name": ctx.app_name or ctx.app_id or "",
         "app_id": ctx.app_id or "",
