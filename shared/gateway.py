@@ -36,7 +36,7 @@ from .jobs.deferred import SettleDeferredWork
 from .jobs.launch import JobLauncher, QueueJobLauncher
 from .jobs.runner import JobRunner
 from .operations import OPERATIONS, Operation
-from .pipeline import Stage
+from .pipeline import Hooks, Stage
 from .policy.access import ApplyPolicy, PolicyCache, PolicyResolver
 from .policy.model_list import list_models
 from .policy.ownership import RecordOwnership, list_owned_answer
@@ -90,6 +90,7 @@ class Gateway:
         self.deferred: SettleDeferredWork | None = None  # batches and background responses, settled when they end
         self.stages: list[Stage] = []
         self._pipelines: dict[Operation, list[Stage]] = {}  # per operation: the stages its table entry names
+        self._hooks: dict[Operation, Hooks] = {}  # per operation: the stages acting in each hook
         self._finishing: set[asyncio.Task] = set()  # requests answered, still being finished
         self._unsent: dict[asyncio.Future, float] = {}  # answers handed over, not yet sent → since when
         self._unsent_sweeper: asyncio.Task | None = None
@@ -173,6 +174,7 @@ class Gateway:
                 log_request,
             ]
             self._pipelines = log_request.pipelines = {op: [stage for stage in self.stages if op.applies(stage.name)] for op in OPERATIONS}
+            self._hooks = {op: Hooks.of(stages) for op, stages in self._pipelines.items()}
             batch_input.stages = self.stages  # a batch input file's lines pass the stages their operation has
             self.jobs = JobRunner(store, self.upstream, authenticator, resolver, self._builtin_policy, self.job_launcher,
                                   finish=self._finish, after=self._after, public_base_url=settings.public_base_url)
@@ -218,12 +220,11 @@ class Gateway:
         ctx = RequestContext(request_id=request_id, http=request, route=route)
         ctx.response_headers[REQUEST_ID_HEADER] = request_id
         ctx.properties = _custom_properties(request)
-        entered: list[Stage] = []
+        hooks = self._hooks[route.operation]
         try:
-            for stage in self._pipelines[route.operation]:
+            for stage in hooks.before:
                 # A stage that answers (a cache hit) sets ctx.result; the later stages still run
                 # and decide for themselves (the quota counts a hit as a request).
-                entered.append(stage)
                 await stage.before(ctx)
             await checks_passed(ctx)
             if route.operation.answered_by_gateway == "models":
@@ -243,7 +244,7 @@ class Gateway:
                         except GatewayError:
                             raise exc from None  # the client asked for nothing async: it gets the 429
                     raise
-            for stage in reversed(entered):
+            for stage in hooks.after:
                 ctx.result = stage.after(ctx, ctx.result)
             for review in ctx.result.reviews:
                 ctx.result = await review(ctx, ctx.result)
@@ -370,7 +371,7 @@ class Gateway:
 
     async def _after(self, ctx: RequestContext, result: UpstreamResult) -> UpstreamResult:
         """The pipeline's way out (reverse order) for an answer the upstream gave a job."""
-        for stage in reversed(self._pipelines[ctx.route.operation]):
+        for stage in self._hooks[ctx.route.operation].after:
             result = stage.after(ctx, result)
         for review in result.reviews:
             result = await review(ctx, result)
@@ -378,7 +379,7 @@ class Gateway:
 
     async def _finish(self, ctx: RequestContext, done: tuple[Stage, ...] = ()) -> None:
         # In pipeline order, so that the request log (last) sees what the others added.
-        for stage in self._pipelines[ctx.route.operation]:
+        for stage in self._hooks[ctx.route.operation].finish:
             if stage not in done:
                 await self._finish_stage(stage, ctx)
 

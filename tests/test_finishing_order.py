@@ -132,3 +132,30 @@ async def test_requests_in_flight_do_not_set_off_young_collections(in_process, t
         gc.callbacks.remove(noted)
     assert all(response.status_code == 200 for response in responses)
     assert young == []
+
+
+def test_each_hook_runs_the_stages_acting_in_it_in_pipeline_order():
+    """The gateway skips the no-op hooks a stage keeps from Stage; every hook a stage overrides
+    runs, `after` in reverse order."""
+    from shared.pipeline import Hooks, Stage
+
+    class Refuses(Stage):
+        async def before(self, ctx):
+            pass
+
+    class Wraps(Stage):
+        def after(self, ctx, result):
+            return result
+
+    class Settles(Refuses):  # acts in before (inherited) and finish
+        async def finish(self, ctx):
+            pass
+
+    class Idle(Stage):
+        pass
+
+    refuses, wraps, settles, idle, wraps_too = Refuses(), Wraps(), Settles(), Idle(), Wraps()
+    hooks = Hooks.of([refuses, wraps, settles, idle, wraps_too])
+    assert hooks.before == (refuses, settles)
+    assert hooks.after == (wraps_too, wraps)
+    assert hooks.finish == (settles,)
