@@ -25,7 +25,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from shared.context import new_request_id  # noqa: E402
-from shared.store.sqlite import _LOG_COLUMNS, _SCHEMA, _insert_rows  # noqa: E402
+from shared.store.sqlite import _LOG_COLUMNS, _SCHEMA, _execute_all, _inserts  # noqa: E402
 from shared.upstream.relay_response import RelayResponse  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def _json_each_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
 
 
 def _bound_rows(conn: sqlite3.Connection, rows: list[list]) -> None:
-    _insert_rows(conn, f"INSERT OR REPLACE INTO request_logs {_LOG_COLUMNS}", rows)
+    _execute_all(conn, _inserts(f"INSERT OR REPLACE INTO request_logs {_LOG_COLUMNS}", rows))
 
 
 def log_write_us(new_id, insert=_bound_rows) -> float:

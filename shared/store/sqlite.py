@@ -165,20 +165,30 @@ def _values_statement(head: str, width: int, rows: int) -> str:
     return f"{head} VALUES {','.join([row] * rows)}"
 
 
-def _insert_rows(conn: sqlite3.Connection, head: str, rows: list[list[Any]]) -> None:
-    """`head` ("INSERT … INTO table (columns)") for every row, the values bound as parameters, up
-    to _ROWS_PER_STATEMENT rows a statement: one SQLite step (one hand-over of the GIL) per
-    statement, not per row as executemany would, and no statement text made per batch (at most
-    that many distinct statements in sqlite3's cache).
+def _inserts(head: str, rows: list[list[Any]]) -> list[tuple[str, list[Any]]]:
+    """`head` ("INSERT … INTO table (columns)") for every row, as statements with the values bound
+    as parameters, up to _ROWS_PER_STATEMENT rows each: one SQLite step (one hand-over of the GIL)
+    per statement, not per row as executemany would, and no statement text made per batch (at most
+    that many distinct statements in sqlite3's cache). Made on the event loop's side, so that the
+    SQLite thread holds the GIL for as little Python as may be (a point read on the loop's thread
+    waits for it).
 
     Documents go in as bound text, never through SQLite's JSON functions: a batch bound as one
     JSON array for json_each had SQLite parse each record's document once per extracted column
     and write it out again (24 → 15 µs of SQLite time per record of 1.1 KB, `bench/micro.py`; more for
     bigger records)."""
-    width = len(rows[0])
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_values_statement(head, width, len(chunk)), [value for row in chunk for value in row])
+    statements = []
+    if rows:
+        width = len(rows[0])
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ROWS_PER_STATEMENT]
+            statements.append((_values_statement(head, width, len(chunk)), [value for row in chunk for value in row]))
+    return statements
+
+
+def _execute_all(conn: sqlite3.Connection, statements: list[tuple[str, list[Any]]]) -> None:
+    for sql, parameters in statements:
+        conn.execute(sql, parameters)
 
 
 def _log_rows(items: list[EncodedLog], now: float) -> list[list[Any]]:
@@ -344,16 +354,13 @@ class SqliteStore(Store):
         # Many rows per statement: row by row (executemany), the SQLite thread gives the GIL back
         # and waits for it once per row — under load, the event loop holds it for up to the switch
         # interval each time, and the writer falls behind the requests.
-        final = _log_rows([i for i in items if i.final], now)
-        provisional = _log_rows([i for i in items if not i.final], now)
+        statements = (_inserts(f"INSERT OR IGNORE INTO {REQUEST_LOGS.name} {_LOG_COLUMNS}", _log_rows([i for i in items if not i.final], now))
+                      + _inserts(f"INSERT OR REPLACE INTO {REQUEST_LOGS.name} {_LOG_COLUMNS}", _log_rows([i for i in items if i.final], now)))
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:  # one transaction for the batch
                 conn.execute("BEGIN IMMEDIATE")
-                if provisional:
-                    _insert_rows(conn, f"INSERT OR IGNORE INTO {REQUEST_LOGS.name} {_LOG_COLUMNS}", provisional)
-                if final:
-                    _insert_rows(conn, f"INSERT OR REPLACE INTO {REQUEST_LOGS.name} {_LOG_COLUMNS}", final)
+                _execute_all(conn, statements)
                 if purge:
                     conn.execute(f"DELETE FROM {REQUEST_LOGS.name} WHERE expires_at < ?", (now,))
 
@@ -572,12 +579,13 @@ class SqliteStore(Store):
         if not items:
             return
         now = time.time()
-        rows = [[scope, key, now + ttl, blob.decode("utf-8")] for scope, key, _, blob, ttl in items]
+        statements = _inserts(f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc)",
+                              [[scope, key, now + ttl, blob.decode("utf-8")] for scope, key, _, blob, ttl in items])
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                _insert_rows(conn, f"INSERT OR REPLACE INTO {RESPONSE_CACHE.name} (scope, key, expires_at, doc)", rows)
+                _execute_all(conn, statements)
                 if now - self._last_cache_purge > _PURGE_EVERY_SECONDS:
                     self._last_cache_purge = now
                     conn.execute(f"DELETE FROM {RESPONSE_CACHE.name} WHERE expires_at < ?", (now,))
