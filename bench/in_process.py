@@ -18,6 +18,7 @@ import cProfile
 import json
 import pstats
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -115,8 +116,10 @@ async def run(handle, headers, requests: int, concurrency: int, stream: bool, ta
 
 
 def time_stages(gateway: Gateway) -> dict[str, float]:
-    """Wrap each stage's before, after and finish (and the upstream call) with a timer of this thread's CPU
-    (at c=1 little else runs while one waits; the SQLite thread's background writes are not counted)."""
+    """Wrap each stage's before, after and finish (and the upstream call) with a timer of this
+    thread's CPU. At c=1 little else runs while a call waits, except during the upstream call: the
+    previous request's finishing runs then, so that figure includes it. The SQLite thread's
+    background writes are not counted."""
     spent: dict[str, float] = {}
 
     def timed_async(name, fn):
@@ -218,6 +221,7 @@ async def main() -> None:
             await gateway.aclose()
         bench.stop(host)
         bench.stop(simulator)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
