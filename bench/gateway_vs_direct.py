@@ -1,4 +1,5 @@
-"""Benchmark: Sekisho against a direct call, a bare Python proxy and LiteLLM's proxy, in one run.
+"""Benchmark: Sekisho against a direct call, a bare Python proxy, a Functions pass-through and
+LiteLLM's proxy, in one run.
 
     make bench      (.venv/bin/python bench/gateway_vs_direct.py [--no-litellm] [--seconds 10])
 
@@ -6,6 +7,9 @@ Every target is served on this machine, one worker each, in front of the same bu
 OpenAI simulator answering with zero added latency, so every added millisecond is the proxy's:
 - direct:    the simulator itself (api-key);
 - bare:      bench/bare_proxy.py, a ~40-line aiohttp pass-through: the floor for Python;
+- functions: bench/functions_passthrough/, a Functions app whose one function only relays, served
+             as Sekisho is (local host, worker runtime, the same web extension): the floor for a
+             Python function on this path;
 - sekisho:   the local host (`python -m shared.local.host`) with the whole pipeline on SQLite: token
              validation (RS256), policy, validation, input and output guards (50 words, 2 regexes),
              cache lookup (enabled; every request is new, so a miss, then a write), quota (4 limits
@@ -39,8 +43,9 @@ Metrics, for the same requests (each carries a unique tag, so no cache answers a
 Rounds at concurrency 1 are interleaved across targets, so drift on the machine hits all alike.
 Load generator, proxies and simulator share this machine's cores, as in the orientation figures.
 
-Results: a markdown table with PASS/MISS against the performance targets (issue 10), printed and
-written to bench/results/latest.md, plus a timestamped JSON file beside it.
+Results: a markdown table with PASS/MISS against the performance targets (issues 10 and 19), as
+absolute figures and as what Sekisho adds over the Functions pass-through, printed and written to
+bench/results/latest.md, plus a timestamped JSON file beside it.
 """
 from __future__ import annotations
 
