@@ -173,27 +173,22 @@ class EffectivePolicy(BaseModel):
     gateway_keys_enabled: bool = False
     content_safety: SafetyPolicy = SafetyPolicy()
     personal_data: PersonalDataPolicy = PersonalDataPolicy()
-    _rule_sets: dict[str, RuleSet] = PrivateAttr(default_factory=dict)
     _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def derived(self, name: str, build: Callable[["EffectivePolicy"], Any]) -> Any:
         """`build(self)`, worked out once and kept with the policy (which the resolver reuses while
         its documents are unchanged): what a stage reads from the policy on every request, in the
-        form it needs (the quota's list of limits)."""
-        derived = self.__pydantic_private__["_derived"]
+        form it needs (the quota's list of limits, the compiled guard rules)."""
+        derived = self.__pydantic_private__["_derived"]  # not self._derived: pydantic's __getattr__ is slow
         value = derived.get(name)
         if value is None:
             value = derived[name] = build(self)
         return value
 
     def rule_set(self, direction: str) -> RuleSet:
-        """This policy's guard rules for one direction, compiled on first use and kept with the
-        policy (which the resolver reuses while its documents are unchanged)."""
-        rule_sets = self.__pydantic_private__["_rule_sets"]  # not self._rule_sets: pydantic's __getattr__ is slow
-        compiled = rule_sets.get(direction)
-        if compiled is None:
-            compiled = rule_sets[direction] = RuleSet([r for r in self.guard_rules if r.applies_to in (direction, "both")], self.folding)
-        return compiled
+        """This policy's guard rules for one direction, compiled on first use and kept with it."""
+        return self.derived(f"rules:{direction}", lambda policy: RuleSet(
+            [r for r in policy.guard_rules if r.applies_to in (direction, "both")], policy.folding))
 
     @property
     def folding(self) -> Folding:

@@ -159,7 +159,7 @@ _LOG_COLUMNS = "(id, app_id, user_id, deployment, status, timestamp, expires_at,
 _ROWS_PER_STATEMENT = 64
 
 
-@functools.lru_cache(maxsize=2 * _ROWS_PER_STATEMENT)
+@functools.lru_cache(maxsize=4 * _ROWS_PER_STATEMENT)  # a few statement heads, each 1 to 64 rows
 def _values_statement(head: str, width: int, rows: int) -> str:
     row = "(" + ",".join("?" * width) + ")"
     return f"{head} VALUES {','.join([row] * rows)}"
